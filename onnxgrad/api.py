@@ -1,0 +1,385 @@
+"""``gradients()`` with the signature of ``tf.gradients``: normalise and validate the arguments, then
+hand a clean request to the walk. Nothing touches the caller's model until everything is built."""
+
+from __future__ import annotations
+
+import difflib
+import enum
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnx_ir.passes.common
+
+import onnxgrad.rules  # noqa: F401  (registers every rule)
+from onnxgrad.backprop import Request, backprop
+from onnxgrad.emitter import FLOAT_TYPES, Emitter, static_dims
+from onnxgrad.rules.markers import MARKER_DOMAIN
+
+
+class UnconnectedGradients(enum.Enum):
+    """What an x that no y depends on gets: ``None`` or zeros of its run-time shape."""
+
+    NONE = "none"
+    ZERO = "zero"
+
+
+class AggregationMethod(enum.IntEnum):
+    """How contributions to one gradient are added (values agree; graph shape differs)."""
+
+    ADD_N = 0
+    DEFAULT = 0
+    EXPERIMENTAL_TREE = 1
+    EXPERIMENTAL_ACCUMULATE_N = 2
+
+
+_AGGREGATION_NAMES = {
+    "add_n": AggregationMethod.ADD_N,
+    "default": AggregationMethod.ADD_N,
+    "experimental_tree": AggregationMethod.EXPERIMENTAL_TREE,
+    "experimental_accumulate_n": AggregationMethod.EXPERIMENTAL_ACCUMULATE_N,
+}
+_AGGREGATION_FORM = {0: "add_n", 1: "tree", 2: "accumulate"}
+
+
+@dataclass(frozen=True)
+class GradInput:
+    """A ``grad_ys`` entry asking for a new graph input (named ``name``, or ``<scope>/<y>_seed``)."""
+
+    name: str | None = None
+
+
+NEW_INPUT = GradInput()
+
+GradY = None | str | ir.Value | np.ndarray | float | int | GradInput
+
+
+def _unconnected(value: Any) -> UnconnectedGradients:
+    if isinstance(value, UnconnectedGradients):
+        return value
+    try:
+        return UnconnectedGradients(value)
+    except ValueError:
+        raise ValueError(
+            f"Unknown value for unconnected_gradients: {value!r}; "
+            "accepted: 'none', 'zero' or an UnconnectedGradients member"
+        ) from None
+
+
+def _aggregation(value: Any) -> str:
+    if value is None:
+        return "add_n"
+    if isinstance(value, str) and value.lower() in _AGGREGATION_NAMES:
+        return _AGGREGATION_FORM[int(_AGGREGATION_NAMES[value.lower()])]
+    if isinstance(value, int) and not isinstance(value, bool) and value in _AGGREGATION_FORM:
+        return _AGGREGATION_FORM[int(value)]
+    raise ValueError(
+        f"Invalid aggregation_method specified {value!r}; accepted: None, "
+        + ", ".join(repr(n) for n in _AGGREGATION_NAMES)
+        + ", 0, 1, 2 or an AggregationMethod member"
+    )
+
+
+def _as_list(x: Any) -> list[Any]:
+    if x is None:
+        return []
+    if isinstance(x, str | ir.Value):
+        return [x]
+    return list(x)
+
+
+def value_table(graph: ir.Graph) -> dict[str, ir.Value]:
+    """Every named value of the top-level graph."""
+    table: dict[str, ir.Value] = {}
+    for v in graph.inputs:
+        table[v.name or ""] = v
+    for name, v in graph.initializers.items():
+        table[name] = v
+    for node in graph:
+        for v in node.outputs:
+            if v.name:
+                table[v.name] = v
+    return table
+
+
+def _resolve(table: dict[str, ir.Value], item: str | ir.Value, role: str) -> ir.Value:
+    if isinstance(item, ir.Value):
+        if table.get(item.name or "") is not item:
+            raise ValueError(f"{role} value {item.name!r} does not belong to this graph")
+        return item
+    if not isinstance(item, str):
+        raise TypeError(f"{role} entries must be value names (str), got {type(item).__name__}")
+    found = table.get(item)
+    if found is None:
+        close = difflib.get_close_matches(item, list(table), n=3)
+        hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        raise ValueError(f"{role}: no value named {item!r} in the graph{hint}")
+    return found
+
+
+def _all_names(graph: ir.Graph) -> list[str]:
+    names: list[str] = []
+    for g in [graph, *(n for n in ir.traversal.RecursiveGraphIterator(graph))]:
+        if isinstance(g, ir.Graph):
+            names.extend(v.name or "" for v in g.inputs)
+            names.extend(g.initializers)
+        else:
+            names.append(g.name or "")
+            names.extend(v.name or "" for v in g.outputs)
+    return names
+
+
+def unique_scope(graph: ir.Graph, name: str) -> str:
+    """``name``, or ``name_1``, ``name_2``... so that no value or node of the graph lies under it."""
+    names = _all_names(graph)
+    candidate, k = name, 0
+    while any(n == candidate or n.startswith(candidate + "/") for n in names):
+        k += 1
+        candidate = f"{name}_{k}"
+    return candidate
+
+
+def _opset(model: ir.Model) -> int:
+    imports = model.opset_imports
+    return int(imports.get("", imports.get("ai.onnx", 1)))
+
+
+def _ensure_types(model: ir.Model) -> None:
+    """Run onnx shape inference when some value lacks its dtype (the walk prunes by dtype)."""
+    graph = model.graph
+    if all(v.dtype is not None for n in graph for v in n.outputs):
+        return
+    ir.passes.common.ShapeInferencePass(strict_mode=False)(model)
+
+
+def _check_seed_shape(y: ir.Value, dims: Sequence[Any] | None, what: str) -> None:
+    ydims = None if y.shape is None else list(y.shape)
+    if ydims is None or dims is None:
+        return
+    if len(ydims) != len(dims) or any(
+        isinstance(a, int) and isinstance(b, int) and a != b for a, b in zip(ydims, dims, strict=True)
+    ):
+        raise ValueError(
+            f"grad_ys for {y.name!r} has shape {tuple(dims)}, but {y.name!r} has shape {tuple(ydims)} ({what})"
+        )
+
+
+def _seed(
+    em: Emitter, model: ir.Model, table: dict[str, ir.Value], y: ir.Value, spec: GradY, new_inputs: list[ir.Value]
+) -> ir.Value:
+    """The value fed as dy for y."""
+    if spec is None:
+        return em.ones_like(y)
+    if isinstance(spec, GradInput):
+        seed = ir.Value(
+            name=spec.name or f"{em.scope}/{y.name}_seed", type=ir.TensorType(y.dtype), shape=y.shape
+        )
+        if spec.name and spec.name in table:
+            raise ValueError(f"grad_ys: a value named {spec.name!r} already exists")
+        new_inputs.append(seed)
+        return seed
+    if isinstance(spec, str | ir.Value):
+        seed = _resolve(table, spec, "grad_ys")
+        if seed.dtype is not None and y.dtype is not None and seed.dtype != y.dtype:
+            raise TypeError(
+                f"grad_ys for {y.name!r} is {seed.name!r} of dtype {seed.dtype.name}, "
+                f"but {y.name!r} is {y.dtype.name}"
+            )
+        _check_seed_shape(y, None if seed.shape is None else list(seed.shape), "value")
+        return seed
+    array = np.asarray(spec)
+    if array.dtype.kind not in "fiu" or (array.dtype.kind in "iu" and not np.isscalar(spec)):
+        raise TypeError(
+            f"grad_ys for {y.name!r} must be a float array (got {array.dtype}); {y.name!r} is "
+            f"{y.dtype.name if y.dtype else 'of unknown dtype'}"
+        )
+    assert y.dtype is not None
+    _check_seed_shape(y, list(array.shape), "array")
+    tensor = ir.tensor(array.astype(y.dtype.numpy()), dtype=y.dtype)
+    if (model.ir_version or 0) < 4:
+        return em.const(tensor.numpy(), dtype=y.dtype)
+    init = ir.Value(
+        name=f"{em.scope}/{y.name}_seed", type=ir.TensorType(y.dtype), shape=ir.Shape(array.shape),
+        const_value=tensor,
+    )
+    em.initializers.append(init)
+    return init
+
+
+def gradients(
+    model: ir.Model,
+    ys: str | ir.Value | Sequence[str | ir.Value],
+    xs: str | ir.Value | Sequence[str | ir.Value],
+    grad_ys: GradY | Sequence[GradY] = None,
+    name: str = "gradients",
+    gate_gradients: bool = False,
+    aggregation_method: Any = None,
+    stop_gradients: str | ir.Value | Sequence[str | ir.Value] | None = None,
+    unconnected_gradients: str | UnconnectedGradients = "none",
+) -> list[str | None]:
+    """Add to ``model`` the gradient of ``sum(grad_ys[i] * ys[i])`` with respect to each x.
+
+    Returns one entry per x: the name of the value holding its gradient, or None where no y depends
+    on it and ``unconnected_gradients`` is 'none'. ``gate_gradients`` is accepted for compatibility
+    and has no effect: ONNX graphs are pure dataflow.
+    """
+    del gate_gradients  # no control edges in ONNX: nothing to gate
+    if not isinstance(model, ir.Model):
+        raise TypeError(
+            f"gradients() works on an onnx_ir.Model, got {type(model).__module__}.{type(model).__name__}; "
+            "load a file or onnx.ModelProto with onnxgrad.add_gradients() or onnx_ir.load()"
+        )
+    unconnected = _unconnected(unconnected_gradients)
+    aggregation = _aggregation(aggregation_method)
+    y_items, x_items = _as_list(ys), _as_list(xs)
+    if not x_items:
+        raise ValueError("xs is empty: name at least one value to differentiate with respect to")
+    seeds_spec: list[GradY]
+    if grad_ys is None:
+        seeds_spec = [None] * len(y_items)
+    elif isinstance(grad_ys, str | ir.Value | np.ndarray | float | int | GradInput):
+        seeds_spec = [grad_ys]
+    else:
+        seeds_spec = list(grad_ys)  # type: ignore[arg-type]
+    if len(seeds_spec) != len(y_items):
+        raise ValueError(f"Length mismatch. Passed {len(seeds_spec)} grad_ys for {len(y_items)} ys")
+
+    graph = model.graph
+    table = value_table(graph)
+    y_vals = [_resolve(table, y, "ys") for y in y_items]
+    x_vals = [_resolve(table, x, "xs") for x in x_items]
+    stop = {_resolve(table, s, "stop_gradients") for s in _as_list(stop_gradients)}
+    for x in x_vals:
+        if x.dtype is not None and x.dtype not in FLOAT_TYPES:
+            raise TypeError(
+                f"xs: {x.name!r} is {x.dtype.name}; only float values (float16, bfloat16, float32, "
+                "float64) carry gradients"
+            )
+    _ensure_types(model)
+
+    em = Emitter(graph, _opset(model), unique_scope(graph, name))
+    new_inputs: list[ir.Value] = []
+    try:
+        seeds = [_seed(em, model, table, y, s, new_inputs) for y, s in zip(y_vals, seeds_spec, strict=True)]
+        raw = backprop(em, graph, Request(y_vals, x_vals, seeds, stop, aggregation))
+        finals = _finalize(em, x_vals, raw, unconnected, {*seeds, *graph.inputs, *graph.initializers.values()})
+    except BaseException:
+        em.rollback()
+        raise
+    em.commit([v for v in finals if v is not None])
+    graph.inputs.extend(new_inputs)
+    return [None if v is None else v.name for v in finals]
+
+
+def _finalize(
+    em: Emitter,
+    xs: list[ir.Value],
+    raw: list[ir.Value | None],
+    unconnected: UnconnectedGradients,
+    foreign: set[ir.Value],
+) -> list[ir.Value | None]:
+    """Give each gradient a fresh value named ``<scope>/<x>_grad`` (zeros where asked)."""
+    finals: list[ir.Value | None] = []
+    named: dict[ir.Value, ir.Value] = {}
+    for x, g in zip(xs, raw, strict=True):
+        if x in named:
+            finals.append(named[x])
+            continue
+        if g is None and unconnected is UnconnectedGradients.ZERO:
+            g = em.zeros_like(x)
+        if g is None:
+            finals.append(None)
+            continue
+        if g in foreign or g in named.values() or g.producer() is None or g.producer().op_type == "Constant":
+            g = em.Identity(g)
+        g.name = f"{em.scope}/{x.name}_grad"
+        g.dtype, g.shape = x.dtype, x.shape
+        named[x] = g
+        finals.append(g)
+    return finals
+
+
+# ---------------------------------------------------------------------------- conveniences
+class Augmented(NamedTuple):
+    """A model with gradients appended as outputs, and what was added."""
+
+    model: onnx.ModelProto
+    gradients: dict[str, str | None]  # x -> output name (None where unconnected)
+    new_inputs: list[str]
+
+
+def load(model: onnx.ModelProto | ir.Model | str | os.PathLike[str]) -> ir.Model:
+    """An onnx_ir.Model from a path, a ModelProto (copied) or an ir.Model (used as is)."""
+    if isinstance(model, ir.Model):
+        return model
+    if isinstance(model, onnx.ModelProto):
+        return ir.serde.deserialize_model(model)
+    if isinstance(model, str | os.PathLike):
+        return ir.load(os.fspath(model))
+    raise TypeError(f"expected a path, an onnx.ModelProto or an onnx_ir.Model, got {type(model).__name__}")
+
+
+def add_gradients(
+    model: onnx.ModelProto | ir.Model | str | os.PathLike[str],
+    ys: str | Sequence[str],
+    xs: str | Sequence[str],
+    grad_ys: GradY | Sequence[GradY] = None,
+    **kwargs: Any,
+) -> Augmented:
+    """A new model: the original outputs first, unchanged, then one output per x with a gradient."""
+    if isinstance(model, ir.Model):
+        model = ir.serde.serialize_model(model)
+    m = load(model)
+    before = {v.name for v in m.graph.inputs}
+    names = gradients(m, ys, xs, grad_ys, **kwargs)
+    have = {v.name for v in m.graph.outputs}
+    table = value_table(m.graph)
+    for n in names:
+        if n is not None and n not in have:
+            m.graph.outputs.append(table[n])
+            have.add(n)
+    x_names = [x if isinstance(x, str) else x.name for x in _as_list(xs)]
+    return Augmented(
+        ir.serde.serialize_model(m),
+        dict(zip(x_names, names, strict=True)),
+        [v.name for v in m.graph.inputs if v.name not in before],
+    )
+
+
+# ---------------------------------------------------------------------------- stop_gradient
+def _marker_function(opset: int) -> ir.Function:
+    x = ir.Value(name="x")
+    node = ir.Node("", "Identity", [x], num_outputs=1, name="identity")
+    node.outputs[0].name = "y"
+    body = ir.Graph([x], [node.outputs[0]], nodes=[node], opset_imports={"": opset}, name="StopGradient")
+    return ir.Function(MARKER_DOMAIN, "StopGradient", graph=body, attributes=[])
+
+
+def stop_gradient(model: ir.Model, value: str) -> str:
+    """Insert a StopGradient marker after ``value`` and route every consumer through it.
+
+    The marker is a model-local function whose body is Identity, so stock runtimes run it; the
+    walk treats its output as a constant. Returns the marker's output name."""
+    graph = model.graph
+    v = _resolve(value_table(graph), value, "stop_gradient")
+    opset = _opset(model)
+    key = (MARKER_DOMAIN, "StopGradient", "")
+    if key not in model.functions:
+        model.functions[key] = _marker_function(opset)
+    model.opset_imports.setdefault(MARKER_DOMAIN, 1)
+    scope = unique_scope(graph, f"{v.name}/stop_gradient")
+    node = ir.Node(MARKER_DOMAIN, "StopGradient", [v], num_outputs=1, name=scope)
+    out = node.outputs[0]
+    out.name, out.dtype, out.shape = scope, v.dtype, v.shape
+    for use in list(v.uses()):
+        use.node.replace_input_with(use.idx, out)
+    producer = v.producer()
+    if producer is None:
+        graph.insert_before(next(iter(graph)), node) if len(graph) else graph.append(node)
+    else:
+        graph.insert_after(producer, node)
+    return scope

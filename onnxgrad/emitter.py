@@ -1,0 +1,404 @@
+"""A thin builder over onnx_ir that rules emit through: ``em.Mul(a, b)``, ``em.const(...)``, and the
+opset-aware helpers (axes as attribute or input, Expand/ConstantOfShape/Where before they existed),
+plus the one ``unbroadcast``.
+
+Nothing an emitter builds touches the graph until ``commit``; ``rollback`` detaches it all again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxgrad.registry import normalize_domain
+
+FLOAT_TYPES = frozenset(
+    {ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.FLOAT, ir.DataType.DOUBLE}
+)
+
+_INT64_OUT = frozenset({"Shape", "Size", "NonZero", "ArgMax", "ArgMin"})
+_BOOL_OUT = frozenset(
+    {"Equal", "Greater", "Less", "GreaterOrEqual", "LessOrEqual", "Not", "And", "Or", "Xor",
+     "IsNaN", "IsInf"}
+)
+
+
+def is_float(value: ir.Value) -> bool:
+    """True when ``value`` can carry a gradient; an unknown dtype counts as float (never pruned silently)."""
+    return value.dtype is None or value.dtype in FLOAT_TYPES
+
+
+def static_dims(value: ir.Value) -> tuple[int, ...] | None:
+    """The shape of ``value`` as ints, or None when any dimension is unknown."""
+    shape = value.shape
+    if shape is None or not all(isinstance(d, int) for d in shape):
+        return None
+    return tuple(int(d) for d in shape)  # type: ignore[arg-type]
+
+
+def rank_of(value: ir.Value) -> int | None:
+    return None if value.shape is None else value.shape.rank()
+
+
+def same_dim(a: object, b: object) -> bool:
+    """True when two dimensions are known to be equal (ints, or symbols with the same name)."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    if isinstance(a, ir.SymbolicDim) and isinstance(b, ir.SymbolicDim):
+        return a.value is not None and a.value == b.value
+    return False
+
+
+class Emitter:
+    """Records new nodes for one ``gradients()`` call, named under ``scope``, valid at ``opset``."""
+
+    def __init__(self, graph: ir.Graph, opset: int, scope: str) -> None:
+        self.graph = graph
+        self.opset = opset
+        self.scope = scope
+        self.nodes: list[ir.Node] = []
+        self.initializers: list[ir.Value] = []
+        self._counter = 0
+        self._consts: dict[tuple[Any, ...], ir.Value] = {}
+        self._shapes: dict[int, ir.Value] = {}
+
+    # ----------------------------------------------------------------- raw ops
+    def fresh_name(self, hint: str) -> str:
+        self._counter += 1
+        return f"{self.scope}/{hint}_{self._counter}"
+
+    def op(
+        self,
+        op_type: str,
+        *inputs: ir.Value | None,
+        _outputs: int = 1,
+        _domain: str = "",
+        **attrs: Any,
+    ) -> Any:
+        """Emit one node; returns its output, or a tuple of outputs when ``_outputs > 1``."""
+        attributes = ir.convenience.convert_attributes(
+            {k: v for k, v in attrs.items() if v is not None}
+        )
+        name = self.fresh_name(op_type)
+        while inputs and inputs[-1] is None:
+            inputs = inputs[:-1]
+        node = ir.Node(
+            normalize_domain(_domain), op_type, inputs, attributes=attributes,
+            num_outputs=_outputs, name=name,
+        )
+        for i, out in enumerate(node.outputs):
+            out.name = name if i == 0 else f"{name}:{i}"
+        self._type_outputs(node, attrs)
+        self.nodes.append(node)
+        return node.outputs[0] if _outputs == 1 else tuple(node.outputs)
+
+    def __getattr__(self, op_type: str) -> Any:
+        if not op_type[:1].isupper():
+            raise AttributeError(op_type)
+        return lambda *inputs, **attrs: self.op(op_type, *inputs, **attrs)
+
+    def _type_outputs(self, node: ir.Node, attrs: dict[str, Any]) -> None:
+        op = node.op_type
+        out = node.outputs[0]
+        if op in _INT64_OUT:
+            out.dtype = ir.DataType.INT64
+        elif op in _BOOL_OUT:
+            out.dtype = ir.DataType.BOOL
+        elif op == "Cast":
+            out.dtype = ir.DataType(attrs["to"])
+        elif op == "Constant":
+            out.dtype = attrs["value"].dtype
+            out.shape = ir.Shape(attrs["value"].shape)
+        elif op == "ConstantOfShape":
+            out.dtype = attrs["value"].dtype if "value" in attrs else ir.DataType.FLOAT
+        elif op == "CastLike":
+            out.dtype = node.inputs[1].dtype  # type: ignore[union-attr]
+        elif op == "Where":
+            out.dtype = node.inputs[1].dtype  # type: ignore[union-attr]
+        else:
+            for v in node.inputs:
+                if v is not None and v.dtype is not None:
+                    out.dtype = v.dtype
+                    break
+        if op in ("TopK", "MaxPool") and len(node.outputs) > 1:
+            node.outputs[1].dtype = ir.DataType.INT64
+
+    # --------------------------------------------------------------- constants
+    def const(
+        self, value: Any, like: ir.Value | None = None, dtype: ir.DataType | None = None
+    ) -> ir.Value:
+        """A Constant of ``value`` in ``dtype`` (or ``like``'s dtype); identical constants are shared."""
+        if dtype is None:
+            if like is None or like.dtype is None:
+                raise ValueError("const() needs a dtype or a value of known dtype")
+            dtype = like.dtype
+        array = np.asarray(value).astype(dtype.numpy())
+        key = (int(dtype), array.shape, array.tobytes())
+        hit = self._consts.get(key)
+        if hit is None:
+            hit = self.op("Constant", value=ir.tensor(array, dtype=dtype))
+            self._consts[key] = hit
+        return hit
+
+    def ints(self, values: Sequence[int]) -> ir.Value:
+        """A 1-D int64 Constant."""
+        return self.const(np.asarray(list(values), dtype=np.int64), dtype=ir.DataType.INT64)
+
+    @staticmethod
+    def constant_value(value: ir.Value | None) -> np.ndarray | None:
+        """The value of an initializer or Constant output, else None."""
+        if value is None:
+            return None
+        tensor = ir.convenience.get_const_tensor(value)
+        return None if tensor is None else tensor.numpy()
+
+    # ------------------------------------------------------------------ shapes
+    def shape_of(self, x: ir.Value) -> ir.Value:
+        """x's shape as an int64 tensor: a Constant when static, a (shared) Shape node otherwise."""
+        dims = static_dims(x)
+        if dims is not None:
+            return self.ints(dims)
+        hit = self._shapes.get(id(x))
+        if hit is None:
+            hit = self.op("Shape", x)
+            self._shapes[id(x)] = hit
+        return hit
+
+    def reshape_like(self, g: ir.Value, x: ir.Value) -> ir.Value:
+        """Reshape g to x's (run-time) shape."""
+        out = self.Reshape(g, self.shape_of(x))
+        out.shape = x.shape
+        return out
+
+    # -------------------------------------------------- opset-dependent forms
+    def reduce(
+        self, op: str, x: ir.Value, axes: Sequence[int] | ir.Value | None, keepdims: bool = True
+    ) -> ir.Value:
+        """``op`` (ReduceSum, ReduceMax, ...) over ``axes`` (None = all), axes as input where the opset wants it."""
+        axes_as_input = self.opset >= (13 if op == "ReduceSum" else 18)
+        k = int(keepdims)
+        if axes is None:
+            return self.op(op, x, keepdims=k)
+        if isinstance(axes, ir.Value):
+            if not axes_as_input:
+                raise ValueError(f"{op} with run-time axes needs opset >= 13/18, model has {self.opset}")
+            return self.op(op, x, axes, keepdims=k)
+        if len(axes) == 0:
+            return x
+        if axes_as_input:
+            return self.op(op, x, self.ints(axes), keepdims=k)
+        return self.op(op, x, axes=list(axes), keepdims=k)
+
+    def reduce_sum(
+        self, x: ir.Value, axes: Sequence[int] | ir.Value | None, keepdims: bool = True
+    ) -> ir.Value:
+        return self.reduce("ReduceSum", x, axes, keepdims)
+
+    def unsqueeze(self, x: ir.Value, axes: Sequence[int] | ir.Value) -> ir.Value:
+        if isinstance(axes, ir.Value):
+            return self.Unsqueeze(x, axes)
+        if len(axes) == 0:
+            return x
+        if self.opset >= 13:
+            return self.Unsqueeze(x, self.ints(axes))
+        return self.Unsqueeze(x, axes=list(axes))
+
+    def squeeze(self, x: ir.Value, axes: Sequence[int]) -> ir.Value:
+        if len(axes) == 0:
+            return x
+        if self.opset >= 13:
+            return self.Squeeze(x, self.ints(axes))
+        return self.Squeeze(x, axes=list(axes))
+
+    def split(self, x: ir.Value, sizes: Sequence[int], axis: int) -> tuple[ir.Value, ...]:
+        n = len(sizes)
+        if self.opset >= 13:
+            outs = self.op("Split", x, self.ints(sizes), axis=axis, _outputs=n)
+        else:
+            outs = self.op("Split", x, axis=axis, split=list(sizes), _outputs=n)
+        return (outs,) if n == 1 else outs
+
+    def slice(
+        self,
+        x: ir.Value,
+        starts: Sequence[int],
+        ends: Sequence[int],
+        axes: Sequence[int],
+        steps: Sequence[int] | None = None,
+    ) -> ir.Value:
+        if self.opset >= 10:
+            args = [x, self.ints(starts), self.ints(ends), self.ints(axes)]
+            if steps is not None:
+                args.append(self.ints(steps))
+            return self.Slice(*args)
+        if steps is not None and any(s != 1 for s in steps):
+            raise ValueError("Slice with steps needs opset >= 10")
+        return self.Slice(x, starts=list(starts), ends=list(ends), axes=list(axes))
+
+    def full_like(self, x: ir.Value, fill: float, dtype: ir.DataType | None = None) -> ir.Value:
+        """A tensor of x's run-time shape filled with ``fill`` (x's dtype unless given)."""
+        dtype = dtype or x.dtype
+        assert dtype is not None
+        dims = static_dims(x)
+        if dims is not None:
+            out = self.const(np.full(dims, fill), dtype=dtype)
+        elif self.opset >= 9:
+            out = self.ConstantOfShape(
+                self.shape_of(x), value=ir.tensor(np.array([fill]).astype(dtype.numpy()), dtype=dtype)
+            )
+        else:
+            rank = rank_of(x)
+            if rank is None:
+                raise ValueError("filling a tensor of unknown rank needs opset >= 9")
+            out = self.Tile(self.const(np.full([1] * rank, fill), dtype=dtype), self.shape_of(x))
+        out.shape = x.shape
+        return out
+
+    def zeros_like(self, x: ir.Value) -> ir.Value:
+        return self.full_like(x, 0.0)
+
+    def ones_like(self, x: ir.Value) -> ir.Value:
+        return self.full_like(x, 1.0)
+
+    def expand(self, g: ir.Value, like: ir.Value) -> ir.Value:
+        """Broadcast g to like's run-time shape."""
+        if static_dims(g) is not None and static_dims(g) == static_dims(like):
+            return g
+        if self.opset >= 8:
+            out = self.Expand(g, self.shape_of(like))
+        else:
+            out = self.Mul(g, self.full_like(like, 1.0, dtype=g.dtype))
+        out.shape = like.shape
+        return out
+
+    def mask(self, cond: ir.Value, like: ir.Value) -> ir.Value:
+        """A bool condition as 0/1 in like's dtype."""
+        assert like.dtype is not None
+        return self.Cast(cond, to=like.dtype)
+
+    def where(self, cond: ir.Value, a: ir.Value, b: ir.Value) -> ir.Value:
+        """Where(cond, a, b); before opset 9, a*c + b*(1-c) (a and b must be finite there)."""
+        if self.opset >= 9:
+            return self.Where(cond, a, b)
+        c = self.mask(cond, a)
+        return self.Add(self.Mul(a, c), self.Mul(b, self.Sub(self.const(1.0, like=c), c)))
+
+    def transpose_last2(self, x: ir.Value) -> ir.Value:
+        rank = rank_of(x)
+        if rank is None:
+            raise ValueError(f"the rank of '{x.name}' is unknown")
+        perm = [*range(rank - 2), rank - 1, rank - 2]
+        return self.Transpose(x, perm=perm)
+
+    # ------------------------------------------------------------ broadcasting
+    def unbroadcast(self, g: ir.Value, x: ir.Value) -> ir.Value:
+        """Sum g (shaped like a broadcast result) over the axes that x was broadcast along."""
+        gshape, xshape = g.shape, x.shape
+        if gshape is not None and xshape is not None:
+            gr, xr = gshape.rank(), xshape.rank()
+            lead = gr - xr
+            if lead < 0:
+                raise ValueError(f"gradient of rank {gr} cannot be reduced to '{x.name}' of rank {xr}")
+            axes = list(range(lead))
+            decided = True
+            for i in range(xr):
+                dx, dg = xshape[i], gshape[lead + i]
+                if isinstance(dx, int) and dx == 1:
+                    if not (isinstance(dg, int) and dg == 1):
+                        axes.append(lead + i)
+                elif isinstance(dx, int) or same_dim(dx, dg) or (isinstance(dg, int) and dg == 1):
+                    continue
+                else:
+                    decided = False
+            if decided or self.opset < 13:
+                # Before opset 13 an undecidable axis is taken as not broadcast (see README).
+                if not axes:
+                    return g
+                out = self.reduce_sum(g, axes, keepdims=True)
+                if lead:
+                    out = self.squeeze(out, list(range(lead)))
+                out.shape = x.shape
+                return out
+        if self.opset < 13:
+            raise ValueError(
+                f"cannot reduce a gradient of unknown rank to '{x.name}' before opset 13"
+            )
+        return self._unbroadcast_runtime(g, x)
+
+    def _unbroadcast_runtime(self, g: ir.Value, x: ir.Value) -> ir.Value:
+        """Run-time form: reduce over every axis where x's left-padded shape is 1, then reshape."""
+        gsh, xsh = self.Shape(g), self.Shape(x)
+        pad = self.Sub(self.Size(gsh), self.Size(xsh))
+        ones = self.ConstantOfShape(
+            self.Reshape(pad, self.ints([1])),
+            value=ir.tensor(np.array([1], dtype=np.int64)),
+        )
+        padded = self.Concat(ones, xsh, axis=0)
+        axes = self.Reshape(self.NonZero(self.Equal(padded, self.ints([1]))), self.ints([-1]))
+        out = self.Reshape(self.ReduceSum(g, axes, keepdims=1, noop_with_empty_axes=1), xsh)
+        out.shape = x.shape
+        return out
+
+    # ------------------------------------------------------------- aggregation
+    def add_n(self, terms: Sequence[ir.Value], method: str) -> ir.Value:
+        """Aggregate gradient terms: one Sum ('add_n'), a balanced Add tree, or a running Add chain."""
+        if len(terms) == 1:
+            return terms[0]
+        if method == "tree":
+            level = list(terms)
+            while len(level) > 1:
+                nxt = [self.Add(a, b) for a, b in zip(level[::2], level[1::2], strict=False)]
+                if len(level) % 2:
+                    nxt.append(level[-1])
+                level = nxt
+            return level[0]
+        if method == "accumulate":
+            acc = terms[0]
+            for t in terms[1:]:
+                acc = self.Add(acc, t)
+            return acc
+        return self.Sum(*terms)
+
+    # ------------------------------------------------------------ bookkeeping
+    def live_nodes(self, roots: Iterable[ir.Value]) -> list[ir.Node]:
+        """The emitted nodes that some root depends on, in emission (topological) order."""
+        mine = {id(n) for n in self.nodes}
+        live: set[int] = set()
+        stack = [r.producer() for r in roots]
+        while stack:
+            node = stack.pop()
+            if node is None or id(node) not in mine or id(node) in live:
+                continue
+            live.add(id(node))
+            stack.extend(v.producer() for v in node.inputs if v is not None)
+        return [n for n in self.nodes if id(n) in live]
+
+    def rollback(self, nodes: Iterable[ir.Node] | None = None) -> None:
+        """Detach emitted nodes from the values they use, so the graph is as before."""
+        for node in self.nodes if nodes is None else nodes:
+            for i in range(len(node.inputs)):
+                node.replace_input_with(i, None)
+
+    def commit(self, roots: Iterable[ir.Value]) -> list[ir.Node]:
+        """Append the nodes the roots need to the graph; drop the rest."""
+        live = self.live_nodes(roots)
+        keep = {id(n) for n in live}
+        self.rollback(n for n in self.nodes if id(n) not in keep)
+        self.graph.extend(live)
+        for init in self.initializers:
+            self.graph.register_initializer(init)
+        return live
+
+
+def attr(node: ir.Node, name: str, default: Any = None) -> Any:
+    """A node attribute's Python value, or ``default``."""
+    a = node.attributes.get(name)
+    if a is None:
+        return default
+    value = a.value
+    if isinstance(value, Sequence) and not isinstance(value, str | bytes):
+        return list(value)
+    return value

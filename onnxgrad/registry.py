@@ -1,0 +1,111 @@
+"""The table of gradient rules, looked up by (domain, op_type, opset)."""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import onnx_ir as ir
+
+    from onnxgrad.emitter import Emitter
+
+    RuleFn = Callable[[Emitter, ir.Node, Sequence[ir.Value | None]], Sequence[ir.Value | None]]
+else:
+    RuleFn = Callable
+
+DEFAULT_DOMAIN = ""
+
+
+def normalize_domain(domain: str) -> str:
+    """'ai.onnx' and '' name the same default domain."""
+    return DEFAULT_DOMAIN if domain in ("", "ai.onnx") else domain
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One registered gradient rule, valid from opset ``since`` until the next rule of the same op."""
+
+    op_type: str
+    domain: str
+    since: int
+    fn: RuleFn | None
+    broadcast: tuple[int, ...] | bool = ()
+    dense: bool = False
+    notes: str = ""
+    until: int | None = field(default=None, compare=False)
+
+    @property
+    def differentiable(self) -> bool:
+        return self.fn is not None
+
+    def unbroadcast_input(self, index: int) -> bool:
+        if self.broadcast is True:
+            return True
+        if self.broadcast is False:
+            return False
+        return index in self.broadcast
+
+
+_RULES: dict[tuple[str, str], list[Rule]] = {}
+
+
+def _add(rule: Rule) -> None:
+    key = (rule.domain, rule.op_type)
+    table = _RULES.setdefault(key, [])
+    table[:] = [r for r in table if r.since != rule.since]
+    bisect.insort(table, rule, key=lambda r: r.since)
+
+
+def register(
+    op_type: str,
+    *,
+    domain: str = DEFAULT_DOMAIN,
+    since: int = 1,
+    broadcast: Sequence[int] | bool = (),
+    dense: bool = False,
+    notes: str = "",
+) -> Callable[[RuleFn], RuleFn]:
+    """Register ``fn(em, node, grads) -> grads_of_inputs`` for ``op_type`` from opset ``since`` on.
+
+    ``broadcast``: the inputs (indices, or True for all) whose gradients the walk reduces back to
+    the input's shape. ``dense``: the walk hands the rule zeros instead of ``None`` for outputs that
+    receive no gradient.
+    """
+
+    def deco(fn: RuleFn) -> RuleFn:
+        bc = broadcast if isinstance(broadcast, bool) else tuple(broadcast)
+        _add(Rule(op_type, normalize_domain(domain), since, fn, bc, dense, notes))
+        return fn
+
+    return deco
+
+
+def register_nondifferentiable(
+    *op_types: str, domain: str = DEFAULT_DOMAIN, since: int = 1, notes: str = ""
+) -> None:
+    """Declare ops whose outputs are constant with respect to their inputs (Floor, ArgMax, Shape...)."""
+    for op_type in op_types:
+        _add(Rule(op_type, normalize_domain(domain), since, None, (), False, notes or "not differentiable"))
+
+
+def lookup(domain: str, op_type: str, opset: int) -> Rule | None:
+    """The rule for ``op_type`` with the greatest ``since`` not above ``opset``."""
+    table = _RULES.get((normalize_domain(domain), op_type))
+    if not table:
+        return None
+    i = bisect.bisect_right([r.since for r in table], opset)
+    return table[i - 1] if i else None
+
+
+def all_rules() -> Iterator[Rule]:
+    """Every registered rule in a stable order, each with ``until`` filled in."""
+    for key in sorted(_RULES):
+        table = _RULES[key]
+        for rule, nxt in zip(table, [*table[1:], None], strict=True):
+            yield Rule(
+                rule.op_type, rule.domain, rule.since, rule.fn, rule.broadcast, rule.dense, rule.notes,
+                None if nxt is None else nxt.since - 1,
+            )

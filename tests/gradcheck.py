@@ -1,0 +1,115 @@
+"""Shared test machinery: one-node models from a table row, checked by central differences."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper as oh
+
+from onnxgrad.check import check_gradients
+
+IR_VERSION = {7: 3, 8: 3, 9: 4, 10: 5, 11: 6, 12: 7, 13: 7, 14: 7, 15: 8, 16: 8, 17: 8, 18: 8, 19: 9,
+              20: 9, 21: 10, 22: 10, 23: 10, 24: 10, 25: 10, 26: 10}
+
+
+@dataclass(frozen=True)
+class Const:
+    """An input fed as an initializer: not differentiated (shapes, indices, frozen operands)."""
+
+    value: np.ndarray
+
+
+@dataclass
+class Case:
+    """One gradient rule test: a single node ``op`` on ``inputs`` at ``opset``.
+
+    Float ndarray inputs become graph inputs and are differentiated; ``Const`` inputs become
+    initializers; ``None`` leaves an optional input empty."""
+
+    op: str
+    inputs: list[Any]
+    attrs: dict[str, Any] = field(default_factory=dict)
+    opset: int = 17
+    id: str = ""
+    domain: str = ""
+    n_outputs: int = 1
+    ys: list[int] | None = None  # which outputs to differentiate (default: every float output)
+    rtol: float | None = None
+    eps: float | None = None
+    dynamic: bool = True  # also check with the leading dimension of every input unknown
+    seed: int = 0
+
+    @property
+    def name(self) -> str:
+        return f"{self.op}-v{self.opset}" + (f"-{self.id}" if self.id else "")
+
+
+def rng_array(*shape: int, seed: int = 0, low: float | None = None, high: float | None = None,
+              dtype: Any = np.float64) -> np.ndarray:
+    """Reproducible random test data (standard normal, or uniform in [low, high))."""
+    rng = np.random.default_rng(seed + 7919 * len(shape) + sum(shape))
+    if low is not None and high is not None:
+        return np.asarray(rng.uniform(low, high, shape), dtype=dtype)
+    return np.asarray(rng.standard_normal(shape), dtype=dtype)
+
+
+def build(case: Case, dynamic: bool = False) -> tuple[onnx.ModelProto, list[str], list[str], dict[str, np.ndarray]]:
+    """The one-node model of a case: (model, ys, xs, feeds)."""
+    graph_inputs, inits, names, feeds, xs = [], [], [], {}, []
+    for i, v in enumerate(case.inputs):
+        name = f"in{i}"
+        if v is None:
+            names.append("")
+            continue
+        names.append(name)
+        if isinstance(v, Const):
+            inits.append(onnx.numpy_helper.from_array(np.asarray(v.value), name))
+            continue
+        arr = np.asarray(v)
+        shape: list[Any] = list(arr.shape)
+        if dynamic and shape and shape[0] != 1:
+            shape[0] = f"N_{name}"
+        graph_inputs.append(oh.make_tensor_value_info(name, oh.np_dtype_to_tensor_dtype(arr.dtype), shape))
+        feeds[name] = arr
+        if np.issubdtype(arr.dtype, np.floating):
+            xs.append(name)
+    outs = [f"out{k}" for k in range(case.n_outputs)]
+    node = oh.make_node(case.op, names, outs, domain=case.domain, **case.attrs)
+    graph = oh.make_graph([node], case.name, graph_inputs,
+                          [oh.make_value_info(o, onnx.TypeProto()) for o in outs], inits)
+    opsets = [oh.make_opsetid("", case.opset)]
+    if case.domain:
+        opsets.append(oh.make_opsetid(case.domain, 1))
+    model = oh.make_model(graph, opset_imports=opsets, ir_version=IR_VERSION.get(case.opset, 10))
+    if model.ir_version < 4:
+        model.graph.input.extend(
+            oh.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in inits
+        )
+    model = onnx.shape_inference.infer_shapes(model)
+    inferred = {o.name: o for o in model.graph.value_info}
+    del model.graph.output[:]
+    ys = []
+    for k, o in enumerate(outs):
+        if case.ys is not None and k not in case.ys:
+            continue
+        info = inferred.get(o)
+        elem = info.type.tensor_type.elem_type if info is not None else onnx.TensorProto.DOUBLE
+        if elem in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
+                    onnx.TensorProto.BFLOAT16) or info is None:
+            model.graph.output.append(info if info is not None else oh.make_value_info(o, onnx.TypeProto()))
+            ys.append(o)
+    return model, ys, xs, feeds
+
+
+def assert_gradients_match(case: Case, dynamic: bool = False) -> None:
+    """Central differences along a random direction agree with onnxgrad for every float input."""
+    model, ys, xs, feeds = build(case, dynamic)
+    assert ys and xs, f"{case.name}: nothing to differentiate"
+    rows = check_gradients(model, ys, xs, feeds, seed=case.seed, eps=case.eps, rtol=case.rtol)
+    bad = [r for r in rows if not r.ok]
+    assert not bad, f"{case.name}: " + "; ".join(
+        f"{r.x}: analytic {r.analytic:.8g} vs numeric {r.numeric:.8g} (rel {r.rel_error:.2e})" for r in bad
+    )
