@@ -17,7 +17,7 @@ import onnx_ir.passes.common
 
 import onnxgrad.rules  # noqa: F401  (registers every rule)
 from onnxgrad.backprop import Request, backprop
-from onnxgrad.emitter import FLOAT_TYPES, Emitter, static_dims
+from onnxgrad.emitter import FLOAT_TYPES, Emitter
 from onnxgrad.rules.markers import MARKER_DOMAIN
 
 
@@ -200,8 +200,6 @@ def _seed(
     assert y.dtype is not None
     _check_seed_shape(y, list(array.shape), "array")
     tensor = ir.tensor(array.astype(y.dtype.numpy()), dtype=y.dtype)
-    if (model.ir_version or 0) < 4:
-        return em.const(tensor.numpy(), dtype=y.dtype)
     init = ir.Value(
         name=f"{em.scope}/{y.name}_seed", type=ir.TensorType(y.dtype), shape=ir.Shape(array.shape),
         const_value=tensor,
@@ -261,7 +259,7 @@ def gradients(
             )
     _ensure_types(model)
 
-    em = Emitter(graph, _opset(model), unique_scope(graph, name))
+    em = Emitter(graph, _opset(model), unique_scope(graph, name), model.ir_version or 8)
     new_inputs: list[ir.Value] = []
     try:
         seeds = [_seed(em, model, table, y, s, new_inputs) for y, s in zip(y_vals, seeds_spec, strict=True)]
@@ -346,7 +344,7 @@ def add_gradients(
     return Augmented(
         ir.serde.serialize_model(m),
         dict(zip(x_names, names, strict=True)),
-        [v.name for v in m.graph.inputs if v.name not in before],
+        [v.name for v in m.graph.inputs if v.name not in before and not v.is_initializer()],
     )
 
 

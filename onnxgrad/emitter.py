@@ -55,8 +55,9 @@ def same_dim(a: object, b: object) -> bool:
 class Emitter:
     """Records new nodes for one ``gradients()`` call, named under ``scope``, valid at ``opset``."""
 
-    def __init__(self, graph: ir.Graph, opset: int, scope: str) -> None:
+    def __init__(self, graph: ir.Graph, opset: int, scope: str, ir_version: int = 8) -> None:
         self.graph = graph
+        self.ir_version = ir_version
         self.opset = opset
         self.scope = scope
         self.nodes: list[ir.Node] = []
@@ -139,7 +140,13 @@ class Emitter:
         key = (int(dtype), array.shape, array.tobytes())
         hit = self._consts.get(key)
         if hit is None:
-            hit = self.op("Constant", value=ir.tensor(array, dtype=dtype))
+            tensor = ir.tensor(array, dtype=dtype)
+            if self.opset >= 9 or dtype in (ir.DataType.FLOAT16, ir.DataType.FLOAT, ir.DataType.DOUBLE):
+                hit = self.op("Constant", value=tensor)
+            else:  # Constant takes only float tensors before opset 9
+                hit = ir.Value(name=self.fresh_name("const"), type=ir.TensorType(dtype),
+                               shape=ir.Shape(array.shape), const_value=tensor)
+                self.initializers.append(hit)
             self._consts[key] = hit
         return hit
 
@@ -384,12 +391,17 @@ class Emitter:
 
     def commit(self, roots: Iterable[ir.Value]) -> list[ir.Node]:
         """Append the nodes the roots need to the graph; drop the rest."""
+        roots = list(roots)
         live = self.live_nodes(roots)
         keep = {id(n) for n in live}
         self.rollback(n for n in self.nodes if id(n) not in keep)
         self.graph.extend(live)
+        roots = set(roots)
         for init in self.initializers:
-            self.graph.register_initializer(init)
+            if init in roots or any(id(u.node) in keep for u in init.uses()):
+                self.graph.register_initializer(init)
+                if self.ir_version < 4:  # initializers were graph inputs too then
+                    self.graph.inputs.append(init)
         return live
 
 

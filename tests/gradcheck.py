@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 from onnx import helper as oh
 
+from onnxgrad import add_gradients
 from onnxgrad.check import check_gradients
 
 IR_VERSION = {7: 3, 8: 3, 9: 4, 10: 5, 11: 6, 12: 7, 13: 7, 14: 7, 15: 8, 16: 8, 17: 8, 18: 8, 19: 9,
@@ -108,6 +109,7 @@ def assert_gradients_match(case: Case, dynamic: bool = False) -> None:
     """Central differences along a random direction agree with onnxgrad for every float input."""
     model, ys, xs, feeds = build(case, dynamic)
     assert ys and xs, f"{case.name}: nothing to differentiate"
+    onnx.checker.check_model(add_gradients(model, ys, xs).model, full_check=True)
     rows = check_gradients(model, ys, xs, feeds, seed=case.seed, eps=case.eps, rtol=case.rtol)
     bad = [r for r in rows if not r.ok]
     assert not bad, f"{case.name}: " + "; ".join(

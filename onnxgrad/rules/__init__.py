@@ -1,5 +1,33 @@
 """Gradient rules, one module per op family; importing this package registers them all."""
 
-from onnxgrad.rules import activations, elementwise, linalg, markers, reductions, shape
+from onnxgrad.rules import (
+    activations,
+    attention,
+    conv,
+    elementwise,
+    linalg,
+    losses,
+    markers,
+    nondiff,
+    normalization,
+    reductions,
+    sampling,
+    shape,
+    spectral,
+)
 
-__all__ = ["activations", "elementwise", "linalg", "markers", "reductions", "shape"]
+__all__ = [
+    "activations",
+    "attention",
+    "conv",
+    "elementwise",
+    "linalg",
+    "losses",
+    "markers",
+    "nondiff",
+    "normalization",
+    "reductions",
+    "sampling",
+    "shape",
+    "spectral",
+]

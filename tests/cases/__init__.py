@@ -1,5 +1,27 @@
 """Rule test tables, one module per rule family; ``ALL`` gathers them."""
 
-from tests.cases import core
+from tests.cases import (
+    activations,
+    conv,
+    core,
+    fused,
+    linalg,
+    movement,
+    normalization,
+    reductions,
+    sampling,
+    unary,
+)
 
-ALL = [*core.CASES]
+ALL = [
+    *core.CASES,
+    *unary.CASES,
+    *activations.CASES,
+    *reductions.CASES,
+    *linalg.CASES,
+    *normalization.CASES,
+    *conv.CASES,
+    *sampling.CASES,
+    *movement.CASES,
+    *fused.CASES,
+]

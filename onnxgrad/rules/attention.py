@@ -1,0 +1,3 @@
+"""Gradient rules: attention."""
+
+from __future__ import annotations

@@ -1,0 +1,3 @@
+"""Gradient rules: conv."""
+
+from __future__ import annotations

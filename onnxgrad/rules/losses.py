@@ -1,0 +1,3 @@
+"""Gradient rules: losses."""
+
+from __future__ import annotations

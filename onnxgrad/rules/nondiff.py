@@ -1,0 +1,3 @@
+"""Gradient rules: nondiff."""
+
+from __future__ import annotations

@@ -1,0 +1,3 @@
+"""Gradient rules: normalization."""
+
+from __future__ import annotations

@@ -1,0 +1,3 @@
+"""Gradient rules: sampling."""
+
+from __future__ import annotations

@@ -1,0 +1,3 @@
+"""Gradient rules: spectral."""
+
+from __future__ import annotations

@@ -1,0 +1,7 @@
+"""Rule cases: activations."""
+
+from __future__ import annotations
+
+from tests.gradcheck import Case
+
+CASES: list[Case] = []

@@ -1,0 +1,7 @@
+"""Rule cases: conv."""
+
+from __future__ import annotations
+
+from tests.gradcheck import Case
+
+CASES: list[Case] = []

@@ -1,0 +1,7 @@
+"""Rule cases: linalg."""
+
+from __future__ import annotations
+
+from tests.gradcheck import Case
+
+CASES: list[Case] = []

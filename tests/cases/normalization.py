@@ -1,0 +1,7 @@
+"""Rule cases: normalization."""
+
+from __future__ import annotations
+
+from tests.gradcheck import Case
+
+CASES: list[Case] = []

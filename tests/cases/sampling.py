@@ -1,0 +1,7 @@
+"""Rule cases: sampling."""
+
+from __future__ import annotations
+
+from tests.gradcheck import Case
+
+CASES: list[Case] = []
