@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import onnx
+import onnx.version_converter
 import onnx_ir as ir
 import onnx_ir.passes.common
 
@@ -19,6 +20,9 @@ import onnxgrad.rules  # noqa: F401  (registers every rule)
 from onnxgrad.backprop import Request, backprop
 from onnxgrad.emitter import FLOAT_TYPES, Emitter
 from onnxgrad.rules.markers import MARKER_DOMAIN
+
+
+MIN_OPSET = 7
 
 
 class UnconnectedGradients(enum.Enum):
@@ -246,6 +250,12 @@ def gradients(
     if len(seeds_spec) != len(y_items):
         raise ValueError(f"Length mismatch. Passed {len(seeds_spec)} grad_ys for {len(y_items)} ys")
 
+    if _opset(model) < MIN_OPSET:
+        raise ValueError(
+            f"the model imports ai.onnx opset {_opset(model)}; onnxgrad emits ops from opset {MIN_OPSET} on: "
+            f"upgrade it with onnx.version_converter.convert_version(model, {MIN_OPSET}) "
+            "(onnxgrad.add_gradients does this for you)"
+        )
     graph = model.graph
     table = value_table(graph)
     y_vals = [_resolve(table, y, "ys") for y in y_items]
@@ -321,6 +331,17 @@ def load(model: onnx.ModelProto | ir.Model | str | os.PathLike[str]) -> ir.Model
     raise TypeError(f"expected a path, an onnx.ModelProto or an onnx_ir.Model, got {type(model).__name__}")
 
 
+def upgrade(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model itself, or converted to opset 7 when older.
+
+    Opsets 1-6 broadcast only on request (broadcast=1, axis); onnx's version converter rewrites those
+    nodes into opset 7's numpy broadcasting without changing any value."""
+    opset = min((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=MIN_OPSET)
+    if opset >= MIN_OPSET:
+        return model
+    return onnx.version_converter.convert_version(model, MIN_OPSET)
+
+
 def add_gradients(
     model: onnx.ModelProto | ir.Model | str | os.PathLike[str],
     ys: str | Sequence[str],
@@ -331,7 +352,9 @@ def add_gradients(
     """A new model: the original outputs first, unchanged, then one output per x with a gradient."""
     if isinstance(model, ir.Model):
         model = ir.serde.serialize_model(model)
-    m = load(model)
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx.load(os.fspath(model))
+    m = load(upgrade(model))
     before = {v.name for v in m.graph.inputs}
     names = gradients(m, ys, xs, grad_ys, **kwargs)
     have = {v.name for v in m.graph.outputs}

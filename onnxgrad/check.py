@@ -11,7 +11,7 @@ import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common
 
-from onnxgrad.api import NEW_INPUT, add_gradients
+from onnxgrad.api import NEW_INPUT, add_gradients, upgrade
 from onnxgrad.runtime import run, session
 
 
@@ -33,14 +33,16 @@ def cut_at(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
     inputs = {v.name for v in g.inputs}
     table = {v.name: v for n in g for v in n.outputs} | dict(g.initializers)
     for name in dict.fromkeys(names):
-        if name in inputs:
-            continue
-        v = table[name]
-        if v.is_initializer():
+        v = table[name] if name in table else None
+        if v is not None and v.is_initializer():
             g.initializers.pop(name)
             v.const_value = None
-            g.inputs.append(v)
+            if name not in inputs:
+                g.inputs.append(v)
             continue
+        if name in inputs:
+            continue
+        assert v is not None
         fresh = ir.Value(name=name, type=v.type, shape=v.shape)
         v.replace_all_uses_with(fresh, replace_graph_outputs=True)
         v.name = f"{name}__cut"
@@ -98,6 +100,7 @@ def check_gradients(
 ) -> list[CheckRow]:
     """Compare onnxgrad's gradients of ``sum_i <u_i, y_i>`` with central differences, one row per x."""
     rng = np.random.default_rng(seed)
+    model = upgrade(model)
     aug = add_gradients(model, list(ys), list(xs), [NEW_INPUT] * len(ys))
     seed_names = aug.new_inputs
     base = _values(model, feeds, [*xs, *ys])
