@@ -21,7 +21,6 @@ from onnxgrad.backprop import Request, backprop
 from onnxgrad.emitter import FLOAT_TYPES, Emitter
 from onnxgrad.rules.markers import MARKER_DOMAIN
 
-
 MIN_OPSET = 7
 
 

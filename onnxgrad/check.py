@@ -105,7 +105,10 @@ def check_gradients(
     seed_names = aug.new_inputs
     base = _values(model, feeds, [*xs, *ys])
     x_vals = {x: base[x] for x in xs}
-    us = {s: np.asarray(rng.standard_normal(np.shape(base[y])), dtype=base[y].dtype) for s, y in zip(seed_names, ys, strict=True)}
+    us = {
+        s: np.asarray(rng.standard_normal(np.shape(base[y])), dtype=base[y].dtype)
+        for s, y in zip(seed_names, ys, strict=True)
+    }
     grads = run(aug.model, {**feeds, **us})
     u_list = [us[s] for s in seed_names]
     leaves = {i.name for i in model.graph.input} | {i.name for i in model.graph.initializer}
