@@ -10,6 +10,7 @@ from onnxgrad.api import (
     gradients,
     stop_gradient,
 )
+from onnxgrad.higher import hessian_vector_product, jacobian, lower_gradient_ops
 from onnxgrad.registry import register as register_gradient
 from onnxgrad.registry import register_nondifferentiable
 
@@ -21,6 +22,9 @@ __all__ = [
     "UnconnectedGradients",
     "add_gradients",
     "gradients",
+    "hessian_vector_product",
+    "jacobian",
+    "lower_gradient_ops",
     "register_gradient",
     "register_nondifferentiable",
     "stop_gradient",

@@ -152,9 +152,10 @@ def _opset(model: ir.Model) -> int:
 
 
 def _ensure_types(model: ir.Model) -> None:
-    """Run onnx shape inference when some value lacks its dtype (the walk prunes by dtype)."""
+    """Run onnx shape inference when some value lacks its dtype or shape (the walk prunes by dtype;
+    rules such as MatMul's need ranks). A second-order call meets the first call's unshaped values."""
     graph = model.graph
-    if all(v.dtype is not None for n in graph for v in n.outputs):
+    if all(v.dtype is not None and v.shape is not None for n in graph for v in n.outputs):
         return
     ir.passes.common.ShapeInferencePass(strict_mode=False)(model)
 
@@ -171,18 +172,28 @@ def _check_seed_shape(y: ir.Value, dims: Sequence[Any] | None, what: str) -> Non
         )
 
 
+def _seed_name(em: Emitter, y: ir.Value, taken: set[str | None]) -> str:
+    """``<scope>/<y>_seed``, or ``<scope>/<y>_seed_1``... when y is seeded more than once (duplicate ys)."""
+    name, k = f"{em.scope}/{y.name}_seed", 0
+    while name in taken:
+        k += 1
+        name = f"{em.scope}/{y.name}_seed_{k}"
+    return name
+
+
 def _seed(
     em: Emitter, model: ir.Model, table: dict[str, ir.Value], y: ir.Value, spec: GradY, new_inputs: list[ir.Value]
 ) -> ir.Value:
     """The value fed as dy for y."""
     if spec is None:
         return em.ones_like(y)
+    taken = {v.name for v in [*new_inputs, *em.initializers]}
     if isinstance(spec, GradInput):
-        seed = ir.Value(
-            name=spec.name or f"{em.scope}/{y.name}_seed", type=ir.TensorType(y.dtype), shape=y.shape
-        )
-        if spec.name and spec.name in table:
+        if spec.name and (spec.name in table or spec.name in taken):
             raise ValueError(f"grad_ys: a value named {spec.name!r} already exists")
+        seed = ir.Value(
+            name=spec.name or _seed_name(em, y, taken), type=ir.TensorType(y.dtype), shape=y.shape
+        )
         new_inputs.append(seed)
         return seed
     if isinstance(spec, str | ir.Value):
@@ -204,7 +215,7 @@ def _seed(
     _check_seed_shape(y, list(array.shape), "array")
     tensor = ir.tensor(array.astype(y.dtype.numpy()), dtype=y.dtype)
     init = ir.Value(
-        name=f"{em.scope}/{y.name}_seed", type=ir.TensorType(y.dtype), shape=ir.Shape(array.shape),
+        name=_seed_name(em, y, taken), type=ir.TensorType(y.dtype), shape=ir.Shape(array.shape),
         const_value=tensor,
     )
     em.initializers.append(init)
@@ -392,10 +403,11 @@ def stop_gradient(model: ir.Model, value: str) -> str:
         model.functions[key] = _marker_function(opset)
     model.opset_imports.setdefault(MARKER_DOMAIN, 1)
     scope = unique_scope(graph, f"{v.name}/stop_gradient")
+    uses = list(v.uses())  # before the marker becomes a use of v itself
     node = ir.Node(MARKER_DOMAIN, "StopGradient", [v], num_outputs=1, name=scope)
     out = node.outputs[0]
     out.name, out.dtype, out.shape = scope, v.dtype, v.shape
-    for use in list(v.uses()):
+    for use in uses:
         use.node.replace_input_with(use.idx, out)
     producer = v.producer()
     if producer is None:
