@@ -245,6 +245,26 @@ class Emitter:
             raise ValueError("Slice with steps needs opset >= 10")
         return self.Slice(x, starts=list(starts), ends=list(ends), axes=list(axes))
 
+    def pad(self, x: ir.Value, pads: Sequence[int]) -> ir.Value:
+        """Zero (constant-mode) Pad of x by ``pads`` (ONNX layout: all begins, then all ends; may be negative)."""
+        if not any(pads):
+            return x
+        if self.opset >= 11:
+            return self.Pad(x, self.ints(pads))
+        return self.Pad(x, pads=list(pads))
+
+    def scatter_elements(
+        self, data: ir.Value, indices: ir.Value, updates: ir.Value, axis: int, reduction: str | None = None
+    ) -> ir.Value:
+        """ScatterElements (Scatter before opset 11); ``reduction`` needs opset >= 16 (max/min: 18)."""
+        if reduction is not None and self.opset < (18 if reduction in ("max", "min") else 16):
+            raise ValueError(f"ScatterElements with reduction '{reduction}' needs a newer opset than {self.opset}")
+        if self.opset >= 11:
+            return self.ScatterElements(data, indices, updates, axis=axis, reduction=reduction)
+        if self.opset < 9:
+            raise ValueError("scattering needs opset >= 9")
+        return self.Scatter(data, indices, updates, axis=axis)
+
     def full_like(self, x: ir.Value, fill: float, dtype: ir.DataType | None = None) -> ir.Value:
         """A tensor of x's run-time shape filled with ``fill`` (x's dtype unless given)."""
         dtype = dtype or x.dtype
@@ -293,12 +313,51 @@ class Emitter:
         c = self.mask(cond, a)
         return self.Add(self.Mul(a, c), self.Mul(b, self.Sub(self.const(1.0, like=c), c)))
 
+    def sign(self, x: ir.Value) -> ir.Value:
+        """Sign(x) (-1, 0 or 1); before opset 9, (x > 0) - (x < 0)."""
+        if self.opset >= 9:
+            return self.Sign(x)
+        zero = self.const(0.0, like=x)
+        return self.Sub(self.mask(self.Greater(x, zero), x), self.mask(self.Less(x, zero), x))
+
     def transpose_last2(self, x: ir.Value) -> ir.Value:
         rank = rank_of(x)
         if rank is None:
             raise ValueError(f"the rank of '{x.name}' is unknown")
         perm = [*range(rank - 2), rank - 1, rank - 2]
         return self.Transpose(x, perm=perm)
+
+    def dft(self, x: ir.Value, axis: int, inverse: bool = False, onesided: bool = False) -> ir.Value:
+        """DFT of x along ``axis`` (its full length), axis as attribute (opset 17) or input (opset 20)."""
+        flags = {"inverse": int(inverse), "onesided": int(onesided)}
+        if self.opset >= 20:
+            return self.DFT(x, None, self.const(np.array(axis), dtype=ir.DataType.INT64), **flags)
+        return self.DFT(x, axis=axis, **flags)
+
+    def eye(self, n: int | ir.Value, like: ir.Value) -> ir.Value:
+        """An n x n identity matrix in like's dtype; n an int or an int64 scalar (0-D) value."""
+        assert like.dtype is not None
+        if isinstance(n, int) and self.opset < 9:
+            return self.const(np.eye(n), dtype=like.dtype)
+        if self.opset < 9:
+            raise ValueError("an identity matrix of run-time size needs opset >= 9")
+        side = self.ints([n]) if isinstance(n, int) else self.Reshape(n, self.ints([1]))
+        zeros = self.ConstantOfShape(
+            self.Concat(side, side, axis=0), value=ir.tensor(np.zeros(1, like.dtype.numpy()), dtype=like.dtype)
+        )
+        return self.EyeLike(zeros)
+
+    def arange(self, n: int | ir.Value) -> ir.Value:
+        """0, 1, ..., n-1 as a 1-D int64 tensor; n an int or an int64 scalar (0-D) value."""
+        if isinstance(n, int):
+            return self.ints(range(n))
+        if self.opset >= 11:
+            return self.Range(self.const(np.array(0), dtype=ir.DataType.INT64), n,
+                              self.const(np.array(1), dtype=ir.DataType.INT64))
+        if self.opset < 9:
+            raise ValueError("a range of run-time length needs opset >= 9")
+        ones = self.ConstantOfShape(self.Reshape(n, self.ints([1])), value=ir.tensor(np.ones(1, np.int64)))
+        return self.Reshape(self.NonZero(ones), self.ints([-1]))
 
     # ------------------------------------------------------------ broadcasting
     def unbroadcast(self, g: ir.Value, x: ir.Value) -> ir.Value:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import onnx_ir as ir
@@ -89,3 +90,189 @@ def log_softmax_v13(em: Emitter, node: ir.Node, dy: Grads) -> Out:
     """dx = dy - exp(y) * sum(dy, axis)"""
     y = node.outputs[0]
     return [em.Sub(dy[0], em.Mul(em.Exp(y), _sum_over_softmax_axes(em, node, dy[0], -1)))]  # type: ignore[arg-type]
+
+
+def _x(node: ir.Node) -> ir.Value:
+    x = node.inputs[0]
+    assert x is not None
+    return x
+
+
+def _positive(em: Emitter, x: ir.Value) -> ir.Value:
+    """The bool condition x > 0."""
+    return em.Greater(x, em.const(0.0, like=x))
+
+
+@register("LeakyRelu")
+def leaky_relu(em: Emitter, node: ir.Node, dy: Grads) -> Out:
+    """dx = dy if x > 0 else alpha * dy"""
+    x = _x(node)
+    g = dy[0]
+    assert g is not None
+    return [em.where(_positive(em, x), g, em.Mul(g, em.const(attr(node, "alpha", 0.01), like=x)))]
+
+
+@register("PRelu", broadcast=(1,))
+def prelu(em: Emitter, node: ir.Node, dy: Grads) -> Out:
+    """dx = dy if x >= 0 else slope * dy; dslope = dy * x where x < 0"""
+    x, slope = node.inputs
+    g = dy[0]
+    assert x is not None and slope is not None and g is not None
+    negative = em.Less(x, em.const(0.0, like=x))
+    dx = em.where(negative, em.Mul(g, slope), g)
+    return [dx, em.Mul(g, em.Mul(x, em.mask(negative, x)))]
+
+
+@register("Elu")
+def elu(em: Emitter, node: ir.Node, dy: Grads) -> Out:
+    """dx = dy if x > 0 else dy * (y + alpha)"""
+    x, y, g = _x(node), node.outputs[0], dy[0]
+    assert g is not None
+    alpha = em.const(attr(node, "alpha", 1.0), like=x)
+    return [em.where(_positive(em, x), g, em.Mul(g, em.Add(y, alpha)))]
+
+
+_SELU_ALPHA = 1.67326319217681884765625
+_SELU_GAMMA = 1.05070102214813232421875
+
+
+@register("Selu")
+def selu(em: Emitter, node: ir.Node, dy: Grads) -> Out:
+    """dx = dy * gamma if x > 0 else dy * (y + gamma * alpha)"""
+    x, y, g = _x(node), node.outputs[0], dy[0]
+    assert g is not None
+    alpha, gamma = attr(node, "alpha", _SELU_ALPHA), attr(node, "gamma", _SELU_GAMMA)
+    slope = em.where(_positive(em, x), em.const(gamma, like=x), em.Add(y, em.const(gamma * alpha, like=x)))
+    return [em.Mul(g, slope)]
+
+
+@register("Celu", since=12)
+def celu(em: Emitter, node: ir.Node, dy: Grads) -> Out:
+    """dx = dy if x > 0 else dy * exp(x / alpha) = dy * (y / alpha + 1)"""
+    x, y, g = _x(node), node.outputs[0], dy[0]
+    assert g is not None
+    one = em.const(1.0, like=x)
+    inner = em.Add(em.Div(y, em.const(attr(node, "alpha", 1.0), like=x)), one)
+    return [em.where(_positive(em, x), g, em.Mul(g, inner))]
+
+
+def _gelu_slope(em: Emitter, x: ir.Value) -> ir.Value:
+    """Phi(x) + x * phi(x)"""
+    one, half = em.const(1.0, like=x), em.const(0.5, like=x)
+    cdf = em.Mul(half, em.Add(one, em.Erf(em.Mul(x, em.const(math.sqrt(0.5), like=x)))))
+    pdf = em.Mul(em.Exp(em.Mul(em.Mul(x, x), em.const(-0.5, like=x))), em.const(1.0 / math.sqrt(2.0 * math.pi), like=x))
+    return em.Add(cdf, em.Mul(x, pdf))
+
+
+def _gelu_tanh_slope(em: Emitter, x: ir.Value) -> ir.Value:
+    """0.5 * (1 + t) + 0.5 * x * (1 - t^2) * k * (1 + 3a x^2), t = tanh(k * (x + a x^3))"""
+    k, a = math.sqrt(2.0 / math.pi), 0.044715
+    one, half, x2 = em.const(1.0, like=x), em.const(0.5, like=x), em.Mul(x, x)
+    t = em.Tanh(em.Mul(em.Mul(x, em.const(k, like=x)), em.Add(one, em.Mul(x2, em.const(a, like=x)))))
+    du = em.Mul(em.const(k, like=x), em.Add(one, em.Mul(x2, em.const(3.0 * a, like=x))))
+    return em.Add(em.Mul(half, em.Add(one, t)), em.Mul(em.Mul(em.Mul(half, x), em.Sub(one, em.Mul(t, t))), du))
+
+
+@register("Gelu", since=20)
+def gelu(em: Emitter, node: ir.Node, dy: Grads) -> Out:
+    """dx = dy * (Phi(x) + x * phi(x)); with approximate='tanh', dy times the tanh form's derivative"""
+    x = _x(node)
+    tanh_form = attr(node, "approximate", "none") == "tanh"
+    return [em.Mul(dy[0], _gelu_tanh_slope(em, x) if tanh_form else _gelu_slope(em, x))]
+
+
+@register("HardSigmoid")
+def hard_sigmoid(em: Emitter, node: ir.Node, dy: Grads) -> Out:
+    """dx = dy * alpha where 0 < y < 1"""
+    y, g = node.outputs[0], dy[0]
+    assert g is not None
+    inside = em.And(em.Greater(y, em.const(0.0, like=y)), em.Less(y, em.const(1.0, like=y)))
+    return [em.Mul(em.Mul(g, em.const(attr(node, "alpha", 0.2), like=y)), em.mask(inside, y))]
+
+
+@register("HardSwish", since=14)
+def hard_swish(em: Emitter, node: ir.Node, dy: Grads) -> Out:
+    """dx = dy * (hardsigmoid(x) + x/6 * [|x| < 3])"""
+    x, g = _x(node), dy[0]
+    assert g is not None
+    h = em.HardSigmoid(x, alpha=1.0 / 6.0, beta=0.5)
+    inside = em.mask(em.Less(em.Abs(x), em.const(3.0, like=x)), x)
+    return [em.Mul(g, em.Add(h, em.Mul(em.Mul(x, em.const(1.0 / 6.0, like=x)), inside)))]
+
+
+@register("Mish", since=18)
+def mish(em: Emitter, node: ir.Node, dy: Grads) -> Out:
+    """dx = dy * (t + x * (1 - t^2) * sigmoid(x)), t = tanh(softplus(x)), softplus as log(exp(x) + 1)"""
+    x, g = _x(node), dy[0]
+    assert g is not None
+    one = em.const(1.0, like=x)
+    t = em.Tanh(em.Log(em.Add(em.Exp(x), one)))  # not Softplus: onnxruntime has no float64 Softplus kernel
+    return [em.Mul(g, em.Add(t, em.Mul(em.Mul(x, em.Sub(one, em.Mul(t, t))), em.Sigmoid(x))))]
+
+
+@register("Softplus")
+def softplus(em: Emitter, node: ir.Node, dy: Grads) -> Out:
+    """dx = dy * sigmoid(x)"""
+    return [em.Mul(dy[0], em.Sigmoid(_x(node)))]
+
+
+@register("Softsign")
+def softsign(em: Emitter, node: ir.Node, dy: Grads) -> Out:
+    """dx = dy / (1 + |x|)^2 = dy * (1 - |y|)^2"""
+    y = node.outputs[0]
+    s = em.Sub(em.const(1.0, like=y), em.Abs(y))
+    return [em.Mul(dy[0], em.Mul(s, s))]
+
+
+@register("ThresholdedRelu", since=10)
+def thresholded_relu(em: Emitter, node: ir.Node, dy: Grads) -> Out:
+    """dx = dy * (x > alpha)"""
+    x = _x(node)
+    return [em.Mul(dy[0], em.mask(em.Greater(x, em.const(attr(node, "alpha", 1.0), like=x)), x))]
+
+
+@register("Shrink", since=9)
+def shrink(em: Emitter, node: ir.Node, dy: Grads) -> Out:
+    """dx = dy * (|x| > lambd)"""
+    x = _x(node)
+    outside = em.Greater(em.Abs(x), em.const(attr(node, "lambd", 0.5), like=x))
+    return [em.Mul(dy[0], em.mask(outside, x))]
+
+
+@register("Swish", since=24)
+def swish(em: Emitter, node: ir.Node, dy: Grads) -> Out:
+    """dx = dy * (s + alpha * y * (1 - s)), s = sigmoid(alpha * x)"""
+    x, y = _x(node), node.outputs[0]
+    alpha = em.const(attr(node, "alpha", 1.0), like=x)
+    s = em.Sigmoid(em.Mul(x, alpha))
+    return [em.Mul(dy[0], em.Add(s, em.Mul(em.Mul(alpha, y), em.Sub(em.const(1.0, like=x), s))))]
+
+
+_FLT_MAX = 3.4028234663852886e38
+
+
+@register("Clip", since=1)
+def clip_v1(em: Emitter, node: ir.Node, dy: Grads) -> Out:
+    """dx = dy where min <= x <= max (min, max attributes)"""
+    x = _x(node)
+    below = em.Less(x, em.const(attr(node, "min", -_FLT_MAX), like=x))
+    above = em.Greater(x, em.const(attr(node, "max", _FLT_MAX), like=x))
+    return [em.Mul(dy[0], em.mask(em.Not(em.Or(below, above)), x))]
+
+
+@register("Clip", since=11, broadcast=(1, 2))
+def clip_v11(em: Emitter, node: ir.Node, dy: Grads) -> Out:
+    """dx = dy where min <= x <= max; dmin = dy where x < min; dmax = dy where x > max (y = max if min > max)"""
+    x, g = _x(node), dy[0]
+    assert g is not None
+    lo, hi = [*node.inputs[1:], None, None][:2]
+    below = None if lo is None else em.Less(x, lo)
+    above = None if hi is None else em.Greater(x, hi)
+    outside = below if above is None else above if below is None else em.Or(below, above)
+    if below is not None and above is not None:  # min > max clamps everything to max
+        crossed = em.Greater(lo, hi)
+        below, above = em.And(below, em.Not(crossed)), em.Or(above, crossed)
+    dx = g if outside is None else em.Mul(g, em.mask(em.Not(outside), x))
+    dlo = None if below is None else em.Mul(g, em.mask(below, x))
+    dhi = None if above is None else em.Mul(g, em.mask(above, x))
+    return [dx, dlo, dhi][: len(node.inputs)]
