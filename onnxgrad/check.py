@@ -70,7 +70,9 @@ def random_feeds(model: onnx.ModelProto, rng: np.random.Generator, dims: int = 2
     return feeds
 
 
-def _values(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], names: Sequence[str]) -> dict[str, np.ndarray]:
+def _values(
+    model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], names: Sequence[str], provider: str = "cpu"
+) -> dict[str, np.ndarray]:
     """The values ``names`` take on ``feeds``: feeds, initializers, or computed."""
     out: dict[str, np.ndarray] = {k: np.asarray(v) for k, v in feeds.items() if k in names}
     for init in model.graph.initializer:
@@ -84,7 +86,7 @@ def _values(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], names: Sequ
         for n in rest:
             if n not in have:
                 m.graph.outputs.append(table[n])
-        out |= run(ir.serde.serialize_model(m), feeds, rest)
+        out |= run(ir.serde.serialize_model(m), feeds, rest, provider)
     return out
 
 
@@ -97,19 +99,20 @@ def check_gradients(
     seed: int = 0,
     eps: float | None = None,
     rtol: float | None = None,
+    provider: str = "cpu",
 ) -> list[CheckRow]:
     """Compare onnxgrad's gradients of ``sum_i <u_i, y_i>`` with central differences, one row per x."""
     rng = np.random.default_rng(seed)
     model = upgrade(model)
     aug = add_gradients(model, list(ys), list(xs), [NEW_INPUT] * len(ys))
     seed_names = aug.new_inputs
-    base = _values(model, feeds, [*xs, *ys])
+    base = _values(model, feeds, [*xs, *ys], provider)
     x_vals = {x: base[x] for x in xs}
     us = {
         s: np.asarray(rng.standard_normal(np.shape(base[y])), dtype=base[y].dtype)
         for s, y in zip(seed_names, ys, strict=True)
     }
-    grads = run(aug.model, {**feeds, **us})
+    grads = run(aug.model, {**feeds, **us}, provider=provider)
     u_list = [us[s] for s in seed_names]
     leaves = {i.name for i in model.graph.input} | {i.name for i in model.graph.initializer}
     sessions: dict[str, tuple[object, set[str]]] = {}
@@ -117,7 +120,7 @@ def check_gradients(
     def loss(x: str, point: Mapping[str, np.ndarray]) -> float:
         key = "" if x in leaves else x
         if key not in sessions:
-            sess = session(cut_at(model, [n for n in xs if n in leaves] if key == "" else [x]))
+            sess = session(cut_at(model, [n for n in xs if n in leaves] if key == "" else [x]), provider)
             sessions[key] = (sess, {i.name for i in sess.get_inputs()})
         sess, names = sessions[key]
         f = {k: np.asarray(v) for k, v in {**feeds, **x_vals, **point}.items() if k in names}

@@ -276,3 +276,15 @@ def clip_v11(em: Emitter, node: ir.Node, dy: Grads) -> Out:
     dlo = None if below is None else em.Mul(g, em.mask(below, x))
     dhi = None if above is None else em.Mul(g, em.mask(above, x))
     return [dx, dlo, dhi][: len(node.inputs)]
+
+
+@register("SwiGLU", since=28)
+def swiglu(em: Emitter, node: ir.Node, dy: Grads) -> Out:
+    """da = dy * b * (s + alpha * a * s * (1 - s)), db = dy * a * s, s = sigmoid(alpha * a)"""
+    a, b = node.inputs
+    assert a is not None and b is not None
+    alpha = em.const(attr(node, "alpha", 1.0), like=a)
+    s = em.Sigmoid(em.Mul(a, alpha))
+    sw = em.Mul(a, s)
+    dsw = em.Add(s, em.Mul(em.Mul(alpha, sw), em.Sub(em.const(1.0, like=a), s)))
+    return [em.Mul(em.Mul(dy[0], b), dsw), em.Mul(dy[0], sw)]

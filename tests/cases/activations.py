@@ -65,3 +65,9 @@ CASES: list[Case] = [
     Case("Clip", [r(3, 4)], opset=13, id="none"),
     Case("Clip", [r(3, 4), np.array(0.5), np.array(-0.2)], opset=13, id="min-gt-max"),
 ]
+
+# SwiGLU exists from opset 28, beyond onnxruntime 1.31: checked on onnx's reference evaluator.
+CASES += [
+    Case("SwiGLU", [r(2, 3, seed=1), r(2, 3, seed=2)], opset=28, dynamic=False),
+    Case("SwiGLU", [r(2, 3, seed=1), r(2, 3, seed=2)], attrs={"alpha": 1.702}, opset=28, id="alpha", dynamic=False),
+]
