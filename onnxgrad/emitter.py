@@ -65,6 +65,7 @@ class Emitter:
         self._counter = 0
         self._consts: dict[tuple[Any, ...], ir.Value] = {}
         self._shapes: dict[int, ir.Value] = {}
+        self._emitted: dict[tuple[Any, ...], tuple[ir.Value, ...]] = {}
 
     # ----------------------------------------------------------------- raw ops
     def fresh_name(self, hint: str) -> str:
@@ -79,13 +80,20 @@ class Emitter:
         _domain: str = "",
         **attrs: Any,
     ) -> Any:
-        """Emit one node; returns its output, or a tuple of outputs when ``_outputs > 1``."""
+        """Emit one node; returns its output, or a tuple of outputs when ``_outputs > 1``.
+
+        An op identical to one already emitted (same type, inputs and attributes) is not emitted
+        twice: its outputs are reused (common subexpressions never reach the graph)."""
+        while inputs and inputs[-1] is None:
+            inputs = inputs[:-1]
+        key = _cse_key(op_type, _domain, inputs, _outputs, attrs)
+        if key is not None and key in self._emitted:
+            outs = self._emitted[key]
+            return outs[0] if _outputs == 1 else outs
         attributes = ir.convenience.convert_attributes(
             {k: v for k, v in attrs.items() if v is not None}
         )
         name = self.fresh_name(op_type)
-        while inputs and inputs[-1] is None:
-            inputs = inputs[:-1]
         node = ir.Node(
             normalize_domain(_domain), op_type, inputs, attributes=attributes,
             num_outputs=_outputs, name=name,
@@ -94,6 +102,8 @@ class Emitter:
             out.name = name if i == 0 else f"{name}:{i}"
         self._type_outputs(node, attrs)
         self.nodes.append(node)
+        if key is not None:
+            self._emitted[key] = tuple(node.outputs)
         return node.outputs[0] if _outputs == 1 else tuple(node.outputs)
 
     def __getattr__(self, op_type: str) -> Any:
@@ -462,6 +472,39 @@ class Emitter:
                 if self.ir_version < 4:  # initializers were graph inputs too then
                     self.graph.inputs.append(init)
         return live
+
+
+_NOT_PURE = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
+                       "Bernoulli", "Dropout"})
+
+
+def _attr_key(value: Any) -> Any:
+    """A hashable stand-in for an attribute value (None when it cannot be compared cheaply)."""
+    if isinstance(value, bool | int | float | str | bytes) or value is None:
+        return value
+    if isinstance(value, list | tuple):
+        parts = tuple(_attr_key(v) for v in value)
+        return None if any(p is None and v is not None for p, v in zip(parts, value, strict=True)) else parts
+    if isinstance(value, ir.TensorProtocol):
+        array = value.numpy()
+        return (int(value.dtype), array.shape, array.tobytes())
+    if isinstance(value, ir.DataType):
+        return int(value)
+    return None
+
+
+def _cse_key(op_type: str, domain: str, inputs: Sequence[ir.Value | None], n_out: int,
+             attrs: dict[str, Any]) -> tuple[Any, ...] | None:
+    """The identity of a pure op application, or None where it must not be shared."""
+    if op_type in _NOT_PURE:
+        return None
+    items = []
+    for k in sorted(attrs):
+        v = _attr_key(attrs[k])
+        if v is None and attrs[k] is not None:
+            return None
+        items.append((k, v))
+    return (domain, op_type, tuple(None if v is None else id(v) for v in inputs), n_out, tuple(items))
 
 
 def attr(node: ir.Node, name: str, default: Any = None) -> Any:
