@@ -1,0 +1,31 @@
+"""Generated graphs against PyTorch autograd and central differences.
+
+CI runs the 'ci' hypothesis profile (a few hundred graphs); ``make fuzz`` runs the 'long' profile.
+Failures hypothesis finds shrink to a minimal spec; keep them in ``REGRESSIONS`` below."""
+
+from __future__ import annotations
+
+import os
+
+from hypothesis import HealthCheck, given, settings
+
+from tests.fuzz import GraphSpec, check_spec, graph_specs
+
+settings.register_profile("ci", max_examples=300, deadline=None, derandomize=True,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("long", max_examples=20000, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.load_profile(os.environ.get("ONNXGRAD_FUZZ_PROFILE", "ci"))
+
+# minimal graphs that once failed, kept so they never fail again
+REGRESSIONS: list[GraphSpec] = []
+
+
+@given(graph_specs())
+def test_generated_graph(spec: GraphSpec) -> None:
+    check_spec(spec)
+
+
+def test_regressions() -> None:
+    for spec in REGRESSIONS:
+        check_spec(spec)
