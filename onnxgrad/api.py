@@ -151,13 +151,32 @@ def _opset(model: ir.Model) -> int:
     return int(imports.get("", imports.get("ai.onnx", 1)))
 
 
-def _ensure_types(model: ir.Model) -> None:
+TypeSnapshot = list[tuple[ir.Value, Any, Any, Any]]
+
+
+def _ensure_types(model: ir.Model) -> TypeSnapshot:
     """Run onnx shape inference when some value lacks its dtype or shape (the walk prunes by dtype;
-    rules such as MatMul's need ranks). A second-order call meets the first call's unshaped values."""
+    rules such as MatMul's need ranks). A second-order call meets the first call's unshaped values.
+
+    Returns each value's (type, dtype, shape) from before, so that a failed call can undo it."""
     graph = model.graph
     if all(v.dtype is not None and v.shape is not None for n in graph for v in n.outputs):
-        return
+        return []
+    before = [
+        (v, v.type, v.dtype, v.shape)
+        for g in model.graphs()
+        for v in ir.convenience.create_value_mapping(g).values()
+    ]
     ir.passes.common.ShapeInferencePass(strict_mode=False)(model)
+    return before
+
+
+def _restore_types(snapshot: TypeSnapshot) -> None:
+    """Undo ``_ensure_types`` (inference sets dtypes in place on existing types)."""
+    for v, type_, dtype, shape in snapshot:
+        v.type, v.shape = type_, shape
+        if type_ is not None and dtype is not None and type_.dtype != dtype:
+            type_.dtype = dtype
 
 
 def _check_seed_shape(y: ir.Value, dims: Sequence[Any] | None, what: str) -> None:
@@ -271,22 +290,23 @@ def gradients(
     y_vals = [_resolve(table, y, "ys") for y in y_items]
     x_vals = [_resolve(table, x, "xs") for x in x_items]
     stop = {_resolve(table, s, "stop_gradients") for s in _as_list(stop_gradients)}
-    for x in x_vals:
-        if x.dtype is not None and x.dtype not in FLOAT_TYPES:
-            raise TypeError(
-                f"xs: {x.name!r} is {x.dtype.name}; only float values (float16, bfloat16, float32, "
-                "float64) carry gradients"
-            )
-    _ensure_types(model)
+    inferred = _ensure_types(model)
 
     em = Emitter(graph, _opset(model), unique_scope(graph, name), model.ir_version or 8)
     new_inputs: list[ir.Value] = []
     try:
+        for x in x_vals:  # after inference: an intermediate x of a model without value_info has a dtype now
+            if x.dtype is not None and x.dtype not in FLOAT_TYPES:
+                raise TypeError(
+                    f"xs: {x.name!r} is {x.dtype.name}; only float values (float16, bfloat16, float32, "
+                    "float64) carry gradients"
+                )
         seeds = [_seed(em, model, table, y, s, new_inputs) for y, s in zip(y_vals, seeds_spec, strict=True)]
         raw = backprop(em, graph, Request(y_vals, x_vals, seeds, stop, aggregation))
         finals = _finalize(em, x_vals, raw, unconnected, {*seeds, *graph.inputs, *graph.initializers.values()})
     except BaseException:
         em.rollback()
+        _restore_types(inferred)  # nothing half-built: not even the inferred types stay
         raise
     em.commit([v for v in finals if v is not None])
     graph.inputs.extend(new_inputs)
@@ -363,6 +383,11 @@ def add_gradients(
     if isinstance(model, ir.Model):
         model = ir.serde.serialize_model(model)
     if not isinstance(model, onnx.ModelProto):
+        if not isinstance(model, str | os.PathLike):
+            raise TypeError(
+                "add_gradients() takes a path, an onnx.ModelProto or an onnx_ir.Model, "
+                f"got {type(model).__module__}.{type(model).__name__}"
+            )
         model = onnx.load(os.fspath(model))
     m = load(upgrade(model))
     before = {v.name for v in m.graph.inputs}
