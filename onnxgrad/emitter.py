@@ -134,6 +134,9 @@ class Emitter:
                 if v is not None and v.dtype is not None:
                     out.dtype = v.dtype
                     break
+        if op == "Split":
+            for o in node.outputs[1:]:
+                o.dtype = out.dtype
         if op in ("TopK", "MaxPool") and len(node.outputs) > 1:
             node.outputs[1].dtype = ir.DataType.INT64
 
