@@ -11,6 +11,7 @@ from onnx import helper as oh
 
 from onnxgrad import add_gradients
 from onnxgrad.check import check_gradients
+from onnxgrad.runtime import run
 
 IR_VERSION = {7: 3, 8: 3, 9: 4, 10: 5, 11: 6, 12: 7, 13: 7, 14: 7, 15: 8, 16: 8, 17: 8, 18: 8, 19: 9,
               20: 9, 21: 10, 22: 10, 23: 10, 24: 10, 25: 10, 26: 10, 27: 10, 28: 10}
@@ -43,6 +44,7 @@ class Case:
     dynamic: bool = True  # also check with the leading dimension of every input unknown
     seed: int = 0
     second_order: bool = True  # False (with a comment why) where the first derivative has kinks at the inputs
+    checker: bool = True  # False where onnx's checker rejects the schema as deprecated (GroupNormalization-18)
 
     @property
     def name(self) -> str:
@@ -92,6 +94,15 @@ def build(case: Case, dynamic: bool = False) -> tuple[onnx.ModelProto, list[str]
         )
     model = onnx.shape_inference.infer_shapes(model)
     inferred = {o.name: o for o in model.graph.value_info}
+    untyped = [o for o in outs if o not in inferred]
+    if untyped:  # onnx infers nothing for some ops (GroupNormalization): take dtype and rank from a run
+        probe = onnx.ModelProto()
+        probe.CopyFrom(model)
+        del probe.graph.output[:]
+        probe.graph.output.extend(oh.make_value_info(o, onnx.TypeProto()) for o in untyped)
+        for o, a in run(probe, feeds, untyped, provider=provider_for(case)).items():
+            dims = [None if dynamic and i == 0 else d for i, d in enumerate(np.shape(a))]
+            inferred[o] = oh.make_tensor_value_info(o, oh.np_dtype_to_tensor_dtype(np.asarray(a).dtype), dims)
     del model.graph.output[:]
     ys = []
     for k, o in enumerate(outs):
@@ -118,7 +129,8 @@ def assert_gradients_match(case: Case, dynamic: bool = False) -> None:
     """Central differences along a random direction agree with onnxgrad for every float input."""
     model, ys, xs, feeds = build(case, dynamic)
     assert ys and xs, f"{case.name}: nothing to differentiate"
-    onnx.checker.check_model(add_gradients(model, ys, xs).model, full_check=True)
+    if case.checker:
+        onnx.checker.check_model(add_gradients(model, ys, xs).model, full_check=True)
     rows = check_gradients(model, ys, xs, feeds, seed=case.seed, eps=case.eps, rtol=case.rtol,
                            provider=provider_for(case))
     bad = [r for r in rows if not r.ok]

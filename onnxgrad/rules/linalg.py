@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import string
 from collections.abc import Sequence
 
+import numpy as np
 import onnx_ir as ir
 
-from onnxgrad.emitter import Emitter, attr, rank_of
+from onnxgrad.emitter import Emitter, attr, rank_of, static_dims
 from onnxgrad.registry import register
 
 Grads = Sequence[ir.Value | None]
@@ -72,3 +74,138 @@ def gemm(em: Emitter, node: ir.Node, dy: Grads) -> Out:
         out.append(g if beta == 1.0 else em.Mul(g, em.const(beta, like=g)))
     return out
 
+
+
+# ------------------------------------------------------------------------------------------- Einsum
+
+
+def _einsum_terms(equation: str, ranks: Sequence[int | None], name: str) -> tuple[list[str], str]:
+    """Each operand's subscripts and the output's, with every ellipsis spelled out in fresh letters."""
+    lhs, arrow, rhs = equation.replace(" ", "").partition("->")
+    terms = lhs.split(",")
+    if len(terms) != len(ranks):
+        raise ValueError(f"Einsum '{name}': equation '{equation}' names {len(terms)} operands, has {len(ranks)}")
+    spans = []
+    for term, rank in zip(terms, ranks, strict=True):
+        if "..." not in term:
+            spans.append(0)
+        elif rank is None:
+            raise ValueError(f"Einsum '{name}': the gradient needs the rank of every operand under '...'")
+        else:
+            spans.append(rank - (len(term) - 3))
+    width = max(spans, default=0)
+    used = set(equation)
+    ell = "".join([c for c in string.ascii_letters if c not in used][:width])
+    if len(ell) < width:
+        raise ValueError(f"Einsum '{name}': not enough free letters to spell out '...'")
+    full = [t.replace("...", ell[width - k:]) for t, k in zip(terms, spans, strict=True)]
+    if arrow:
+        out = rhs.replace("...", ell)
+    else:
+        letters = "".join(t.replace("...", "") for t in terms)
+        out = ell + "".join(sorted(c for c in set(letters) if letters.count(c) == 1))
+    return full, out
+
+
+def _dims_at(em: Emitter, x: ir.Value, positions: Sequence[int]) -> ir.Value:
+    """x's sizes at ``positions`` as a 1-D int64 tensor."""
+    dims = static_dims(x)
+    if dims is not None:
+        return em.ints([dims[p] for p in positions])
+    return em.Gather(em.shape_of(x), em.ints(positions), axis=0)
+
+
+def _filled(em: Emitter, x: ir.Value, positions: Sequence[int], eye: bool) -> ir.Value:
+    """Ones (or an identity matrix, for two positions) sized like x's axes at ``positions``, x's dtype."""
+    dims = static_dims(x)
+    if dims is not None:
+        shape = [dims[p] for p in positions]
+        return em.const(np.eye(shape[0]) if eye else np.ones(shape), like=x)
+    assert x.dtype is not None
+    fill = ir.tensor(np.array([0.0 if eye else 1.0]).astype(x.dtype.numpy()), dtype=x.dtype)
+    out = em.ConstantOfShape(_dims_at(em, x, positions), value=fill)
+    out.dtype = x.dtype
+    return em.EyeLike(out) if eye else out
+
+
+def _einsum_operand_grad(
+    em: Emitter, node: ir.Node, g: ir.Value, terms: list[str], out: str, k: int
+) -> ir.Value:
+    """d operand_k = einsum(dy, other operands -> operand_k's subscripts), with ones for letters only
+    operand k has (summed there, so broadcast back), identity matrices for its repeated letters
+    (diagonals), and a sum over its size-1 axes that other operands broadcast."""
+    x = node.inputs[k]
+    assert x is not None
+    term = terms[k]
+    others = set(out).union(*(terms[j] for j in range(len(terms)) if j != k))
+    free = iter(c for c in string.ascii_letters if c not in others and c not in term)
+    args: list[ir.Value] = [g, *(node.inputs[j] for j in range(len(terms)) if j != k)]  # type: ignore[list-item]
+    subs = [out, *(terms[j] for j in range(len(terms)) if j != k)]
+    target, first = [], {}
+    for pos, c in enumerate(term):
+        if c in first:  # a repeated letter: a diagonal of x
+            fresh = next(free, None)
+            if fresh is None:
+                raise ValueError(f"Einsum '{node.name}': too many repeated subscripts for the gradient")
+            target.append(fresh)
+            args.append(_filled(em, x, [first[c], pos], eye=True))
+            subs.append(c + fresh)
+        else:
+            first[c] = pos
+            target.append(c)
+    alone = [c for c in first if c not in others]
+    if alone:
+        args.append(_filled(em, x, [first[c] for c in alone], eye=False))
+        subs.append("".join(alone))
+    equation = ",".join(subs) + "->" + "".join(target)
+    dx = g if len(args) == 1 and out == "".join(target) else em.Einsum(*args, equation=equation)
+    dims = static_dims(x)
+    if dims is not None:
+        sized = [(terms[j], node.inputs[j]) for j in range(len(terms)) if j != k] + [(out, node.outputs[0])]
+        spread = [p for p, c in enumerate(term) if dims[p] == 1 and c in others and not _all_ones(c, sized)]
+        if spread:
+            dx = em.reduce_sum(dx, spread, keepdims=True)
+    return dx
+
+
+def _all_ones(letter: str, sized: Sequence[tuple[str, ir.Value | None]]) -> bool:
+    """True when every other operand (and the output) is known to have size 1 wherever it uses ``letter``."""
+    for term, v in sized:
+        shape = None if v is None else v.shape
+        for p, c in enumerate(term):
+            if c == letter and (shape is None or len(shape) != len(term) or shape[p] != 1):
+                return False
+    return True
+
+
+@register("Einsum", since=12, notes="any equation: diagonals (repeated subscripts), '...', broadcasting; "
+          "an operand's size-1 axis is taken as broadcast only when its size is static")
+def einsum(em: Emitter, node: ir.Node, dy: Grads) -> Out:
+    """d operand_k = einsum(dy, other operands -> subscripts of operand k)"""
+    assert dy[0] is not None
+    terms, out = _einsum_terms(attr(node, "equation"), [rank_of(v) for v in node.inputs if v is not None],
+                               node.name or "")
+    return [_einsum_operand_grad(em, node, dy[0], terms, out, k) for k in range(len(terms))]
+
+
+# ---------------------------------------------------------------------------------------------- Det
+
+
+@register("Det", since=11, notes="cofactors as the determinants of the n^2 minors (no Inverse in ai.onnx): "
+          "exact for singular matrices too; needs the matrix size n static; n^2 determinants of order n-1")
+def det(em: Emitter, node: ir.Node, dy: Grads) -> Out:
+    """dA = dy * cofactor(A) (= dy * det(A) * inv(A)^T when A is invertible)"""
+    a = node.inputs[0]
+    assert a is not None and dy[0] is not None
+    rank, dims = rank_of(a), a.shape
+    if rank is None or dims is None or not isinstance(dims[-1], int):
+        raise ValueError(f"Det '{node.name}': the gradient needs the rank and the (static) matrix size")
+    n, b = int(dims[-1]), rank - 2
+    g = em.unsqueeze(dy[0], [b, b + 1])
+    if n == 1:
+        return [g]
+    rest = em.const(np.array([[j for j in range(n) if j != i] for i in range(n)]), dtype=ir.DataType.INT64)
+    minors = em.Gather(em.Gather(a, rest, axis=b), rest, axis=b + 2)  # [*, i, n-1, j, n-1]
+    minors = em.Transpose(minors, perm=[*range(b), b, b + 2, b + 1, b + 3])
+    signs = em.const((-1.0) ** np.add.outer(np.arange(n), np.arange(n)), like=a)
+    return [em.Mul(em.Mul(em.Det(minors), signs), g)]
