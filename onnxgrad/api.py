@@ -422,6 +422,8 @@ def stop_gradient(model: ir.Model, value: str) -> str:
     walk treats its output as a constant. Returns the marker's output name."""
     graph = model.graph
     v = _resolve(value_table(graph), value, "stop_gradient")
+    if v.dtype is None:  # a model loaded without value_info: type it first, or it cannot be serialized
+        _ensure_types(model)
     opset = _opset(model)
     key = (MARKER_DOMAIN, "StopGradient", "")
     if key not in model.functions:
@@ -431,7 +433,9 @@ def stop_gradient(model: ir.Model, value: str) -> str:
     uses = list(v.uses())  # before the marker becomes a use of v itself
     node = ir.Node(MARKER_DOMAIN, "StopGradient", [v], num_outputs=1, name=scope)
     out = node.outputs[0]
-    out.name, out.dtype, out.shape = scope, v.dtype, v.shape
+    out.name, out.shape = scope, v.shape
+    if v.dtype is not None:
+        out.dtype = v.dtype
     for use in uses:
         use.node.replace_input_with(use.idx, out)
     producer = v.producer()

@@ -1,0 +1,160 @@
+"""``onnxgrad grad``: append gradient outputs to a model file (``onnxgrad.add_gradients`` on the command line)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+import onnx
+
+from onnxgrad.api import NEW_INPUT, GradY, add_gradients
+from onnxgrad.cli import ModelError, cli
+from onnxgrad.io import ModelFileError, load_model, one_line, save_model
+
+AGGREGATION_CHOICES = ("add_n", "default", "experimental_tree", "experimental_accumulate_n")
+
+
+def fail(e: BaseException) -> ModelError:
+    """A model error (exit 1) with ``e``'s message on one line."""
+    known = (LookupError, ValueError, TypeError, OSError, onnx.checker.ValidationError)
+    message = one_line(e) if isinstance(e, known) else f"{type(e).__name__}: {one_line(e)}"
+    return ModelError(message)
+
+
+def parse_grad_ys(specs: tuple[str, ...], ys: tuple[str, ...]) -> list[GradY]:
+    """One ``grad_ys`` entry per y from ``Y=SPEC`` options (ones where no SPEC names that y)."""
+    chosen: dict[str, GradY] = {}
+    for item in specs:
+        y, sep, spec = item.partition("=")
+        if not sep or not y or not spec:
+            raise click.BadParameter(f"expected Y=SPEC, got {item!r}", param_hint="'--grad-ys'")
+        if y not in ys:
+            raise click.BadParameter(f"{y!r} is not one of the --ys ({', '.join(ys)})", param_hint="'--grad-ys'")
+        if y in chosen:
+            raise click.BadParameter(f"{y!r} is given twice", param_hint="'--grad-ys'")
+        chosen[y] = seed_spec(spec)
+    return [chosen.get(y) for y in ys]
+
+
+def seed_spec(spec: str) -> GradY:
+    """The word ``input`` (a new graph input), a ``.npy`` file, or a value name in the graph."""
+    if spec == "input":
+        return NEW_INPUT
+    if spec.lower().endswith(".npy"):
+        try:
+            return np.load(spec, allow_pickle=False)
+        except FileNotFoundError:
+            raise ModelError(f"--grad-ys: file '{spec}' not found") from None
+        except (OSError, ValueError) as e:
+            raise ModelError(f"--grad-ys: cannot read '{spec}' as a .npy array ({one_line(e)})") from None
+    return spec
+
+
+def same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name the same file (``b`` may not exist yet)."""
+    try:
+        return b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return a.resolve() == b.resolve()
+
+
+def dtype_name(elem_type: int) -> str:
+    """numpy's name for an ONNX element type (``float32``), or ONNX's own where numpy has none."""
+    try:
+        return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type)).name
+    except (KeyError, TypeError, ValueError):
+        return onnx.TensorProto.DataType.Name(elem_type).lower() if elem_type else "?"
+
+
+def type_string(model: onnx.ModelProto, name: str) -> str:
+    """``float32[batch,4]`` for a graph input or output of ``model``."""
+    for vi in [*model.graph.output, *model.graph.input]:
+        if vi.name == name and vi.type.HasField("tensor_type"):
+            t = vi.type.tensor_type
+            dtype = dtype_name(t.elem_type)
+            if not t.HasField("shape"):
+                return dtype
+            dims = [str(d.dim_value) if d.HasField("dim_value") else (d.dim_param or "?") for d in t.shape.dim]
+            return f"{dtype}[{','.join(dims)}]"
+    return "?"
+
+
+@cli.command("grad")
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Where to write the model with gradient outputs (written atomically).")
+@click.option("--ys", multiple=True, required=True, metavar="NAME", help="A value to differentiate (repeatable).")
+@click.option("--xs", multiple=True, required=True, metavar="NAME",
+              help="A value to differentiate with respect to (repeatable).")
+@click.option("--grad-ys", "grad_ys", multiple=True, metavar="Y=SPEC",
+              help="Seed for y: a value name in the graph, a .npy file, or the word 'input' (a new graph input).")
+@click.option("--stop-gradients", "stop_gradients", multiple=True, metavar="NAME",
+              help="A value treated as constant (repeatable).")
+@click.option("--unconnected-gradients", type=click.Choice(["none", "zero"]), default="none", show_default=True,
+              help="What an x that no y depends on gets.")
+@click.option("--aggregation-method", type=click.Choice(AGGREGATION_CHOICES), default="default", show_default=True,
+              help="How contributions to one gradient are added (values agree).")
+@click.option("--gate-gradients", is_flag=True, help="Accepted for tf.gradients compatibility; no effect in ONNX.")
+@click.option("--name", "scope", default="gradients", show_default=True, metavar="SCOPE",
+              help="Prefix of every new node and value name (uniquified).")
+@click.option("--json", "as_json", is_flag=True, help="Print only a JSON object on stdout.")
+def grad(
+    model: Path,
+    out: Path,
+    ys: tuple[str, ...],
+    xs: tuple[str, ...],
+    grad_ys: tuple[str, ...],
+    stop_gradients: tuple[str, ...],
+    unconnected_gradients: str,
+    aggregation_method: str,
+    gate_gradients: bool,
+    scope: str,
+    as_json: bool,
+) -> None:
+    """Append the gradients of sum(grad_ys * ys) with respect to each x to MODEL, as outputs of OUT.
+
+    OUT keeps every output of MODEL first, unchanged, then one output per x that has a gradient.
+    MODEL itself is never written."""
+    if same_file(model, out):
+        raise click.BadParameter("OUT is the input model; choose another path", param_hint="'-o'")
+    seeds = parse_grad_ys(grad_ys, ys)
+    try:
+        proto = load_model(model)
+        aug = add_gradients(
+            proto, list(ys), list(xs), seeds,
+            name=scope, gate_gradients=gate_gradients, aggregation_method=aggregation_method,
+            stop_gradients=list(stop_gradients), unconnected_gradients=unconnected_gradients,
+        )
+        save_model(aug.model, out)
+    except (ModelError, ModelFileError) as e:
+        raise ModelError(one_line(e)) from None
+    except click.ClickException:
+        raise
+    except Exception as e:
+        raise fail(e) from None
+    report(aug.model, out, aug.gradients, aug.new_inputs, len(proto.graph.node), as_json)
+
+
+def report(
+    model: onnx.ModelProto, out: Path, gradients: dict[str, str | None], new_inputs: list[str], before: int,
+    as_json: bool,
+) -> None:
+    """The JSON object, or a short human-readable summary."""
+    if as_json:
+        payload: dict[str, Any] = {"gradients": gradients, "new_inputs": new_inputs}
+        click.echo(json.dumps(payload))
+        return
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), "?")
+    added = len(model.graph.node) - before
+    click.echo(f"wrote {out} (opset {opset}, {added} gradient nodes, {len(model.graph.output)} outputs)")
+    width = max(len(x) for x in gradients)
+    for x, name in gradients.items():
+        target = "none (no y depends on it)" if name is None else f"{name}  {type_string(model, name)}"
+        click.echo(f"  d/d {x:<{width}}  ->  {target}")
+    for name in new_inputs:
+        click.echo(f"  new input: {name}  {type_string(model, name)}")
+
