@@ -101,6 +101,7 @@ class Emitter:
         for i, out in enumerate(node.outputs):
             out.name = name if i == 0 else f"{name}:{i}"
         self._type_outputs(node, attrs)
+        self._shape_outputs(node, attrs)
         self.nodes.append(node)
         if key is not None:
             self._emitted[key] = tuple(node.outputs)
@@ -139,6 +140,19 @@ class Emitter:
                 o.dtype = out.dtype
         if op in ("TopK", "MaxPool") and len(node.outputs) > 1:
             node.outputs[1].dtype = ir.DataType.INT64
+
+    def _shape_outputs(self, node: ir.Node, attrs: dict[str, Any]) -> None:
+        """Static shapes (or at least ranks) for the emitted ops whose rank later rules lean on."""
+        op, out = node.op_type, node.outputs[0]
+        if op == "Reshape" and len(node.inputs) > 1:
+            target = self.constant_value(node.inputs[1])
+            if target is not None:
+                dims = [int(d) for d in np.asarray(target).reshape(-1)]
+                out.shape = ir.Shape([d if d > 0 else None for d in dims])
+        elif op == "Transpose" and node.inputs[0] is not None and node.inputs[0].shape is not None:
+            dims = list(node.inputs[0].shape)
+            perm = attrs.get("perm") or list(range(len(dims)))[::-1]
+            out.shape = ir.Shape([dims[p] for p in perm])
 
     # --------------------------------------------------------------- constants
     def const(
@@ -253,10 +267,19 @@ class Emitter:
             args = [x, self.ints(starts), self.ints(ends), self.ints(axes)]
             if steps is not None:
                 args.append(self.ints(steps))
-            return self.Slice(*args)
-        if steps is not None and any(s != 1 for s in steps):
-            raise ValueError("Slice with steps needs opset >= 10")
-        return self.Slice(x, starts=list(starts), ends=list(ends), axes=list(axes))
+            out = self.Slice(*args)
+        else:
+            if steps is not None and any(s != 1 for s in steps):
+                raise ValueError("Slice with steps needs opset >= 10")
+            out = self.Slice(x, starts=list(starts), ends=list(ends), axes=list(axes))
+        if x.shape is not None and out.shape is None:  # the rank (and static sizes) carry over
+            dims: list[Any] = list(x.shape)
+            for k, axis in enumerate(axes):
+                d = dims[axis]
+                step = 1 if steps is None else steps[k]
+                dims[axis] = len(range(d)[slice(starts[k], ends[k], step)]) if isinstance(d, int) else None
+            out.shape = ir.Shape(dims)
+        return out
 
     def pad(self, x: ir.Value, pads: Sequence[int]) -> ir.Value:
         """Zero (constant-mode) Pad of x by ``pads`` (ONNX layout: all begins, then all ends; may be negative)."""

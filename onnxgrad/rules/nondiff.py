@@ -1,3 +1,59 @@
-"""Gradient rules: nondiff."""
+"""Ops whose outputs are constant with respect to their float inputs: the walk stops at them.
+
+Most of these already have integer, bool or string outputs, which the walk prunes by dtype; declaring
+them says so explicitly (and covers values whose dtype is unknown). The rest have float outputs that
+are piecewise constant (Floor, Hardmax), random, or are treated as constant by convention (as
+TensorFlow does for Range and OneHot). Every ai.onnx schema of onnx 1.23 was reviewed; differentiable
+ops live in the other rule modules.
+"""
 
 from __future__ import annotations
+
+from onnxgrad.registry import register_nondifferentiable
+
+register_nondifferentiable(
+    "Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "IsNaN", "IsInf",
+    notes="bool output",
+)
+register_nondifferentiable("Not", "And", "Or", "Xor", notes="bool inputs and output")
+register_nondifferentiable(
+    "BitShift", "BitwiseAnd", "BitwiseOr", "BitwiseXor", "BitwiseNot", notes="integer inputs and output"
+)
+register_nondifferentiable(
+    "Floor", "Ceil", "Round", "Sign",
+    notes="piecewise constant: the derivative is 0 almost everywhere (TensorFlow gives None for "
+    "Floor/Ceil/Round; pass the gradient straight through with x + stop_gradient(round(x) - x) if wanted)",
+)
+register_nondifferentiable(
+    "Hardmax", notes="a one-hot of the argmax: piecewise constant (use Softmax for a differentiable relaxation)"
+)
+register_nondifferentiable("ArgMax", "ArgMin", "NonZero", "NonMaxSuppression", notes="integer (index) output")
+register_nondifferentiable("Shape", "Size", notes="integer output: depends on the input's shape only")
+register_nondifferentiable("EyeLike", notes="depends on the input's shape only")
+register_nondifferentiable(
+    "ConstantOfShape", "Constant", "Range", "SequenceEmpty",
+    "BlackmanWindow", "HammingWindow", "HannWindow", "MelWeightMatrix",
+    notes="generated constants (Range treated as constant as in TensorFlow; MelWeightMatrix's float "
+    "edge frequencies get no gradient)",
+)
+register_nondifferentiable(
+    "OneHot", notes="treated as constant as in TensorFlow (its 'values' input gets no gradient)"
+)
+register_nondifferentiable(
+    "RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli",
+    notes="random samples: no gradient w.r.t. the shape source or the distribution's parameters "
+    "(reparameterise: mean + std * RandomNormalLike(x) differentiates through the Mul and Add)",
+)
+register_nondifferentiable(
+    "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear",
+    "ConvInteger", "MatMulInteger", "QLinearConv", "QLinearMatMul",
+    notes="quantisation: integer data and rounding; scales and zero points get no gradient. For a "
+    "straight-through estimator (fake quantisation), write y = x + stop_gradient(DQ(Q(x)) - x), or put "
+    "the Q/DQ output in stop_gradients and add the float bypass yourself",
+)
+register_nondifferentiable("BitCast", notes="reinterprets bits: no derivative")
+register_nondifferentiable(
+    "StringNormalizer", "StringConcat", "StringSplit", "RegexFullMatch", "TfIdfVectorizer", "ImageDecoder",
+    notes="string, byte or integer inputs",
+)
+register_nondifferentiable("OptionalHasElement", "SequenceLength", notes="bool / integer output")

@@ -1,25 +1,247 @@
-"""Data movement: reshapes and permutations."""
+"""Data movement: reshapes, permutations, slicing, gathering, scattering, padding and tiling.
+
+Every rule here is linear in dY: the gradient is the adjoint of the forward copy. Where the forward
+reads an element several times (Gather with repeated indices, Expand, Tile, edge/reflect/wrap Pad),
+the adjoint adds the copies back up.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import onnx_ir as ir
 
-from onnxgrad.emitter import Emitter, attr
+from onnxgrad.emitter import Emitter, attr, rank_of, same_dim, static_dims
 from onnxgrad.registry import register
 
 Grads = Sequence[ir.Value | None]
 Out = list[ir.Value | None]
 
+INT64_MAX = 2**63 - 1
+_INT64 = ir.DataType.INT64
 
+
+# ------------------------------------------------------------------------------------------- helpers
+def _first(node: ir.Node, dx: ir.Value | None) -> Out:
+    """A gradient for the first input only (the others are shapes, indices, conditions)."""
+    return [dx] + [None] * (len(node.inputs) - 1)
+
+
+def _rank(node: ir.Node, x: ir.Value) -> int:
+    r = rank_of(x)
+    if r is None:
+        raise ValueError(f"{node.op_type} '{node.name}': the gradient needs the rank of '{x.name}'")
+    return r
+
+
+def _axis(node: ir.Node, x: ir.Value, default: int = 0) -> int:
+    """The node's ``axis`` attribute, made non-negative."""
+    a = int(attr(node, "axis", default))
+    return a if a >= 0 else a % _rank(node, x)
+
+
+def _ints_of(em: Emitter, v: ir.Value | None) -> list[int] | None:
+    """A constant int tensor's values as a flat list, else None."""
+    found = em.constant_value(v)
+    return None if found is None else [int(i) for i in np.asarray(found).reshape(-1)]
+
+
+def _scalar(em: Emitter, n: int | ir.Value) -> ir.Value:
+    return em.const(np.array(n), dtype=_INT64) if isinstance(n, int) else n
+
+
+def _dim(em: Emitter, x: ir.Value, a: int) -> int | ir.Value:
+    """x's dimension ``a``: an int when static, else a 0-D int64 value."""
+    shape = x.shape
+    if shape is not None and isinstance(shape[a], int):
+        return int(shape[a])  # type: ignore[arg-type]
+    return em.Gather(em.shape_of(x), _scalar(em, a), axis=0)
+
+
+Dims = list[int] | ir.Value
+
+
+def _dims(em: Emitter, x: ir.Value, axes: Sequence[int]) -> Dims:
+    """x's dimensions at ``axes``: a list when static, else a 1-D int64 value."""
+    shape, axes = x.shape, list(axes)
+    if shape is not None and all(isinstance(shape[a], int) for a in axes):
+        return [int(shape[a]) for a in axes]  # type: ignore[arg-type]
+    return em.Gather(em.shape_of(x), em.ints(axes), axis=0)
+
+
+def _cat(em: Emitter, *parts: Dims) -> ir.Value:
+    """The 1-D int64 concatenation of static and run-time pieces (one Constant when all static)."""
+    if all(isinstance(p, list) for p in parts):
+        return em.ints([i for p in parts for i in p])  # type: ignore[union-attr]
+    return em.Concat(*[em.ints(p) if isinstance(p, list) else p for p in parts], axis=0)
+
+
+def _vec(em: Emitter, n: int | ir.Value) -> Dims:
+    return [n] if isinstance(n, int) else em.Reshape(n, em.ints([1]))
+
+
+def _prod(em: Emitter, items: Sequence[int | ir.Value]) -> int | ir.Value:
+    """The product of static and run-time (0-D int64) sizes, folded where static."""
+    static = int(np.prod([i for i in items if isinstance(i, int)], dtype=np.int64))
+    out: int | ir.Value = static
+    for v in (i for i in items if not isinstance(i, int)):
+        out = v if isinstance(out, int) and out == 1 else em.Mul(_scalar(em, out), v)
+    return out
+
+
+def _zeros(em: Emitter, shape: ir.Value, like: ir.Value, fill: float = 0.0) -> ir.Value:
+    """``fill`` in a run-time shape, in like's dtype (no full-size constant in the model)."""
+    assert like.dtype is not None
+    return em.ConstantOfShape(shape, value=ir.tensor(np.full(1, fill, like.dtype.numpy()), dtype=like.dtype))
+
+
+def _zeros_like(em: Emitter, x: ir.Value, fill: float = 0.0) -> ir.Value:
+    """``fill`` shaped like x, built at run time where ConstantOfShape can (no full-size constant)."""
+    if em.opset >= 20 or (em.opset >= 9 and x.dtype != ir.DataType.BFLOAT16):
+        return _zeros(em, em.shape_of(x), x, fill)
+    return em.full_like(x, fill)
+
+
+def _as_int64(em: Emitter, v: ir.Value) -> ir.Value:
+    return v if v.dtype == _INT64 else em.Cast(v, to=_INT64)
+
+
+def _wrap(em: Emitter, idx: ir.Value, m: int | ir.Value) -> ir.Value:
+    """Indices with negative entries counted from the end of an axis of length m (int64)."""
+    found = em.constant_value(idx)
+    if found is not None and isinstance(m, int):
+        found = np.asarray(found, dtype=np.int64)
+        return em.const(np.where(found < 0, found + m, found), dtype=_INT64)
+    idx = _as_int64(em, idx)
+    if em.opset < 11:  # negative indices arrived with opset 11
+        return idx
+    negative = em.Cast(em.Less(idx, em.const(np.array(0), dtype=_INT64)), to=_INT64)
+    return em.Add(idx, em.Mul(negative, _scalar(em, m)))
+
+
+def _one_hot(em: Emitter, idx: ir.Value, r: int, m: int | ir.Value, like: ir.Value) -> ir.Value:
+    """idx.shape + (m,) for idx of rank r: 1 where the last coordinate equals idx, in like's dtype."""
+    assert like.dtype is not None
+    return em.Cast(em.Equal(em.unsqueeze(idx, [r]), em.arange(m)), to=like.dtype)
+
+
+def _index_add(em: Emitter, upd: ir.Value, index: ir.Value, m: int | ir.Value, rest: Dims) -> ir.Value:
+    """out[index[n]] += upd[n]: upd (N, *rest), index (N,) in [0, m), out (m, *rest).
+
+    ScatterND with reduction='add' from opset 16; a one-hot MatMul before (exact, O(N * m * prod(rest)))."""
+    if em.opset >= 16:
+        zeros = _zeros(em, _cat(em, _vec(em, m), rest), upd)
+        return em.ScatterND(zeros, em.unsqueeze(index, [1]), upd, reduction="add")
+    hot = _one_hot(em, index, 1, m, upd)
+    out = em.MatMul(em.Transpose(hot, perm=[1, 0]), em.Reshape(upd, em.ints([0, -1])))
+    return em.Reshape(out, _cat(em, [-1], rest))
+
+
+def _swap_last(x_rank: int, a: int) -> list[int]:
+    perm = list(range(x_rank))
+    perm[a], perm[-1] = perm[-1], perm[a]
+    return perm
+
+
+def _scatter_add_elements(
+    em: Emitter, node: ir.Node, x: ir.Value, idx: ir.Value, upd: ir.Value, a: int, unique: bool
+) -> ir.Value:
+    """zeros_like(x) with upd added at idx along axis a (the adjoint of GatherElements)."""
+    if em.opset >= 16:
+        return em.ScatterElements(_zeros_like(em, x), idx, upd, axis=a, reduction="add")
+    if unique and em.opset >= 9:
+        return em.scatter_elements(_zeros_like(em, x), idx, upd, a)
+    r = _rank(node, x)
+    summed = em.reduce_sum(em.Mul(_one_hot(em, idx, r, _dim(em, x, a), upd), em.unsqueeze(upd, [r])), [a])
+    out = em.squeeze(em.Transpose(summed, perm=_swap_last(r + 1, a)), [r])
+    if _agree(x, idx, a):
+        return out
+    xd, idd = static_dims(x), static_dims(idx)
+    if xd is not None and idd is not None:  # indices smaller than x on other axes: pad the ends with zeros
+        return em.pad(out, [0] * r + [0 if i == a else xd[i] - idd[i] for i in range(r)])
+    if em.opset < 11:
+        return out
+    ends = em.Mul(em.Sub(em.shape_of(x), em.shape_of(idx)), em.ints([int(i != a) for i in range(r)]))
+    return em.Pad(out, _cat(em, [0] * r, ends))
+
+
+def _agree(x: ir.Value, idx: ir.Value, a: int) -> bool:
+    """True when x and idx are known to have the same dimensions on every axis but a."""
+    if x.shape is None or idx.shape is None or len(x.shape) != len(idx.shape):
+        return False
+    return all(same_dim(d, e) for i, (d, e) in enumerate(zip(x.shape, idx.shape, strict=True)) if i != a)
+
+
+def _gather_elements(em: Emitter, node: ir.Node, data: ir.Value, idx: ir.Value, a: int) -> ir.Value:
+    """GatherElements(data, idx, axis=a); before opset 11, a one-hot product."""
+    if em.opset >= 11:
+        return em.GatherElements(data, idx, axis=a)
+    r, m = _rank(node, data), _dim(em, data, a)
+    others = [i for i in range(r) if i != a]
+    idd = static_dims(idx)
+    if not _agree(data, idx, a) and idd is not None:  # indices smaller than data on other axes
+        data = em.slice(data, [0] * (r - 1), [idd[i] for i in others], others)
+    elif not _agree(data, idx, a) and em.opset >= 10:
+        data = em.Slice(data, em.ints([0] * (r - 1)), _cat(em, _dims(em, idx, others)), em.ints(others))
+    moved = em.unsqueeze(em.Transpose(data, perm=[*range(a), *range(a + 1, r), a]), [a])
+    return em.reduce_sum(em.Mul(_one_hot(em, idx, r, m, data), moved), [r], keepdims=False)
+
+
+def _positions(em: Emitter, x: ir.Value) -> ir.Value:
+    """An int64 tensor shaped like x holding each element's flat (row-major) position (opset >= 9)."""
+    return em.Reshape(em.arange(em.Size(x)), em.shape_of(x))
+
+
+def _scatter_positions(em: Emitter, x: ir.Value, sel: ir.Value, g: ir.Value) -> ir.Value:
+    """zeros_like(x) with g written at the (distinct) flat positions sel."""
+    flat = em.ints([-1])
+    out = em.scatter_elements(em.Reshape(_zeros_like(em, x), flat), em.Reshape(sel, flat), em.Reshape(g, flat), 0)
+    return em.reshape_like(out, x)
+
+
+def _same_op(em: Emitter, node: ir.Node, t: ir.Value) -> ir.Value:
+    """The node's own op, attributes and extra inputs applied to t instead of its first input."""
+    attrs = {name: attr(node, name) for name in node.attributes}
+    return em.op(node.op_type, t, *node.inputs[1:], **attrs)
+
+
+def _selection_adjoint(em: Emitter, node: ir.Node, g: ir.Value) -> ir.Value:
+    """For ops that copy a subset of x's elements (Slice, Compress): run the op on x's positions, scatter back."""
+    x = node.inputs[0]
+    assert x is not None
+    if em.opset < 9:
+        raise ValueError(
+            f"{node.op_type} '{node.name}': this gradient needs static shapes and unit steps before opset 9"
+        )
+    return _scatter_positions(em, x, _same_op(em, node, _positions(em, x)), g)
+
+
+# ------------------------------------------------------------------------------- reshapes, permutes
 @register("Reshape")
 def reshape(em: Emitter, node: ir.Node, dy: Grads) -> Out:
     """dx = reshape(dy, shape(x))"""
     x = node.inputs[0]
     assert x is not None and dy[0] is not None
-    return [em.reshape_like(dy[0], x), None]
+    return _first(node, em.reshape_like(dy[0], x))
+
+
+@register("Flatten")
+def flatten(em: Emitter, node: ir.Node, dy: Grads) -> Out:
+    """dx = reshape(dy, shape(x))"""
+    return reshape(em, node, dy)
+
+
+@register("Squeeze")
+def squeeze(em: Emitter, node: ir.Node, dy: Grads) -> Out:
+    """dx = reshape(dy, shape(x))  (axes as attribute or input alike)"""
+    return reshape(em, node, dy)
+
+
+@register("Unsqueeze")
+def unsqueeze(em: Emitter, node: ir.Node, dy: Grads) -> Out:
+    """dx = reshape(dy, shape(x))  (axes as attribute or input alike)"""
+    return reshape(em, node, dy)
 
 
 @register("Transpose")
@@ -29,3 +251,421 @@ def transpose(em: Emitter, node: ir.Node, dy: Grads) -> Out:
     if perm is None:
         return [em.Transpose(dy[0])]
     return [em.Transpose(dy[0], perm=[int(i) for i in np.argsort(perm)])]
+
+
+@register("CastLike", since=15)
+def cast_like(em: Emitter, node: ir.Node, dy: Grads) -> Out:
+    """dx = cast(dy, dtype(x))"""
+    x = node.inputs[0]
+    assert x is not None and dy[0] is not None
+    return _first(node, em.CastLike(dy[0], x))
+
+
+@register("DepthToSpace")
+def depth_to_space(em: Emitter, node: ir.Node, dy: Grads) -> Out:
+    """DCR: dx = SpaceToDepth(dy); CRD: dx = the inverse reshape-transpose-reshape"""
+    x, g = node.inputs[0], dy[0]
+    assert x is not None and g is not None
+    b = int(attr(node, "blocksize"))
+    if attr(node, "mode", "DCR") == "DCR":
+        return [em.SpaceToDepth(g, blocksize=b)]
+    target = _cat(em, [0], _dims(em, g, [1]), _dims(em, x, [2]), [b], _dims(em, x, [3]), [b])
+    return [em.reshape_like(em.Transpose(em.Reshape(g, target), perm=[0, 1, 3, 5, 2, 4]), x)]
+
+
+@register("SpaceToDepth")
+def space_to_depth(em: Emitter, node: ir.Node, dy: Grads) -> Out:
+    """dx = DepthToSpace(dy) in the same mode (the exact inverse permutation)"""
+    mode = attr(node, "mode", "DCR")
+    return [em.DepthToSpace(dy[0], blocksize=int(attr(node, "blocksize")), mode=None if mode == "DCR" else mode)]
+
+
+@register("ReverseSequence", since=10)
+def reverse_sequence(em: Emitter, node: ir.Node, dy: Grads) -> Out:
+    """dx = ReverseSequence(dy)  (an involution: its own adjoint)"""
+    axes = {k: attr(node, k) for k in ("batch_axis", "time_axis")}
+    return _first(node, em.ReverseSequence(dy[0], node.inputs[1], **axes))
+
+
+@register("Trilu", since=14)
+def trilu(em: Emitter, node: ir.Node, dy: Grads) -> Out:
+    """dx = Trilu(dy)  (a 0/1 mask: its own adjoint)"""
+    return _first(node, em.Trilu(dy[0], *node.inputs[1:], upper=attr(node, "upper")))
+
+
+# --------------------------------------------------------------------------- concatenate and split
+@register("Concat")
+def concat(em: Emitter, node: ir.Node, dy: Grads) -> Out:
+    """dx_i = the piece of dy along axis that x_i filled"""
+    xs = [x for x in node.inputs if x is not None]
+    g = dy[0]
+    assert g is not None
+    a = _axis(node, xs[0])
+    sizes = [_dim(em, x, a) for x in xs]
+    if all(isinstance(s, int) for s in sizes):
+        return list(em.split(g, sizes, a))  # type: ignore[arg-type]
+    if em.opset >= 13:
+        pieces = em.op("Split", g, _cat(em, *[_dims(em, x, [a]) for x in xs]), axis=a, _outputs=len(xs))
+        return [pieces] if len(xs) == 1 else list(pieces)
+    if em.opset < 10:
+        raise ValueError(f"Concat '{node.name}': run-time sizes along the axis need opset >= 10")
+    out: Out = []
+    start = em.ints([0])
+    for x in xs:
+        end = em.Add(start, _cat(em, _dims(em, x, [a])))
+        out.append(em.Slice(g, start, end, em.ints([a])))
+        start = end
+    return out
+
+
+@register("Split", dense=True)
+def split(em: Emitter, node: ir.Node, dy: Grads) -> Out:
+    """dx = concat(dy_0, ..., dy_n) along axis  (outputs without gradient come as zeros)"""
+    x = node.inputs[0]
+    assert x is not None
+    return _first(node, em.Concat(*dy, axis=_axis(node, x)))
+
+
+# -------------------------------------------------------------------------------------------- slice
+def _unit_slice_plan(
+    x: ir.Value, starts: Sequence[int], ends: Sequence[int], axes: Sequence[int], steps: Sequence[int]
+) -> tuple[list[int], list[int]] | None:
+    """(pads, reversed axes) turning dy into dx for a slice of static bounds and steps +-1, else None."""
+    shape = x.shape
+    if shape is None:
+        return None
+    r = len(shape)
+    pads, rev = [0] * (2 * r), []
+    for s, e, a, st in zip(starts, ends, axes, steps, strict=True):
+        a %= r
+        d = shape[a]
+        if not isinstance(d, int):
+            if st == 1 and s == 0 and e >= 2**31 - 1:  # the whole of an axis of unknown length
+                continue
+            return None
+        picked = range(d)[s:e:st]
+        if st not in (1, -1) or not picked:
+            return None
+        lo, hi = min(picked[0], picked[-1]), max(picked[0], picked[-1])
+        pads[a], pads[a + r] = lo, d - 1 - hi
+        if st == -1:
+            rev.append(a)
+    return pads, rev
+
+
+def _slice_grad(
+    em: Emitter,
+    node: ir.Node,
+    g: ir.Value,
+    starts: list[int] | None,
+    ends: list[int] | None,
+    axes: list[int] | None,
+    steps: list[int] | None,
+) -> ir.Value:
+    """A zero Pad of dy when the slice has static bounds and steps +-1; else a scatter at the sliced positions."""
+    x = node.inputs[0]
+    assert x is not None
+    plan = None
+    if starts is not None and ends is not None and axes is not None and steps is not None:
+        plan = _unit_slice_plan(x, starts, ends, axes, steps)
+    if plan is None:
+        return _selection_adjoint(em, node, g)
+    pads, rev = plan
+    if rev:
+        k = len(rev)
+        g = em.slice(g, [-1] * k, [-INT64_MAX] * k, rev, [-1] * k)
+    return em.pad(g, pads)
+
+
+@register("Slice", since=1)
+def slice_v1(em: Emitter, node: ir.Node, dy: Grads) -> Out:
+    """dx = zeros_like(x) with dy at the sliced positions  (starts/ends/axes attributes)"""
+    starts, ends = attr(node, "starts"), attr(node, "ends")
+    axes = attr(node, "axes", list(range(len(starts))))
+    assert dy[0] is not None
+    return [_slice_grad(em, node, dy[0], starts, ends, axes, [1] * len(starts))]
+
+
+@register("Slice", since=10)
+def slice_v10(em: Emitter, node: ir.Node, dy: Grads) -> Out:
+    """dx = zeros_like(x) with dy at the sliced positions  (starts/ends/axes/steps inputs)"""
+    ins = [*node.inputs, None, None][:5]
+    starts, ends = _ints_of(em, ins[1]), _ints_of(em, ins[2])
+    n = len(starts) if starts is not None else None
+    axes = _ints_of(em, ins[3]) if ins[3] is not None else (None if n is None else list(range(n)))
+    steps = _ints_of(em, ins[4]) if ins[4] is not None else (None if n is None else [1] * n)
+    assert dy[0] is not None
+    return _first(node, _slice_grad(em, node, dy[0], starts, ends, axes, steps))
+
+
+@register("Compress", since=9)
+def compress(em: Emitter, node: ir.Node, dy: Grads) -> Out:
+    """dx = zeros_like(x) with dy at the selected positions"""
+    assert dy[0] is not None
+    return _first(node, _selection_adjoint(em, node, dy[0]))
+
+
+@register("CenterCropPad", since=18)
+def center_crop_pad(em: Emitter, node: ir.Node, dy: Grads) -> Out:
+    """dx = CenterCropPad(dy, shape(x))  (crop and pad offsets agree, so it is the adjoint)"""
+    x = node.inputs[0]
+    assert x is not None
+    axes = attr(node, "axes")
+    target = _cat(em, _dims(em, x, axes if axes is not None else range(_rank(node, x))))
+    return _first(node, em.CenterCropPad(dy[0], target, axes=axes))
+
+
+# ---------------------------------------------------------------------------------------- gathering
+_ONE_HOT_NOTE = (
+    "repeated indices accumulate: ScatterND/ScatterElements with reduction='add' from opset 16; before, "
+    "a one-hot product (exact, but memory O(number of indices x axis length))"
+)
+
+
+@register("Gather", notes=_ONE_HOT_NOTE)
+def gather(em: Emitter, node: ir.Node, dy: Grads) -> Out:
+    """dx = zeros_like(x) with dy added at the gathered indices along axis (repeats accumulate)"""
+    x, idx = node.inputs
+    g = dy[0]
+    assert x is not None and idx is not None and g is not None
+    r, q, a = _rank(node, x), _rank(node, idx), _axis(node, x)
+    others = [i for i in range(r) if i != a]
+    if a:  # indices' axes first, then x's other axes
+        g = em.Transpose(g, perm=[*range(a, a + q), *range(a), *range(a + q, r + q - 1)])
+    m, rest = _dim(em, x, a), _dims(em, x, others)
+    flat = em.Reshape(g, _cat(em, [-1], rest))
+    out = _index_add(em, flat, em.Reshape(_wrap(em, idx, m), em.ints([-1])), m, rest)
+    return [out if not a else em.Transpose(out, perm=[*range(1, a + 1), 0, *range(a + 1, r)]), None]
+
+
+@register("GatherElements", since=11, notes=_ONE_HOT_NOTE)
+def gather_elements(em: Emitter, node: ir.Node, dy: Grads) -> Out:
+    """dx = zeros_like(x) with dy added at the gathered positions (repeats accumulate)"""
+    x, idx = node.inputs
+    assert x is not None and idx is not None and dy[0] is not None
+    a = _axis(node, x)
+    return [_scatter_add_elements(em, node, x, _wrap(em, idx, _dim(em, x, a)), dy[0], a, unique=False), None]
+
+
+@register("GatherND", since=11, notes=_ONE_HOT_NOTE)
+def gather_nd(em: Emitter, node: ir.Node, dy: Grads) -> Out:
+    """dx = zeros_like(x) with dy added at the gathered slices (repeats accumulate)"""
+    x, idx = node.inputs
+    assert x is not None and idx is not None and dy[0] is not None
+    b, r, q = int(attr(node, "batch_dims", 0)), _rank(node, x), _rank(node, idx)
+    k = idx.shape[-1] if idx.shape is not None else None
+    if not isinstance(k, int):
+        raise ValueError(f"GatherND '{node.name}': the gradient needs the static last dimension of the indices")
+    lin = _linear_index(em, x, idx, b, k)
+    if b:  # each batch element owns a block of prod(x.shape[b:b+k]) rows
+        batch = [_dim(em, x, i) for i in range(b)]
+        shape = _cat(em, _dims(em, x, range(b)), [1] * (q - 1 - b))
+        block = _prod(em, [_dim(em, x, i) for i in range(b, b + k)])
+        lin = em.Add(em.Mul(em.Reshape(em.arange(_prod(em, batch)), shape), _scalar(em, block)), lin)
+    rest = _dims(em, x, range(b + k, r))
+    flat = em.Reshape(dy[0], _cat(em, [-1], rest))
+    m = _prod(em, [_dim(em, x, i) for i in range(b + k)])
+    out = _index_add(em, flat, em.Reshape(lin, em.ints([-1])), m, rest)
+    return [em.reshape_like(out, x), None]
+
+
+def _linear_index(em: Emitter, x: ir.Value, idx: ir.Value, b: int, k: int) -> ir.Value:
+    """Row-major position of each index tuple within x.shape[b:b+k] (Horner's rule)."""
+    lin: ir.Value | None = None
+    for j in range(k):
+        d = _dim(em, x, b + j)
+        col = _wrap(em, em.Gather(_as_int64(em, idx), _scalar(em, j), axis=-1), d)
+        lin = col if lin is None else em.Add(em.Mul(lin, _scalar(em, d)), col)
+    assert lin is not None
+    return lin
+
+
+@register("TopK")
+def topk(em: Emitter, node: ir.Node, dy: Grads) -> Out:
+    """dx = zeros_like(x) with dValues at Indices (the Indices output has no gradient)"""
+    x, g = node.inputs[0], dy[0]
+    assert x is not None
+    if g is None:
+        return _first(node, None)
+    return _first(node, _scatter_add_elements(em, node, x, node.outputs[1], g, _axis(node, x, -1), unique=True))
+
+
+# --------------------------------------------------------------------------------------- scattering
+ScatterFn = Callable[[ir.Value, ir.Value, "str | None"], ir.Value]
+
+_SCATTER_NOTES = (
+    "reduction none: with repeated indices every update gets the gradient, although only one of them lands; "
+    "mul: dupdates = gather(dy * y) / updates (inf/NaN where an update is 0); "
+    "max/min: every element equal to the result gets the full gradient (ties are counted more than once)"
+)
+
+
+def _scatter_grads(
+    em: Emitter, node: ir.Node, g: ir.Value, scatter: ScatterFn, gather: Callable[[ir.Value], ir.Value]
+) -> Out:
+    """[ddata, None, dupdates] of a scatter op, from scatter(data, updates, reduction) and gather(t)."""
+    x, _, u = node.inputs[:3]
+    y = node.outputs[0]
+    assert x is not None and u is not None
+    reduction = attr(node, "reduction", "none")
+    if reduction == "none":
+        return [scatter(g, _zeros_like(em, u), None), None, gather(g)]
+    if reduction == "add":
+        return [g, None, gather(g)]
+    if reduction == "mul":
+        dx = em.Mul(g, scatter(_zeros_like(em, x, 1.0), u, "mul"))
+        return [dx, None, em.Div(gather(em.Mul(g, y)), u)]
+    # max / min: the gradient flows to whichever inputs equal the result
+    dx = em.Mul(g, em.mask(em.Equal(x, y), g))
+    return [dx, None, em.Mul(gather(g), em.mask(em.Equal(u, gather(y)), g))]
+
+
+@register("ScatterElements", since=11, notes=_SCATTER_NOTES)
+def scatter_elements(em: Emitter, node: ir.Node, dy: Grads) -> Out:
+    """none: dx = dy with scattered positions zeroed, du = GatherElements(dy); add/mul/max/min in notes"""
+    assert node.inputs[0] is not None and dy[0] is not None
+    idx, a = node.inputs[1], _axis(node, node.inputs[0])
+    return _scatter_grads(
+        em, node, dy[0],
+        lambda d, u, red: em.ScatterElements(d, idx, u, axis=a, reduction=red),
+        lambda t: em.GatherElements(t, idx, axis=a),
+    )
+
+
+@register("ScatterND", since=11, notes=_SCATTER_NOTES)
+def scatter_nd(em: Emitter, node: ir.Node, dy: Grads) -> Out:
+    """none: dx = dy with scattered slices zeroed, du = GatherND(dy); add/mul/max/min in notes"""
+    assert dy[0] is not None
+    idx = node.inputs[1]
+    return _scatter_grads(
+        em, node, dy[0], lambda d, u, red: em.ScatterND(d, idx, u, reduction=red), lambda t: em.GatherND(t, idx)
+    )
+
+
+@register("Scatter", since=9, notes="deprecated at opset 11; repeated indices as for ScatterElements")
+def scatter(em: Emitter, node: ir.Node, dy: Grads) -> Out:
+    """dx = dy with scattered positions zeroed, du = dy at the scattered positions"""
+    x, idx = node.inputs[0], node.inputs[1]
+    assert x is not None and idx is not None and dy[0] is not None
+    a = _axis(node, x)
+    return _scatter_grads(
+        em, node, dy[0],
+        lambda d, u, red: em.scatter_elements(d, idx, u, a),
+        lambda t: _gather_elements(em, node, t, idx, a),
+    )
+
+
+@register("TensorScatter", since=24)
+def tensor_scatter(em: Emitter, node: ir.Node, dy: Grads) -> Out:
+    """dpast = dy with the written window zeroed, dupdate = dy read at the written window"""
+    past, upd = node.inputs[0], node.inputs[1]
+    w = node.inputs[2] if len(node.inputs) > 2 else None
+    g = dy[0]
+    assert past is not None and upd is not None and g is not None
+    r = _rank(node, past)
+    a = int(attr(node, "axis", -2)) % r
+    mode = attr(node, "mode", "linear")
+    dpast = em.TensorScatter(g, _zeros_like(em, upd), w, axis=a, mode=mode)
+    pos = em.Reshape(em.arange(_dim(em, upd, a)), em.ints([1] * a + [-1] + [1] * (r - a - 1)))
+    if w is not None:
+        pos = em.Add(pos, em.Reshape(w, em.ints([-1] + [1] * (r - 1))))
+    if mode == "circular":
+        pos = em.Mod(pos, _scalar(em, _dim(em, past, a)))
+    return [dpast, em.GatherElements(g, em.Expand(pos, em.shape_of(upd)), axis=a), None][: len(node.inputs)]
+
+
+# -------------------------------------------------------------------------------- broadcast, tile, pad
+@register("Expand", since=8, broadcast=(0,))
+def expand(em: Emitter, node: ir.Node, dy: Grads) -> Out:
+    """dx = dy summed over the broadcast axes (the walk's unbroadcast)"""
+    return _first(node, dy[0])
+
+
+@register("Tile", since=6)
+def tile(em: Emitter, node: ir.Node, dy: Grads) -> Out:
+    """dx = sum over the tiles: reshape dy to (r0, d0, r1, d1, ...) and sum the r axes"""
+    x, reps = node.inputs
+    assert x is not None and reps is not None and dy[0] is not None
+    r = _rank(node, x)
+    rv, dims = _ints_of(em, reps), static_dims(x)
+    if rv is not None and dims is not None:
+        target = em.ints([v for pair in zip(rv, dims, strict=True) for v in pair])
+    else:
+        pairs = em.Concat(em.unsqueeze(reps, [1]), em.unsqueeze(em.shape_of(x), [1]), axis=1)
+        target = em.Reshape(pairs, em.ints([-1]))
+    return _first(node, em.reduce_sum(em.Reshape(dy[0], target), list(range(0, 2 * r, 2)), keepdims=False))
+
+
+_NP_PAD_MODES = {"reflect": "reflect", "edge": "edge", "wrap": "wrap"}
+
+
+def _pad_axis_adjoint(em: Emitter, g: ir.Value, a: int, r: int, n: int, b: int, e: int, mode: str) -> ir.Value:
+    """The adjoint of padding axis a (length n) by (b, e) in ``mode``: the kept window goes back in place,
+    each border element is added to the element it copied (one small one-hot MatMul)."""
+    cut_b, cut_e, pad_b, pad_e = max(-b, 0), max(-e, 0), max(b, 0), max(e, 0)
+    kept = n - cut_b - cut_e
+    source = np.pad(np.arange(kept), (pad_b, pad_e), mode=_NP_PAD_MODES[mode]) + cut_b  # type: ignore[call-overload]
+    core = g if not (pad_b or pad_e) else em.slice(g, [pad_b], [pad_b + kept], [a])
+    back = [0] * (2 * r)
+    back[a], back[a + r] = cut_b, cut_e
+    out = em.pad(core, back)
+    border = [i for i in range(len(source)) if not pad_b <= i < pad_b + kept]
+    if not border:
+        return out
+    hot = np.zeros((len(border), n))
+    hot[np.arange(len(border)), source[border]] = 1.0
+    perm = _swap_last(r, a)
+    taken = em.Gather(g, em.ints(border), axis=a)
+    folded = em.MatMul(taken if a == r - 1 else em.Transpose(taken, perm=perm), em.const(hot, like=g))
+    return em.Add(out, folded if a == r - 1 else em.Transpose(folded, perm=perm))
+
+
+def _pad_grad(em: Emitter, node: ir.Node, g: ir.Value, pads: Sequence[int], mode: str) -> ir.Value:
+    """dx for a Pad with static ``pads`` (all begins, then all ends)."""
+    if mode == "constant":
+        return em.pad(g, [-p for p in pads])
+    x = node.inputs[0]
+    assert x is not None
+    r = _rank(node, x)
+    for a in range(r):
+        b, e = pads[a], pads[a + r]
+        if not (b or e):
+            continue
+        n = x.shape[a] if x.shape is not None else None
+        if not isinstance(n, int):
+            raise ValueError(f"Pad '{node.name}': mode '{mode}' needs the static length of padded axis {a}")
+        g = _pad_axis_adjoint(em, g, a, r, n, b, e, mode)
+    return g
+
+
+@register("Pad", since=2, notes="edge/reflect need static pads and static lengths of the padded axes")
+def pad_v2(em: Emitter, node: ir.Node, dy: Grads) -> Out:
+    """constant: dx = Pad(dy, -pads); edge/reflect: the border folded back onto what it copied"""
+    assert dy[0] is not None
+    return [_pad_grad(em, node, dy[0], attr(node, "pads"), attr(node, "mode", "constant"))]
+
+
+@register("Pad", since=11, notes="edge/reflect/wrap need static pads (and axes) and static lengths of the padded axes")
+def pad_v11(em: Emitter, node: ir.Node, dy: Grads) -> Out:
+    """dx as for Pad-2; dconstant_value = sum(dy) - sum(dx)"""
+    x, pads_v, cval, axes_v = [*node.inputs, None, None][:4]
+    g = dy[0]
+    assert x is not None and pads_v is not None and g is not None
+    mode = attr(node, "mode", "constant")
+    pads, axes = _ints_of(em, pads_v), _ints_of(em, axes_v) if axes_v is not None else None
+    if pads is not None and axes_v is not None and axes is not None:
+        r = _rank(node, x)
+        full = [0] * (2 * r)
+        for i, ax in enumerate(axes):
+            full[ax % r], full[ax % r + r] = pads[i], pads[i + len(axes)]
+        pads = full
+    if pads is None or (axes_v is not None and axes is None):
+        if mode != "constant":
+            raise ValueError(f"Pad '{node.name}': mode '{mode}' needs constant pads and axes")
+        dx = em.Pad(g, em.Neg(pads_v), None, axes_v)
+    else:
+        dx = _pad_grad(em, node, g, pads, mode)
+    dc = None
+    if cval is not None and mode == "constant":
+        dc = em.reshape_like(em.Sub(em.reduce_sum(g, None, False), em.reduce_sum(dx, None, False)), cval)
+    return [dx, None, dc, None][: len(node.inputs)]
