@@ -394,7 +394,31 @@ def upgrade(model: onnx.ModelProto) -> onnx.ModelProto:
     opset = min((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=MIN_OPSET)
     if opset >= MIN_OPSET:
         return model
-    return onnx.version_converter.convert_version(model, MIN_OPSET)
+    return _channel_slopes(onnx.version_converter.convert_version(model, MIN_OPSET))
+
+
+def _channel_slopes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """PRelu before opset 7 applied a 1-D slope per channel (axis 1); from 7 it broadcasts from the right.
+    The converter leaves the slope as it was, so give it trailing unit axes to keep its meaning."""
+    prelus = [n for n in model.graph.node if n.op_type == "PRelu"]
+    if not prelus:
+        return model
+    typed = onnx.shape_inference.infer_shapes(model)
+    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in [*typed.graph.input, *typed.graph.value_info]
+             if v.type.tensor_type.HasField("shape")}
+    ranks |= {t.name: len(t.dims) for t in model.graph.initializer}
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    del out.graph.node[:]
+    for node in model.graph.node:
+        x_rank, s_rank = ranks.get(node.input[0]), ranks.get(node.input[1]) if len(node.input) > 1 else None
+        if node.op_type == "PRelu" and x_rank is not None and x_rank >= 3 and s_rank == 1:
+            slope = f"{node.input[1]}__per_channel_{len(out.graph.node)}"
+            out.graph.node.append(onnx.helper.make_node(
+                "Unsqueeze", [node.input[1]], [slope], axes=list(range(1, x_rank - 1))))
+            node = onnx.helper.make_node("PRelu", [node.input[0], slope], list(node.output), name=node.name)
+        out.graph.node.append(node)
+    return out
 
 
 def add_gradients(
