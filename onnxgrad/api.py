@@ -19,6 +19,7 @@ import onnx_ir.passes.common
 import onnxgrad.rules  # noqa: F401  (registers every rule)
 from onnxgrad.backprop import Request, backprop
 from onnxgrad.emitter import FLOAT_TYPES, Emitter
+from onnxgrad.io import load_model
 from onnxgrad.rules.markers import MARKER_DOMAIN
 
 MIN_OPSET = 7
@@ -149,6 +150,137 @@ def unique_scope(graph: ir.Graph, name: str) -> str:
 def _opset(model: ir.Model) -> int:
     imports = model.opset_imports
     return int(imports.get("", imports.get("ai.onnx", 1)))
+
+
+# ---------------------------------------------------------------------------- is it a model at all
+def check_versions(model: ir.Model) -> None:
+    """A ``ValueError`` when the model's IR version or ai.onnx opset is one this onnx does not know."""
+    if model.ir_version is not None and model.ir_version > onnx.IR_VERSION:
+        raise ValueError(
+            f"the model has IR version {model.ir_version}, newer than onnx {onnx.__version__} knows "
+            f"(up to {onnx.IR_VERSION}): upgrade onnx, or save the model with an older exporter"
+        )
+    imports = model.opset_imports
+    if "" not in imports and "ai.onnx" not in imports:
+        raise ValueError(
+            "the model imports no ai.onnx opset, and the gradient uses ai.onnx ops: "
+            f"add one ({MIN_OPSET} or newer) to its opset_import"
+        )
+    newest = onnx.defs.onnx_opset_version()
+    if _opset(model) > newest:
+        raise ValueError(
+            f"the model imports ai.onnx opset {_opset(model)}, newer than onnx {onnx.__version__} knows "
+            f"(up to {newest}): upgrade onnx, or export the model at opset {newest} or older"
+        )
+
+
+def _node_label(name: str | None, op_type: str, k: int) -> str:
+    return f"node '{name}' ({op_type})" if name else f"node #{k} ({op_type}, unnamed)"
+
+
+def check_names(graph: onnx.GraphProto, outer: frozenset[str] = frozenset()) -> None:
+    """A ``ValueError`` naming the first value defined twice, node input defined nowhere (a dangling
+    input) or graph output defined nowhere; subgraphs see the names of the graphs around them.
+
+    Runs on the protobuf, before onnx_ir's deserializer (which fails on the first and only warns on
+    the others)."""
+    where = f" in subgraph '{graph.name}'" if outer else ""
+    defined: dict[str, str] = {}
+
+    def define(name: str, what: str) -> None:
+        if name in defined:
+            raise ValueError(
+                f"value '{name}' is defined twice{where}, by {defined[name]} and by {what}: "
+                "every value of an ONNX graph must have exactly one producer"
+            )
+        defined[name] = what
+
+    for v in graph.input:
+        define(v.name, "a graph input")
+    inputs = set(defined)
+    for name in [t.name for t in graph.initializer] + [t.values.name for t in graph.sparse_initializer]:
+        if name not in inputs:  # an initializer may give a graph input its default value
+            define(name, "an initializer")
+    for k, node in enumerate(graph.node):
+        for out in node.output:
+            if out:
+                define(out, _node_label(node.name, node.op_type, k))
+    visible = outer | defined.keys()
+    for k, node in enumerate(graph.node):
+        for name in node.input:
+            if name and name not in visible:
+                raise ValueError(
+                    f"{_node_label(node.name, node.op_type, k)}{where} reads '{name}', which no node, graph input "
+                    "or initializer defines (a dangling input)"
+                )
+        for a in node.attribute:
+            for sub in [*([a.g] if a.HasField("g") else []), *a.graphs]:
+                check_names(sub, frozenset(visible))
+    for v in graph.output:
+        if v.name and v.name not in visible:
+            raise ValueError(
+                f"graph output '{v.name}'{where} is defined by no node, graph input or initializer (a dangling output)"
+            )
+
+
+def check_graph(graph: ir.Graph) -> None:
+    """A ``ValueError`` for an empty graph, or a node that reads a value defined nowhere or not yet:
+    a cycle (named value by value) or nodes out of topological order."""
+    if not len(graph) and not graph.inputs and not graph.initializers:
+        raise ValueError(
+            f"the graph '{graph.name}' is empty (no nodes, inputs or initializers): nothing to differentiate"
+        )
+    position = {id(n): k for k, n in enumerate(graph)}
+    for k, node in enumerate(graph):
+        for v in node.inputs:
+            if v is None:
+                continue
+            producer = v.producer()
+            if producer is None and not (v.is_graph_input() or v.is_initializer()):
+                raise ValueError(
+                    f"{_node_label(node.name, node.op_type, k)} reads '{v.name}', which no node, graph input or "
+                    "initializer defines (a dangling input)"
+                )
+            if producer is None or position.get(id(producer), -1) < k:
+                continue
+            cycle = _cycle_through(node, position)
+            if cycle:
+                raise ValueError(
+                    f"the graph has a cycle: {' -> '.join(repr(n) for n in cycle)} (each value feeds the next): "
+                    "an ONNX graph must be acyclic"
+                )
+            raise ValueError(
+                f"{_node_label(node.name, node.op_type, k)} reads '{v.name}' before "
+                f"{_node_label(producer.name, producer.op_type, position[id(producer)])} computes it: the nodes are "
+                "not in topological order (onnx_ir's Graph.sort() orders them)"
+            )
+
+
+def _cycle_through(start: ir.Node, position: dict[int, int]) -> list[str]:
+    """The value names around a cycle upstream of ``start``, in data-flow order (first = last), or []."""
+    state = {id(start): 1}  # 1: on the depth-first path, 2: done
+    stack = [(start, iter(start.inputs))]
+    via: list[ir.Value] = []  # via[i]: the value stack[i] reads from stack[i + 1]
+    while stack:
+        node, inputs = stack[-1]
+        for v in inputs:
+            producer = None if v is None else v.producer()
+            if producer is None or id(producer) not in position or state.get(id(producer)) == 2:
+                continue
+            if state.get(id(producer)) == 1:
+                i = next(j for j, (n, _) in enumerate(stack) if n is producer)
+                ring = [v, *reversed(via[i:]), v]
+                return [r.name or "?" for r in ring]
+            state[id(producer)] = 1
+            via.append(v)
+            stack.append((producer, iter(producer.inputs)))
+            break
+        else:
+            state[id(node)] = 2
+            stack.pop()
+            if via:
+                via.pop()
+    return []
 
 
 TypeSnapshot = list[tuple[ir.Value, Any, Any, Any]]
@@ -304,6 +436,7 @@ def gradients(
     if len(seeds_spec) != len(y_items):
         raise ValueError(f"Length mismatch. Passed {len(seeds_spec)} grad_ys for {len(y_items)} ys")
 
+    check_versions(model)
     if _opset(model) < MIN_OPSET:
         raise ValueError(
             f"the model imports ai.onnx opset {_opset(model)}; onnxgrad emits ops from opset {MIN_OPSET} on: "
@@ -311,6 +444,7 @@ def gradients(
             "(onnxgrad.add_gradients does this for you)"
         )
     graph = model.graph
+    check_graph(graph)
     table = value_table(graph)
     y_vals = [_resolve(table, y, "ys") for y in y_items]
     x_vals = [_resolve(table, x, "xs") for x in x_items]
@@ -348,6 +482,7 @@ def _finalize(
     """Give each gradient a fresh value named ``<scope>/<x>_grad`` (zeros where asked)."""
     finals: list[ir.Value | None] = []
     named: dict[ir.Value, ir.Value] = {}
+    given: set[ir.Value] = set()  # the values of ``named`` (a set: thousands of xs stay linear)
     for x, g in zip(xs, raw, strict=True):
         if x in named:
             finals.append(named[x])
@@ -357,11 +492,12 @@ def _finalize(
         if g is None:
             finals.append(None)
             continue
-        if g in foreign or g in named.values() or g.producer() is None or g.producer().op_type == "Constant":
+        if g in foreign or g in given or g.producer() is None or g.producer().op_type == "Constant":
             g = em.Identity(g)
         g.name = f"{em.scope}/{x.name}_grad"
         g.dtype, g.shape = x.dtype, x.shape
         named[x] = g
+        given.add(g)
         finals.append(g)
     return finals
 
@@ -437,7 +573,8 @@ def add_gradients(
                 "add_gradients() takes a path, an onnx.ModelProto or an onnx_ir.Model, "
                 f"got {type(model).__module__}.{type(model).__name__}"
             )
-        model = onnx.load(os.fspath(model))
+        model = load_model(model)
+    check_names(model.graph)
     m = load(upgrade(model))
     before = {v.name for v in m.graph.inputs}
     names = gradients(m, ys, xs, grad_ys, **kwargs)

@@ -107,8 +107,12 @@ def _annotate(g: ir.Value, like: ir.Value) -> None:
 
 def no_rule_error(node: ir.Node, opset: int) -> LookupError:
     domain = node.domain or "ai.onnx"
+    graph = node.graph
+    label = f"'{node.name}'" if node.name else (
+        "(unnamed)" if graph is None else f"#{next(k for k, n in enumerate(graph) if n is node)} (unnamed)"
+    )
     return LookupError(
-        f"no gradient rule for node '{node.name}' (op_type '{node.op_type}', domain '{domain}', "
+        f"no gradient rule for node {label} (op_type '{node.op_type}', domain '{domain}', "
         f"opset {opset}): register one with "
         f"@onnxgrad.register_gradient('{node.op_type}', domain='{node.domain}') "
         f"or list its output in stop_gradients"

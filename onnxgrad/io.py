@@ -39,11 +39,44 @@ def load_model(path: str | os.PathLike[str], load_external_data: bool = True) ->
     except OSError as e:
         raise ModelFileError(f"cannot read model '{p}': {one_line(e.strerror or e)}") from None
     except Exception as e:  # protobuf DecodeError, or missing/broken external data
-        raise ModelFileError(f"'{p}' is not a valid ONNX model ({one_line(e)})") from None
+        if (kind := _other_format(p)) is not None:
+            raise ModelFileError(f"'{p}' is not a valid ONNX model (it is {kind})") from None
+        raise ModelFileError(f"'{p}' is not a valid ONNX model (truncated or corrupt: {one_line(e)})") from None
     if not model.HasField("graph") or model.ir_version <= 0:
-        what = "an empty file" if p.stat().st_size == 0 else "no graph or IR version"
+        what = "an empty file" if p.stat().st_size == 0 else _other_format(p) or "no graph or IR version"
         raise ModelFileError(f"'{p}' is not a valid ONNX model ({what})")
+    if model.ir_version >= 3 and not model.opset_import:  # required from IR 3 on: what a cut after the graph leaves
+        raise ModelFileError(f"'{p}' is not a valid ONNX model (no opset_import: truncated?)")
     return model
+
+
+# the first bytes of files people mistake for ONNX models
+_MAGIC = [
+    (b"\x93NUMPY", "a NumPy .npy file"),
+    (b"PK\x03\x04", "a zip archive (.npz, PyTorch .pt, Keras .keras?)"),
+    (b"\x89HDF\r\n\x1a\n", "an HDF5 file (Keras .h5?)"),
+    (b"\x89PNG\r\n\x1a\n", "a PNG image"),
+    *((b"\x80" + bytes([v]), "a Python pickle (PyTorch .pt?)") for v in (2, 3, 4, 5)),
+    (b"\x1f\x8b", "a gzip file"),
+]
+
+
+def _other_format(p: Path) -> str | None:
+    """What ``p`` is when its first bytes say it is another well-known format, else None."""
+    try:
+        with open(p, "rb") as f:
+            head = f.read(512)
+    except OSError:
+        return None
+    if head[4:8] == b"ORTM":
+        return "an onnxruntime .ort model, not an ONNX protobuf"
+    for magic, kind in _MAGIC:
+        if head.startswith(magic):
+            return kind
+    text = head.lstrip()
+    if text and all(32 <= b < 127 or b in b"\t\r\n" for b in head):
+        return "a JSON text file" if text[:1] in (b"{", b"[") else "a text file"
+    return None
 
 
 @contextlib.contextmanager
@@ -52,8 +85,9 @@ def atomic_path(path: str | os.PathLike[str], suffix: str = "") -> Iterator[Path
 
     On error the temporary file is removed and ``path`` is left as it was."""
     dest = Path(path)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=suffix + ".tmp", dir=dest.parent)
+    with _cannot_write(dest):
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=suffix + ".tmp", dir=dest.parent)
     os.close(fd)
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode open() would
     try:
@@ -63,6 +97,18 @@ def atomic_path(path: str | os.PathLike[str], suffix: str = "") -> Iterator[Path
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def _cannot_write(dest: Path) -> Iterator[None]:
+    """Turn an OSError from making ``dest``'s folder or temporary file into one line naming ``dest``."""
+    try:
+        yield
+    except OSError as e:
+        why = e.strerror or str(e)
+        if isinstance(e, FileExistsError | NotADirectoryError) and e.filename:
+            why = f"'{e.filename}' is not a folder"
+        raise OSError(f"cannot write '{dest}': {why}") from None
 
 
 def _umask() -> int:
@@ -94,9 +140,10 @@ def save_model(
         atomic_write(dest, lambda f: f.write(data))
         return
     # large model: build both files in a private folder beside the destination, check, then move
-    dest.parent.mkdir(parents=True, exist_ok=True)
     location = f"{dest.name}.data"
-    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    with _cannot_write(dest):
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
     try:
         copy = onnx.ModelProto()
         copy.CopyFrom(model)

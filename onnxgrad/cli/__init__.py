@@ -9,6 +9,8 @@ import sys
 
 import click
 
+from onnxgrad.io import one_line
+
 
 class ModelError(click.ClickException):
     """An error in the model or its data (exit code 1)."""
@@ -48,6 +50,9 @@ def main(argv: list[str] | None = None) -> None:
         click.echo("onnxgrad: aborted", err=True)
         sys.exit(1)
     except (LookupError, ValueError, TypeError, OSError, RuntimeError) as e:
-        click.echo(f"onnxgrad: error: {e}", err=True)
+        click.echo(f"onnxgrad: error: {one_line(e)}", err=True)
+        sys.exit(1)
+    except Exception as e:  # anything else still gets one line, never a traceback
+        click.echo(f"onnxgrad: error: {type(e).__name__}: {one_line(e)}", err=True)
         sys.exit(1)
     sys.exit(0)

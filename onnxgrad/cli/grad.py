@@ -13,16 +13,32 @@ import onnx
 
 from onnxgrad.api import NEW_INPUT, GradY, add_gradients
 from onnxgrad.cli import ModelError, cli
-from onnxgrad.io import ModelFileError, load_model, one_line, save_model
+from onnxgrad.io import PROTOBUF_LIMIT, ModelFileError, load_model, one_line, save_model
 
 AGGREGATION_CHOICES = ("add_n", "default", "experimental_tree", "experimental_accumulate_n")
 
 
 def fail(e: BaseException) -> ModelError:
-    """A model error (exit 1) with ``e``'s message on one line."""
+    """A model error (exit 1) with ``e``'s message on one line (or its root cause's, when ``e`` only wraps
+    one, as onnx_ir's SerdeError does)."""
     known = (LookupError, ValueError, TypeError, OSError, onnx.checker.ValidationError)
+    root = e
+    while root.__cause__ is not None:
+        root = root.__cause__
+    if not isinstance(e, known) and isinstance(root, known):
+        e = root
     message = one_line(e) if isinstance(e, known) else f"{type(e).__name__}: {one_line(e)}"
     return ModelError(message)
+
+
+def blame(proto: onnx.ModelProto, path: Path, e: Exception) -> ModelError:
+    """The output failed onnx.checker: the input's fault when the input fails it too, else onnxgrad's."""
+    try:
+        big = proto.ByteSize() >= PROTOBUF_LIMIT
+        onnx.checker.check_model(os.fspath(path) if big else proto, full_check=True)
+    except Exception as own:
+        return ModelError(f"'{path}' is not a valid ONNX model (onnx.checker: {one_line(own)})")
+    return ModelError(f"the gradient model fails onnx.checker, a bug in onnxgrad (please report it): {one_line(e)}")
 
 
 def parse_grad_ys(specs: tuple[str, ...], ys: tuple[str, ...]) -> list[GradY]:
@@ -46,6 +62,9 @@ def seed_spec(spec: str) -> GradY:
         return NEW_INPUT
     if spec.lower().endswith(".npy"):
         try:
+            with open(spec, "rb") as f:
+                if f.read(6) != b"\x93NUMPY":  # np.load would try it as a pickle and say so
+                    raise ModelError(f"--grad-ys: cannot read '{spec}' as a .npy array (no NumPy .npy header)")
             return np.load(spec, allow_pickle=False)
         except FileNotFoundError:
             raise ModelError(f"--grad-ys: file '{spec}' not found") from None
@@ -129,7 +148,10 @@ def grad(
             name=scope, gate_gradients=gate_gradients, aggregation_method=aggregation_method,
             stop_gradients=list(stop_gradients), unconnected_gradients=unconnected_gradients,
         )
-        save_model(aug.model, out)
+        try:
+            save_model(aug.model, out)
+        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+            raise blame(proto, model, e) from None
     except (ModelError, ModelFileError) as e:
         raise ModelError(one_line(e)) from None
     except click.ClickException:
