@@ -1,9 +1,19 @@
 """Numerical gradient checking: onnxgrad's gradients against central differences along random
-directions, ``<g, v>`` versus ``(L(x + h v) - L(x - h v)) / 2h`` with ``L = sum_i <u_i, y_i>``."""
+directions, ``<g, v>`` versus ``(L(x + h v) - L(x - h v)) / 2h`` with ``L = sum_i <u_i, y_i>``.
+
+Robust to kinks (ReLU, max-pool, abs): when the first step disagrees, smaller and larger steps and
+other directions are tried, and an x is accepted as soon as one agrees. A disagreement that the one-sided
+differences ``(L(x+hv) - L(x)) / h`` and ``(L(x) - L(x-hv)) / h`` explain (they differ by at least the
+error: the slope jumps within the step) is a kink, not a failure; only a clean disagreement, where the
+function is smooth along the step and still disagrees, is a mismatch.
+
+``check_model`` runs the check in float64 where onnxruntime allows (the model is converted: initializers,
+Constant values, Cast targets, input and output types), else in float32 with a looser tolerance."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,16 +24,27 @@ import onnx_ir.passes.common
 from onnxgrad.api import NEW_INPUT, add_gradients, upgrade
 from onnxgrad.runtime import run, session
 
+OK, KINK, MISMATCH = "ok", "kink", "mismatch"
+
 
 @dataclass
 class CheckRow:
-    """One x: the analytic and numeric directional derivatives and whether they agree."""
+    """One x: the analytic and numeric directional derivatives and whether they agree.
+
+    ``status`` is ``ok``, ``kink`` (no step agreed, but every disagreement is explained by a jump of the
+    slope within the step: not a failure, ``ok`` is False) or ``mismatch``."""
 
     x: str
     analytic: float
     numeric: float
     rel_error: float
     ok: bool
+    status: str = OK
+    step: float = 0.0
+    tries: int = 1  # (direction, step) pairs evaluated
+    shape: tuple[int, ...] = ()
+    dtype: str = ""
+    one_sided: tuple[float, float] | None = None  # forward and backward differences of the reported try
 
 
 def cut_at(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
@@ -90,6 +111,22 @@ def _values(
     return out
 
 
+# first step is the historical default; the others rescue a try that a kink or rounding spoiled
+STEPS: dict[str, tuple[float, ...]] = {
+    "float64": (1e-6, 1e-4, 1e-8),
+    "float32": (1e-3, 1e-2, 1e-4),
+    "float16": (1e-2, 3e-2, 3e-3),
+}
+RTOL: dict[str, float] = {"float64": 1e-5, "float32": 1e-2, "float16": 5e-2}
+DIRECTIONS = 3
+
+Progress = Callable[[int, int, str], None]
+
+
+def _kind(dtype: np.dtype) -> str:
+    return dtype.name if dtype.name in STEPS else "float32"
+
+
 def check_gradients(
     model: onnx.ModelProto,
     ys: Sequence[str],
@@ -100,8 +137,14 @@ def check_gradients(
     eps: float | None = None,
     rtol: float | None = None,
     provider: str = "cpu",
+    steps: Sequence[float] | None = None,
+    directions: int = DIRECTIONS,
+    progress: Progress | None = None,
 ) -> list[CheckRow]:
-    """Compare onnxgrad's gradients of ``sum_i <u_i, y_i>`` with central differences, one row per x."""
+    """Compare onnxgrad's gradients of ``sum_i <u_i, y_i>`` with central differences, one row per x.
+
+    ``eps`` fixes the step (``steps`` gives several, tried in order); by default the steps and
+    tolerance follow x's dtype (``STEPS``, ``RTOL``). ``progress(done, total, x)`` is called after each x."""
     rng = np.random.default_rng(seed)
     model = upgrade(model)
     aug = add_gradients(model, list(ys), list(xs), [NEW_INPUT] * len(ys))
@@ -129,19 +172,269 @@ def check_gradients(
                          for u, y in zip(u_list, ys, strict=True)))
 
     rows = []
-    for x in dict.fromkeys(xs):
+    unique = list(dict.fromkeys(xs))
+    for done, x in enumerate(unique, 1):
         x0 = x_vals[x]
-        dt = x0.dtype
-        h = eps if eps is not None else (1e-6 if dt == np.float64 else 1e-2 if dt == np.float16 else 1e-3)
-        tol = rtol if rtol is not None else (1e-5 if dt == np.float64 else 5e-2 if dt == np.float16 else 1e-2)
-        v = rng.standard_normal(x0.shape)
         g_name = aug.gradients[x]
         g = np.zeros(x0.shape) if g_name is None else np.asarray(grads[g_name], dtype=np.float64)
-        analytic = float(np.sum(g * v))
-        plus = loss(x, {x: (x0.astype(np.float64) + h * v).astype(dt)})
-        minus = loss(x, {x: (x0.astype(np.float64) - h * v).astype(dt)})
-        numeric = (plus - minus) / (2 * h)
-        scale = max(abs(analytic), abs(numeric), 1e-3)
-        err = abs(analytic - numeric) / scale
-        rows.append(CheckRow(x, analytic, numeric, err, bool(err <= tol)))
+        hs = [eps] if eps is not None else list(steps) if steps is not None else list(STEPS[_kind(x0.dtype)])
+        tol = rtol if rtol is not None else RTOL[_kind(x0.dtype)]
+        rows.append(_check_one(x, x0, g, hs, tol, max(1, directions), rng, lambda p, x=x: loss(x, {x: p})))
+        if progress is not None:
+            progress(done, len(unique), x)
     return rows
+
+
+def _check_one(
+    x: str,
+    x0: np.ndarray,
+    g: np.ndarray,
+    steps: Sequence[float],
+    tol: float,
+    directions: int,
+    rng: np.random.Generator,
+    loss: Callable[[np.ndarray], float],
+) -> CheckRow:
+    """Try (direction, step) pairs until one agrees (ok) or one disagrees cleanly (mismatch); when
+    every try is spoiled by a jump of the slope within the step, the verdict is ``kink``.
+
+    A try disagrees cleanly when its one-sided differences agree with each other better than the
+    central difference agrees with the analytic value: the function is smooth along that step, so a
+    kink cannot explain the error (a kink at ``x + t h v`` makes them differ by twice the error it causes)."""
+    dt = x0.dtype
+    base = x0.astype(np.float64)
+    # <g, v> has standard deviation |g| over random v: a directional derivative that cancels to
+    # near zero is judged against that, not against itself
+    typical = float(np.linalg.norm(g))
+    f0: float | None = None
+    first: CheckRow | None = None
+    tries = 0
+    for _ in range(directions):
+        v = rng.standard_normal(x0.shape)
+        for h in steps:
+            tries += 1
+            xp, xm = (base + h * v).astype(dt), (base - h * v).astype(dt)
+            # the step actually taken, after rounding to x's dtype (it matters in float32 and below)
+            analytic = float(np.sum(g * (xp.astype(np.float64) - xm.astype(np.float64)))) / (2 * h)
+            plus, minus = loss(xp), loss(xm)
+            numeric = (plus - minus) / (2 * h)
+            scale = max(abs(analytic), abs(numeric), typical, 1e-3)
+            err = abs(analytic - numeric) / scale
+            row = CheckRow(x, analytic, numeric, err, True, OK, h, tries, tuple(x0.shape), dt.name)
+            if err <= tol:
+                return row
+            if f0 is None:
+                f0 = loss(x0)
+            forward, backward = (plus - f0) / h, (f0 - minus) / h
+            row.one_sided = (forward, backward)
+            row.ok = False
+            if abs(forward - backward) < abs(numeric - analytic):
+                row.status = MISMATCH  # smooth along the step, and still wrong
+                return row
+            row.status = KINK
+            first = first or row
+    assert first is not None
+    first.tries = tries
+    return first
+
+
+# ---------------------------------------------------------------------------- precision
+FLOAT_ELEMS = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
+                         onnx.TensorProto.BFLOAT16})
+_DTYPE_ATTRS = frozenset({"to", "dtype"})  # Cast's target; EyeLike, Random*, Bernoulli, Multinomial
+
+
+def float_elem_types(model: onnx.ModelProto) -> set[int]:
+    """The float element types of the model's inputs, outputs and initializers."""
+    g = model.graph
+    found = {vi.type.tensor_type.elem_type for vi in [*g.input, *g.output]}
+    found |= {t.data_type for t in g.initializer}
+    return found & FLOAT_ELEMS
+
+
+def convert_floats(model: onnx.ModelProto, to: int = onnx.TensorProto.DOUBLE) -> onnx.ModelProto:
+    """A copy computing in one float type: every float initializer, Constant / ConstantOfShape value,
+    Cast target, dtype attribute and input, output and value_info type becomes ``to`` (subgraphs and
+    model-local functions too). Integer and bool values are untouched."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    _convert_graph(m.graph, to)
+    for f in m.functions:
+        _convert_nodes(f.node, to)
+        for vi in f.value_info:
+            _convert_type(vi.type, to)
+    return m
+
+
+def _convert_tensor(t: onnx.TensorProto, to: int) -> onnx.TensorProto:
+    if t.data_type not in FLOAT_ELEMS or t.data_type == to:
+        return t
+    array = onnx.numpy_helper.to_array(t).astype(onnx.helper.tensor_dtype_to_np_dtype(to))
+    out = onnx.numpy_helper.from_array(array, t.name)
+    out.doc_string = t.doc_string
+    return out
+
+
+def _convert_type(tp: onnx.TypeProto, to: int) -> None:
+    kind = tp.WhichOneof("value")
+    if kind == "tensor_type" and tp.tensor_type.elem_type in FLOAT_ELEMS:
+        tp.tensor_type.elem_type = to
+    elif kind == "sparse_tensor_type" and tp.sparse_tensor_type.elem_type in FLOAT_ELEMS:
+        tp.sparse_tensor_type.elem_type = to
+    elif kind == "sequence_type":
+        _convert_type(tp.sequence_type.elem_type, to)
+    elif kind == "optional_type":
+        _convert_type(tp.optional_type.elem_type, to)
+    elif kind == "map_type":
+        _convert_type(tp.map_type.value_type, to)
+
+
+def _convert_graph(g: onnx.GraphProto, to: int) -> None:
+    for vi in [*g.input, *g.output, *g.value_info]:
+        _convert_type(vi.type, to)
+    for t in g.initializer:
+        t.CopyFrom(_convert_tensor(t, to))
+    for s in g.sparse_initializer:
+        s.values.CopyFrom(_convert_tensor(s.values, to))
+    _convert_nodes(g.node, to)
+
+
+def _convert_nodes(nodes: Sequence[onnx.NodeProto], to: int) -> None:
+    A = onnx.AttributeProto
+    for node in nodes:
+        for a in node.attribute:
+            if a.type == A.TENSOR:
+                a.t.CopyFrom(_convert_tensor(a.t, to))
+            elif a.type == A.TENSORS:
+                for t in a.tensors:
+                    t.CopyFrom(_convert_tensor(t, to))
+            elif a.type == A.GRAPH:
+                _convert_graph(a.g, to)
+            elif a.type == A.GRAPHS:
+                for sub in a.graphs:
+                    _convert_graph(sub, to)
+            elif a.type == A.INT and a.name in _DTYPE_ATTRS and a.i in FLOAT_ELEMS:
+                a.i = to
+            elif a.type == A.TYPE_PROTO:
+                _convert_type(a.tp, to)
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            for i, a in enumerate(node.attribute):
+                if a.name in ("value_float", "value_floats"):
+                    value = np.asarray(a.f if a.name == "value_float" else list(a.floats))
+                    tensor = onnx.numpy_helper.from_array(value.astype(onnx.helper.tensor_dtype_to_np_dtype(to)))
+                    node.attribute[i].CopyFrom(onnx.helper.make_attribute("value", tensor))
+
+
+def elem_name(elem: int) -> str:
+    """``float64`` for TensorProto.DOUBLE (ONNX's own lower-case name where numpy has none)."""
+    try:
+        return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem)).name
+    except (KeyError, TypeError, ValueError):
+        return onnx.TensorProto.DataType.Name(elem).lower()
+
+
+def complete_feeds(
+    model: onnx.ModelProto, feeds: Mapping[str, np.ndarray] | None, seed: int = 0, dims: int = 2
+) -> dict[str, np.ndarray]:
+    """``feeds`` plus seeded random values for every graph input they leave out, each cast to the
+    input's dtype (symbolic dimensions of random inputs become ``dims``)."""
+    given = dict(feeds or {})
+    init = {i.name for i in model.graph.initializer}
+    names = [i.name for i in model.graph.input if i.name not in init]
+    unknown = [n for n in given if n not in names]
+    if unknown:
+        raise ValueError(f"the model has no input named {unknown[0]!r}; inputs: {', '.join(names)}")
+    out = random_feeds(model, np.random.default_rng(seed), dims)
+    out.update(given)
+    return cast_feeds(model, out)
+
+
+def cast_feeds(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Float feeds cast to the float type of the model input they feed (after ``convert_floats``)."""
+    types = {i.name: i.type.tensor_type.elem_type for i in model.graph.input}
+    out = {}
+    for k, v in feeds.items():
+        v = np.asarray(v)
+        elem = types.get(k, 0)
+        if v.dtype.kind == "f" and elem in FLOAT_ELEMS:
+            v = v.astype(onnx.helper.tensor_dtype_to_np_dtype(elem))
+        out[k] = v
+    return out
+
+
+@dataclass
+class CheckReport:
+    """The rows of a ``check_model`` run and the precision they were computed in."""
+
+    rows: list[CheckRow]
+    precision: str  # "float64", "float32" (or the model's own type when asked)
+    source: list[str]  # the model's float types, e.g. ["float32"]
+    converted: bool  # whether the model was converted to ``precision``
+    fallback: str | None  # why a higher precision was given up, if it was
+    rtol: float
+
+    @property
+    def ok(self) -> bool:
+        """No mismatch (kinks are reported, not failures)."""
+        return all(r.status != MISMATCH for r in self.rows)
+
+
+def _runtime_error(e: BaseException) -> bool:
+    """An error raised by onnxruntime itself (a missing kernel, a type its schema refuses)."""
+    return type(e).__module__.startswith("onnxruntime")
+
+
+def kernel_gap(e: BaseException) -> str:
+    """One line saying which kernel onnxruntime lacks, from its error message."""
+    text = str(e)
+    m = re.search(r"implementation for (\w+)\((\d+)\) node with name '([^']*)'", text)
+    if m:
+        return f"onnxruntime has no kernel for {m.group(1)}-{m.group(2)} (node '{m.group(3)}') in this type"
+    first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+    return first[:200]
+
+
+def check_model(
+    model: onnx.ModelProto,
+    ys: Sequence[str],
+    xs: Sequence[str],
+    feeds: Mapping[str, np.ndarray] | None = None,
+    *,
+    seed: int = 0,
+    precision: str = "auto",
+    provider: str = "cpu",
+    rtol: float | None = None,
+    directions: int = DIRECTIONS,
+    progress: Progress | None = None,
+) -> CheckReport:
+    """``check_gradients`` in the best precision onnxruntime allows.
+
+    ``precision``: ``auto`` tries float64 (the model converted), then float32; ``float64`` /
+    ``float32`` ask for one; ``model`` keeps the model's own types. Inputs that ``feeds`` leaves out
+    get seeded random values."""
+    if precision not in ("auto", "float64", "float32", "model"):
+        raise ValueError(f"precision must be 'auto', 'float64', 'float32' or 'model', got {precision!r}")
+    source = sorted(float_elem_types(model))
+    targets: list[int | None] = {
+        "auto": [onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT],
+        "float64": [onnx.TensorProto.DOUBLE],
+        "float32": [onnx.TensorProto.FLOAT],
+        "model": [None],
+    }[precision]
+    feeds = complete_feeds(model, feeds, seed)
+    fallback: str | None = None
+    for k, to in enumerate(targets):
+        converted = to is not None and any(s != to for s in source)
+        m = convert_floats(model, to) if converted and to is not None else model
+        try:
+            rows = check_gradients(m, ys, xs, cast_feeds(m, feeds), seed=seed, rtol=rtol, provider=provider,
+                                   directions=directions, progress=progress)
+        except Exception as e:
+            if k + 1 < len(targets) and _runtime_error(e):
+                fallback = kernel_gap(e)
+                continue
+            raise
+        name = elem_name(to) if to is not None else (elem_name(source[0]) if len(source) == 1 else "mixed")
+        tol = rtol if rtol is not None else RTOL.get(name, RTOL["float32"])
+        return CheckReport(rows, name, [elem_name(s) for s in source], converted, fallback, tol)
+    raise AssertionError("unreachable")
