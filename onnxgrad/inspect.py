@@ -311,7 +311,10 @@ def _type(row: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------- large models
 def has_external_data(path: str | os.PathLike[str]) -> bool:
     """Whether the model file keeps some tensor in external data (reads the graph, not the data)."""
-    proto = onnx.load(os.fspath(path), load_external_data=False)
+    try:
+        proto = onnx.load(os.fspath(path), load_external_data=False)
+    except Exception:  # not a model: the loader proper says why
+        return False
     return any(t.data_location == onnx.TensorProto.EXTERNAL for t in _all_tensors(proto.graph))
 
 

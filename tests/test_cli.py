@@ -522,3 +522,11 @@ def test_readme_opens_with_make_demo_then_make_test() -> None:
     make_lines = [line.split("#")[0].strip() for line in (ROOT / "README.md").read_text().splitlines()
                   if line.startswith("make ")]
     assert make_lines[:2] == ["make demo", "make test"]
+
+
+def test_grad_xs_shorthands(cli: Cli, tmp_path: Path) -> None:
+    """@weights and @inputs expand to every float initializer / float graph input."""
+    out = tmp_path / "g.onnx"
+    res = cli("grad", MLP, "-o", out, "--ys", "loss", "--xs", "@weights", "--xs", "@inputs", "--json")
+    assert res.code == 0, res.err
+    assert list(json.loads(res.out)["gradients"]) == ["W1", "b1", "W2", "b2", "x", "target"]

@@ -13,6 +13,7 @@ import onnx
 
 from onnxgrad.api import NEW_INPUT, GradY, add_gradients
 from onnxgrad.cli import ModelError, cli
+from onnxgrad.inspect import add_gradients_lazy, expand_xs, has_external_data
 from onnxgrad.io import PROTOBUF_LIMIT, ModelFileError, load_model, one_line, save_model
 
 AGGREGATION_CHOICES = ("add_n", "default", "experimental_tree", "experimental_accumulate_n")
@@ -108,7 +109,8 @@ def type_string(model: onnx.ModelProto, name: str) -> str:
               help="Where to write the model with gradient outputs (written atomically).")
 @click.option("--ys", multiple=True, required=True, metavar="NAME", help="A value to differentiate (repeatable).")
 @click.option("--xs", multiple=True, required=True, metavar="NAME",
-              help="A value to differentiate with respect to (repeatable).")
+              help="A value to differentiate with respect to (repeatable); @weights and @inputs name every "
+              "float weight / float graph input.")
 @click.option("--grad-ys", "grad_ys", multiple=True, metavar="Y=SPEC",
               help="Seed for y: a value name in the graph, a .npy file, or the word 'input' (a new graph input).")
 @click.option("--stop-gradients", "stop_gradients", multiple=True, metavar="NAME",
@@ -141,13 +143,20 @@ def grad(
     if same_file(model, out):
         raise click.BadParameter("OUT is the input model; choose another path", param_hint="'-o'")
     seeds = parse_grad_ys(grad_ys, ys)
+    options: dict[str, Any] = dict(
+        name=scope, gate_gradients=gate_gradients, aggregation_method=aggregation_method,
+        stop_gradients=list(stop_gradients), unconnected_gradients=unconnected_gradients,
+    )
     try:
+        if model.is_file() and has_external_data(model):
+            # weights stay on disk: load lazily, save OUT with its own external data file
+            before = len(onnx.load(os.fspath(model), load_external_data=False).graph.node)
+            found, new_inputs = add_gradients_lazy(model, out, list(ys), list(xs), seeds, **options)
+            written = onnx.load(os.fspath(out), load_external_data=False)
+            report(written, out, found, new_inputs, before, as_json)
+            return
         proto = load_model(model)
-        aug = add_gradients(
-            proto, list(ys), list(xs), seeds,
-            name=scope, gate_gradients=gate_gradients, aggregation_method=aggregation_method,
-            stop_gradients=list(stop_gradients), unconnected_gradients=unconnected_gradients,
-        )
+        aug = add_gradients(proto, list(ys), expand_xs(proto, xs), seeds, **options)
         try:
             save_model(aug.model, out)
         except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
