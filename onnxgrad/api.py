@@ -17,10 +17,11 @@ import onnx_ir as ir
 import onnx_ir.passes.common
 
 import onnxgrad.rules  # noqa: F401  (registers every rule)
-from onnxgrad.backprop import Request, backprop
+from onnxgrad.backprop import Request, backprop, gc_paused
 from onnxgrad.emitter import FLOAT_TYPES, Emitter
 from onnxgrad.io import load_model
 from onnxgrad.rules.markers import MARKER_DOMAIN
+from onnxgrad.shapes import infer_missing_types
 
 MIN_OPSET = 7
 
@@ -299,33 +300,8 @@ def _ensure_types(model: ir.Model) -> TypeSnapshot:
         for g in model.graphs()
         for v in ir.convenience.create_value_mapping(g).values()
     ]
-    _infer_missing_types(model)
+    infer_missing_types(model)
     return before
-
-
-def _infer_missing_types(model: ir.Model) -> None:
-    """Fill in the types and shapes onnx's shape inference finds for values that lack them.
-
-    Whole types are copied (sequence and optional types stay what they are), existing ones are kept,
-    and large initializers are left out of the call (onnx_ir's helper for onnx's C APIs)."""
-    from onnx_ir.passes.common import _c_api_utils
-
-    try:
-        inferred = _c_api_utils.call_onnx_api(
-            lambda proto: onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True), model
-        )
-    except Exception:  # inference is a help, never a requirement
-        return
-    for mine, theirs in zip(model.graphs(), ir.serde.deserialize_model(inferred).graphs(), strict=False):
-        found = ir.convenience.create_value_mapping(theirs)
-        for name, v in ir.convenience.create_value_mapping(mine).items():
-            w = found.get(name)
-            if w is None:
-                continue
-            if v.type is None and w.type is not None:
-                v.type = w.type
-            if v.shape is None and w.shape is not None:
-                v.shape = w.shape
 
 
 def _restore_types(snapshot: TypeSnapshot) -> None:
@@ -398,6 +374,7 @@ def _seed(
     return init
 
 
+@gc_paused
 def gradients(
     model: ir.Model,
     ys: str | ir.Value | Sequence[str | ir.Value],

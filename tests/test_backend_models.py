@@ -11,7 +11,7 @@ import onnx
 import onnx.numpy_helper
 import pytest
 
-from onnxgrad import add_gradients
+from onnxgrad import NEW_INPUT, add_gradients
 from onnxgrad.api import upgrade
 from onnxgrad.check import check_gradients
 from onnxgrad.runtime import run
@@ -62,8 +62,35 @@ def test_backend_model_gradients(path: str) -> None:
             add_gradients(model, "3", "0")
         return
     rows = check_gradients(model, ys, xs, feeds, seed=1, eps=1e-3, rtol=2e-2)
-    bad = [r for r in rows if not r.ok]
-    assert not bad, "; ".join(f"{r.x}: {r.analytic:.6g} vs {r.numeric:.6g}" for r in bad)
+    # max-pool windows of hundreds of float32 values hold near-ties that a 1e-3 step crosses: the checker
+    # calls those kinks; test_max_pool_models_match_torch compares them with PyTorch instead
+    allowed = {"ok", "kink"} if "MaxPool" in path else {"ok"}
+    bad = [r for r in rows if not r.ok and r.status not in allowed]
+    assert not bad, "; ".join(f"{r.x}: {r.analytic:.6g} vs {r.numeric:.6g} ({r.status})" for r in bad)
+
+
+@pytest.mark.parametrize("path", [m for m in MODELS if "MaxPool" in m], ids=os.path.basename)
+def test_max_pool_models_match_torch(path: str) -> None:
+    """The exported MaxPool models' input gradients equal PyTorch autograd's on the same input."""
+    import torch
+
+    model, feeds, ys, xs = _case(path)
+    (node,) = [n for n in model.graph.node if n.op_type == "MaxPool"]
+    attrs = {a.name: list(a.ints) for a in node.attribute}
+    (x,) = feeds.values()
+    rank = x.ndim - 2
+    aug = add_gradients(model, ys, xs, [NEW_INPUT])
+    y = run(upgrade(model), feeds)[ys[0]]
+    u = np.random.default_rng(0).standard_normal(y.shape).astype(np.float32)
+    got = run(aug.model, {**feeds, aug.new_inputs[0]: u})[aug.gradients[xs[0]]]  # type: ignore[index]
+    pool = [torch.nn.functional.max_pool1d, torch.nn.functional.max_pool2d, torch.nn.functional.max_pool3d][rank - 1]
+    xt = torch.tensor(x, requires_grad=True)
+    pads = attrs.get("pads", [0] * 2 * rank)
+    assert pads[:rank] == pads[rank:], "torch pads symmetrically"
+    yt = pool(xt, attrs["kernel_shape"], stride=attrs.get("strides", 1), padding=pads[:rank],
+              dilation=attrs.get("dilations", 1))
+    (want,) = torch.autograd.grad(yt, xt, torch.tensor(u))
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("path", [m for m in MODELS if "PReLU" in m or "operator_add" in m], ids=os.path.basename)
