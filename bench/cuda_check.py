@@ -128,6 +128,31 @@ def check(models: Path, dtypes: list[str], target: str = CUDA) -> list[Row]:
     return rows
 
 
+def check_rules(target: str = CUDA, max_opset: int = 26) -> list[Row]:
+    """Every rule case of the test table: its gradient graph on ``target`` against the CPU."""
+    from tests.cases import ALL
+    from tests.gradcheck import build
+
+    rows: list[Row] = []
+    for case in ALL:
+        if case.opset > max_opset:
+            continue
+        try:
+            model, ys, xs, feeds = build(case)
+            aug = add_gradients(model, ys, xs).model
+            cpu_sess, gpu_sess = session(aug, CPU), session(aug, target)
+            names = [o.name for o in cpu_sess.get_outputs()]
+            cpu = dict(zip(names, cpu_sess.run(names, feeds), strict=True))
+            gpu = dict(zip(names, gpu_sess.run(names, feeds), strict=True))
+        except Exception as e:
+            rows.append(Row(case.name, "-", 0, 0, "", 0.0, 0.0, None, kernel_gap(e)))
+            continue
+        dtype = str(next(iter(feeds.values())).dtype)
+        worst, err, tol, ok = compare(cpu, gpu, dtype if dtype in TOLERANCE else "float32")
+        rows.append(Row(case.name, dtype, 0, len(names), worst, err, tol, ok))
+    return rows
+
+
 def show(rows: list[Row]) -> None:
     table = [["model", "dtype", "batch", "outputs", "worst output", "max diff / scale", "rtol", "result"]]
     for r in rows:
@@ -145,12 +170,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--require-cuda", action="store_true", help="exit 1 when CUDA is not available")
     parser.add_argument("--models", type=Path, default=ROOT / "models", help="folder of the example models")
     parser.add_argument("--dtype", action="append", choices=sorted(TOLERANCE), help="dtypes (default float32, float64)")
+    parser.add_argument("--rules", action="store_true",
+                        help="also run every rule case of tests/cases on both providers")
     parser.add_argument("--dry-run", action="store_true",
                         help="compare the CPU with itself (tests this script where there is no GPU)")
     args = parser.parse_args(argv)
     dtypes = args.dtype or ["float32", "float64"]
+    if hasattr(ort, "preload_dlls"):  # CUDA/cuDNN from the nvidia-* wheels, where they are installed
+        try:
+            ort.preload_dlls()
+        except Exception as e:  # pragma: no cover - depends on the machine
+            print(f"note: preload_dlls: {e}")
     if args.dry_run:
-        rows = check(args.models, dtypes, CPU)
+        rows = check(args.models, dtypes, CPU) + (check_rules(CPU) if args.rules else [])
         show(rows)
         return 0 if all(r.ok is not False for r in rows) else 1
     available = ort.get_available_providers()
@@ -160,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
               "NVIDIA GPU to run the comparison")
         return 1 if args.require_cuda else 0
     start = time.perf_counter()
-    rows = check(args.models, dtypes)
+    rows = check(args.models, dtypes) + (check_rules() if args.rules else [])
     show(rows)
     failed = [r for r in rows if r.ok is False]
     ran = [r for r in rows if r.ok is not None]
