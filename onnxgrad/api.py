@@ -486,6 +486,7 @@ class Augmented(NamedTuple):
     model: onnx.ModelProto
     gradients: dict[str, str | None]  # x -> output name (None where unconnected)
     new_inputs: list[str]
+    higher: dict[int, dict[str, str | None]] | None = None  # order (2, 3...) -> x -> output name, order > 1
 
 
 def load(model: onnx.ModelProto | ir.Model | str | os.PathLike[str]) -> ir.Model:
@@ -539,9 +540,13 @@ def add_gradients(
     ys: str | Sequence[str],
     xs: str | Sequence[str],
     grad_ys: GradY | Sequence[GradY] = None,
+    order: int = 1,
     **kwargs: Any,
 ) -> Augmented:
-    """A new model: the original outputs first, unchanged, then one output per x with a gradient."""
+    """A new model: the original outputs first, unchanged, then one output per x with a gradient.
+
+    ``order`` > 1 also appends the derivatives of order 2..order (``onnxgrad.higher_order_gradients``:
+    Hessian-vector products and beyond, each with its vector as a new graph input)."""
     if isinstance(model, ir.Model):
         model = ir.serde.serialize_model(model)
     if not isinstance(model, onnx.ModelProto):
@@ -554,18 +559,25 @@ def add_gradients(
     check_names(model.graph)
     m = load(upgrade(model))
     before = {v.name for v in m.graph.inputs}
-    names = gradients(m, ys, xs, grad_ys, **kwargs)
+    if order == 1:
+        orders = [gradients(m, ys, xs, grad_ys, **kwargs)]
+    else:
+        from onnxgrad.higher import higher_order_gradients
+
+        orders = higher_order_gradients(m, ys, xs, order, grad_ys, **kwargs)
     have = {v.name for v in m.graph.outputs}
     table = value_table(m.graph)
-    for n in names:
+    for n in (n for names in orders for n in names):
         if n is not None and n not in have:
             m.graph.outputs.append(table[n])
             have.add(n)
     x_names = [x if isinstance(x, str) else x.name for x in _as_list(xs)]
+    by_x = [dict(zip(x_names, names, strict=True)) for names in orders]
     return Augmented(
         ir.serde.serialize_model(m),
-        dict(zip(x_names, names, strict=True)),
+        by_x[0],
         [v.name for v in m.graph.inputs if v.name not in before and not v.is_initializer()],
+        {k: found for k, found in enumerate(by_x[1:], start=2)},
     )
 
 

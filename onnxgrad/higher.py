@@ -105,3 +105,32 @@ def lower_gradient_ops(model: ir.Model) -> int:
     if count:
         ir.passes.common.TopologicalSortPass()(model)
     return count
+
+
+def higher_order_gradients(
+    model: ir.Model,
+    ys: str | Sequence[str],
+    xs: str | Sequence[str],
+    order: int,
+    grad_ys: Any = None,
+    name: str = "gradients",
+    **kwargs: Any,
+) -> list[list[str | None]]:
+    """Gradients of order 1..``order``: order k is ``d/dx <order k-1 gradient, v_k>`` with ``v_k`` a new
+    graph input per x (``<name>_order<k>/<x>_v``), so order 2 is a Hessian-vector product.
+
+    Returns one list of names per order (None where unconnected)."""
+    if order < 1:
+        raise ValueError(f"order must be 1 or more, got {order}")
+    x_list = _as_list(xs)
+    orders = [gradients(model, ys, x_list, grad_ys, name=name, **kwargs)]
+    for k in range(2, order + 1):
+        prev = orders[-1]
+        pairs = [(g, x) for g, x in zip(prev, x_list, strict=True) if g is not None]
+        if not pairs:
+            orders.append([None] * len(x_list))
+            continue
+        scope = f"{name}_order{k}"
+        seeds = [GradInput(f"{scope}/{x}_v") for _, x in pairs]
+        orders.append(gradients(model, [g for g, _ in pairs], x_list, grad_ys=seeds, name=scope, **kwargs))
+    return orders

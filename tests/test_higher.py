@@ -240,3 +240,32 @@ def test_second_order_matches_torch(name: str, cls: type, shape: tuple[int, ...]
         have = np.zeros_like(want) if n is None else got[n]
         scale = max(np.abs(want).max(), 1e-3)
         assert np.abs(have - want).max() <= tol * scale * 10, f"{name}: {k}: max err {np.abs(have - want).max()}"
+
+
+def test_grad_order_2_command_gives_hessian_vector_products(tmp_path: object) -> None:
+    """`onnxgrad grad --order 2`: the order-2 outputs equal central differences of the order-1 outputs."""
+    from onnxgrad.cli import main
+
+    src, out = os.path.join(str(tmp_path), "mlp64.onnx"), os.path.join(str(tmp_path), "o2.onnx")
+    onnx.save(_mlp64(), src)
+    with pytest.raises(SystemExit) as done:
+        main(["grad", src, "-o", out, "--ys", "loss", "--xs", "x", "--xs", "W1", "--order", "2"])
+    assert done.value.code == 0
+    proto = onnx.load(out)
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((4, 3))
+    v = {"x": rng.standard_normal((4, 3)), "W1": rng.standard_normal((3, 5))}
+    w1 = onnx.numpy_helper.to_array(next(i for i in proto.graph.initializer if i.name == "W1"))
+    feeds = {"x": x, "gradients_order2/x_v": v["x"], "gradients_order2/W1_v": v["W1"]}
+    got = run(proto, feeds)
+    cut = onnxgrad.check.cut_at(proto, ["W1"])
+    h = 1e-5
+
+    def first(sign: float) -> dict[str, np.ndarray]:
+        moved = {**feeds, "x": x + sign * h * v["x"], "W1": w1 + sign * h * v["W1"]}
+        return run(cut, moved, ["gradients/x_grad", "gradients/W1_grad"])
+
+    plus, minus = first(1.0), first(-1.0)
+    for name in ("x", "W1"):
+        numeric = (plus[f"gradients/{name}_grad"] - minus[f"gradients/{name}_grad"]) / (2 * h)
+        np.testing.assert_allclose(got[f"gradients_order2/{name}_grad"], numeric, rtol=1e-6, atol=1e-7)

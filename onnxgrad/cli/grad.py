@@ -122,6 +122,9 @@ def type_string(model: onnx.ModelProto, name: str) -> str:
 @click.option("--gate-gradients", is_flag=True, help="Accepted for tf.gradients compatibility; no effect in ONNX.")
 @click.option("--name", "scope", default="gradients", show_default=True, metavar="SCOPE",
               help="Prefix of every new node and value name (uniquified).")
+@click.option("--order", type=click.IntRange(1, 8), default=1, show_default=True,
+              help="Also append derivatives of order 2..N: order k differentiates <order k-1 gradient, v_k>, "
+              "v_k a new input per x (order 2: Hessian-vector products).")
 @click.option("--json", "as_json", is_flag=True, help="Print only a JSON object on stdout.")
 def grad(
     model: Path,
@@ -134,6 +137,7 @@ def grad(
     aggregation_method: str,
     gate_gradients: bool,
     scope: str,
+    order: int,
     as_json: bool,
 ) -> None:
     """Append the gradients of sum(grad_ys * ys) with respect to each x to MODEL, as outputs of OUT.
@@ -156,7 +160,7 @@ def grad(
             report(written, out, found, new_inputs, before, as_json)
             return
         proto = load_model(model)
-        aug = add_gradients(proto, list(ys), expand_xs(proto, xs), seeds, **options)
+        aug = add_gradients(proto, list(ys), expand_xs(proto, xs), seeds, order=order, **options)
         try:
             save_model(aug.model, out)
         except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
@@ -167,16 +171,18 @@ def grad(
         raise
     except Exception as e:
         raise fail(e) from None
-    report(aug.model, out, aug.gradients, aug.new_inputs, len(proto.graph.node), as_json)
+    report(aug.model, out, aug.gradients, aug.new_inputs, len(proto.graph.node), as_json, aug.higher)
 
 
 def report(
     model: onnx.ModelProto, out: Path, gradients: dict[str, str | None], new_inputs: list[str], before: int,
-    as_json: bool,
+    as_json: bool, higher: dict[int, dict[str, str | None]] | None = None,
 ) -> None:
     """The JSON object, or a short human-readable summary."""
     if as_json:
         payload: dict[str, Any] = {"gradients": gradients, "new_inputs": new_inputs}
+        if higher:
+            payload["higher"] = {str(k): found for k, found in higher.items()}
         click.echo(json.dumps(payload))
         return
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), "?")
@@ -186,6 +192,10 @@ def report(
     for x, name in gradients.items():
         target = "none (no y depends on it)" if name is None else f"{name}  {type_string(model, name)}"
         click.echo(f"  d/d {x:<{width}}  ->  {target}")
+    for k, found in (higher or {}).items():
+        for x, name in found.items():
+            target = "none" if name is None else f"{name}  {type_string(model, name)}"
+            click.echo(f"  order {k}: d/d {x:<{width}}  ->  {target}")
     for name in new_inputs:
         click.echo(f"  new input: {name}  {type_string(model, name)}")
 
