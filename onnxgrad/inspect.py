@@ -8,8 +8,6 @@ describing or differentiating a large model never pulls all of its weights into 
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -22,6 +20,7 @@ import onnx_ir.passes.common
 
 from onnxgrad import registry
 from onnxgrad.emitter import FLOAT_TYPES
+from onnxgrad.io import staged_with_data
 
 WEIGHTS = "@weights"
 INPUTS = "@inputs"
@@ -370,23 +369,14 @@ def save_external(model: ir.Model, path: str | os.PathLike[str], check: bool = T
     ``onnx.checker`` (by path, as it must for large models), then moved into place; on error nothing
     at the destination changes. Returns the data file's path."""
     dest = Path(path)
-    dest.parent.mkdir(parents=True, exist_ok=True)
     location = f"{dest.name}.data"
     data = (dest.parent / location).resolve()
     if data in external_locations(model):
         raise ValueError(
             f"'{data}' holds the source model's weights; saving there would overwrite them: choose another output name"
         )
-    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
-    try:
-        ir.save(model, os.fspath(staging / dest.name), external_data=location, size_threshold_bytes=1024)
-        if check:
-            onnx.checker.check_model(os.fspath(staging / dest.name), full_check=True)
-        if (staging / location).exists():
-            os.replace(staging / location, dest.parent / location)
-        os.replace(staging / dest.name, dest)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with staged_with_data(dest, check) as staged:
+        ir.save(model, os.fspath(staged), external_data=location, size_threshold_bytes=1024)
     return dest.parent / location
 
 

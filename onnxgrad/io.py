@@ -139,16 +139,26 @@ def save_model(
         data = model.SerializeToString()
         atomic_write(dest, lambda f: f.write(data))
         return
-    # large model: build both files in a private folder beside the destination, check, then move
+    # large model: tensors go to <name>.data beside it
+    with staged_with_data(dest, check) as staged:
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        onnx.save_model(copy, os.fspath(staged), save_as_external_data=True,
+                        all_tensors_to_one_file=True, location=f"{dest.name}.data", size_threshold=1024)
+
+
+@contextlib.contextmanager
+def staged_with_data(dest: Path, check: bool = True) -> Iterator[Path]:
+    """A path in a private folder beside ``dest`` to write the model (and its ``<name>.data``) to.
+
+    When the block ends without error the model is checked by path (as onnx.checker requires for
+    models over 2 GB) and both files are moved into place; on any error nothing at ``dest`` changes."""
     location = f"{dest.name}.data"
     with _cannot_write(dest):
         dest.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
     try:
-        copy = onnx.ModelProto()
-        copy.CopyFrom(model)
-        onnx.save_model(copy, os.fspath(staging / dest.name), save_as_external_data=True,
-                        all_tensors_to_one_file=True, location=location, size_threshold=1024)
+        yield staging / dest.name
         if check:
             onnx.checker.check_model(os.fspath(staging / dest.name), full_check=True)
         if (staging / location).exists():

@@ -4,9 +4,9 @@ rule, call kinks kinks; model descriptions; the ``@weights`` / ``@inputs`` short
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import onnx
@@ -17,8 +17,8 @@ from onnx import helper as oh
 
 from onnxgrad import registry
 from onnxgrad.check import KINK, MISMATCH, OK, check_gradients, check_model, convert_floats
-from onnxgrad.cli import main
 from onnxgrad.inspect import INPUTS, WEIGHTS, describe, expand_xs
+from tests.conftest import Cli
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"
@@ -34,27 +34,6 @@ EXAMPLES = {
 }
 
 
-class Result(NamedTuple):
-    code: int
-    out: str
-    err: str
-
-
-Cli = Callable[..., Result]
-
-
-@pytest.fixture
-def cli(capsys: pytest.CaptureFixture[str]) -> Cli:
-    """Call ``onnxgrad.cli.main`` in-process; return (exit code, stdout, stderr)."""
-
-    def call(*args: str | Path) -> Result:
-        with pytest.raises(SystemExit) as exc:
-            main([str(a) for a in args])
-        out, err = capsys.readouterr()
-        code = exc.value.code
-        return Result(code if isinstance(code, int) else 1, out, err)
-
-    return call
 
 
 def save(model: onnx.ModelProto, path: Path) -> Path:

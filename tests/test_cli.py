@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import onnx
@@ -20,9 +20,9 @@ from onnx import TensorProto
 from onnx import helper as oh
 
 from onnxgrad import registry
-from onnxgrad.cli import main
 from onnxgrad.io import ModelFileError, load_model, save_model
 from onnxgrad.runtime import run
+from tests.conftest import Cli
 
 ROOT = Path(__file__).resolve().parents[1]
 MLP = ROOT / "models" / "mlp.onnx"
@@ -30,27 +30,6 @@ XS = ["W1", "b1", "W2", "b2", "x"]
 HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
 
 
-class Result(NamedTuple):
-    code: int
-    out: str
-    err: str
-
-
-Cli = Callable[..., Result]
-
-
-@pytest.fixture
-def cli(capsys: pytest.CaptureFixture[str]) -> Cli:
-    """Call ``onnxgrad.cli.main`` in-process; return (exit code, stdout, stderr)."""
-
-    def call(*args: str | Path) -> Result:
-        with pytest.raises(SystemExit) as exc:
-            main([str(a) for a in args])
-        out, err = capsys.readouterr()
-        code = exc.value.code
-        return Result(code if isinstance(code, int) else 1, out, err)
-
-    return call
 
 
 def console_script() -> list[str]:
