@@ -10,7 +10,7 @@ from onnxgrad.api import (
     gradients,
     stop_gradient,
 )
-from onnxgrad.higher import hessian_vector_product, jacobian, lower_gradient_ops
+from onnxgrad.higher import hessian_vector_product, higher_order_gradients, jacobian, lower_gradient_ops
 from onnxgrad.registry import register as register_gradient
 from onnxgrad.registry import register_nondifferentiable
 
@@ -23,6 +23,7 @@ __all__ = [
     "add_gradients",
     "gradients",
     "hessian_vector_product",
+    "higher_order_gradients",
     "jacobian",
     "lower_gradient_ops",
     "register_gradient",

@@ -27,16 +27,17 @@ def hessian_vector_product(
     name: str = "hvp",
     **kwargs: Any,
 ) -> list[str | None]:
-    """Add ``H v = d/dx <d(sum ys)/dx, v>`` for each x; ``v`` per x: a value name, an array, or a new input.
+    """Add ``H v = d/dx <d(sum ys)/dx, v>`` for each x; ``v`` per x: a value name, an array, or a new input
+    (named ``<name>_v/<x>``; the results are ``<name>/<x>_grad``).
 
     Returns one name per x (None where the second derivative is unconnected)."""
     x_list = _as_list(xs)
     vs: list[Tangent] = list(v) if isinstance(v, list | tuple) else [v] * len(x_list)
     if len(vs) != len(x_list):
         raise ValueError(f"Length mismatch. Passed {len(vs)} vectors for {len(x_list)} xs")
-    vs = [GradInput(f"{name}/{x}_v") if isinstance(t, GradInput) and t.name is None else t
+    vs = [GradInput(f"{name}_v/{x}") if isinstance(t, GradInput) and t.name is None else t
           for t, x in zip(vs, x_list, strict=True)]
-    first = gradients(model, ys, x_list, name=f"{name}/grad", **kwargs)
+    first = gradients(model, ys, x_list, name=f"{name}_first", **kwargs)
     pairs = [(g, t) for g, t in zip(first, vs, strict=True) if g is not None]
     if not pairs:
         return [None] * len(x_list)

@@ -94,7 +94,7 @@ def test_hvp_matches_central_differences_of_the_gradient() -> None:
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in proto.graph.initializer}
     point = {"x": x, **inits}
     vs = {k: rng.standard_normal(point[k].shape) for k in xs}
-    feeds = {"x": x, **{f"hvp/{k}_v": vs[k] for k in xs}}
+    feeds = {"x": x, **{f"hvp_v/{k}": vs[k] for k in xs}}
     got = run(aug, feeds)
     # central differences of the first-order gradient along v (all xs moved together)
     h = 1e-5
@@ -227,7 +227,7 @@ def test_second_order_matches_torch(name: str, cls: type, shape: tuple[int, ...]
     leaves = {"x": x, **{k: params[k] for k in weights}}
     vs = {k: rng.standard_normal(tuple(v.shape)) for k, v in leaves.items()}
     np_dtype = np.float64 if dtype == torch.float64 else np.float32
-    got = run(aug, {"x": x.numpy(), **{f"hvp/{k}_v": v.astype(np_dtype) for k, v in vs.items()}})
+    got = run(aug, {"x": x.numpy(), **{f"hvp_v/{k}": v.astype(np_dtype) for k, v in vs.items()}})
 
     xt = x.clone().requires_grad_(True)
     inputs = [xt, *[params[k] for k in weights]]
