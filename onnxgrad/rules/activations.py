@@ -16,10 +16,9 @@ Out = list[ir.Value | None]
 
 @register("Relu")
 def relu(em: Emitter, node: ir.Node, dy: Grads) -> Out:
-    """dx = dy * (x > 0)"""
-    x = node.inputs[0]
-    assert x is not None
-    return [em.Mul(dy[0], em.mask(em.Greater(x, em.const(0.0, like=x)), x))]
+    """dx = dy * (y > 0)  (y > 0 exactly where x > 0: the forward input need not be kept for the backward)"""
+    y = node.outputs[0]
+    return [em.Mul(dy[0], em.mask(em.Greater(y, em.const(0.0, like=y)), y))]
 
 
 @register("Tanh")
@@ -103,13 +102,20 @@ def _positive(em: Emitter, x: ir.Value) -> ir.Value:
     return em.Greater(x, em.const(0.0, like=x))
 
 
+def _positive_input(em: Emitter, node: ir.Node, sign_kept: bool) -> ir.Value:
+    """x > 0, read from the output y when y > 0 exactly where x > 0 (``sign_kept``): then the forward input
+    need not stay alive until the backward reaches the node."""
+    return _positive(em, node.outputs[0] if sign_kept else _x(node))
+
+
 @register("LeakyRelu")
 def leaky_relu(em: Emitter, node: ir.Node, dy: Grads) -> Out:
     """dx = dy if x > 0 else alpha * dy"""
     x = _x(node)
     g = dy[0]
     assert g is not None
-    return [em.where(_positive(em, x), g, em.Mul(g, em.const(attr(node, "alpha", 0.01), like=x)))]
+    alpha = attr(node, "alpha", 0.01)
+    return [em.where(_positive_input(em, node, alpha >= 0), g, em.Mul(g, em.const(alpha, like=x)))]
 
 
 @register("PRelu", broadcast=(1,))
@@ -128,8 +134,8 @@ def elu(em: Emitter, node: ir.Node, dy: Grads) -> Out:
     """dx = dy if x > 0 else dy * (y + alpha)"""
     x, y, g = _x(node), node.outputs[0], dy[0]
     assert g is not None
-    alpha = em.const(attr(node, "alpha", 1.0), like=x)
-    return [em.where(_positive(em, x), g, em.Mul(g, em.Add(y, alpha)))]
+    alpha = attr(node, "alpha", 1.0)
+    return [em.where(_positive_input(em, node, alpha > 0), g, em.Mul(g, em.Add(y, em.const(alpha, like=x))))]
 
 
 _SELU_ALPHA = 1.67326319217681884765625
@@ -142,7 +148,8 @@ def selu(em: Emitter, node: ir.Node, dy: Grads) -> Out:
     x, y, g = _x(node), node.outputs[0], dy[0]
     assert g is not None
     alpha, gamma = attr(node, "alpha", _SELU_ALPHA), attr(node, "gamma", _SELU_GAMMA)
-    slope = em.where(_positive(em, x), em.const(gamma, like=x), em.Add(y, em.const(gamma * alpha, like=x)))
+    positive = _positive_input(em, node, alpha > 0 and gamma > 0)
+    slope = em.where(positive, em.const(gamma, like=x), em.Add(y, em.const(gamma * alpha, like=x)))
     return [em.Mul(g, slope)]
 
 
@@ -152,8 +159,9 @@ def celu(em: Emitter, node: ir.Node, dy: Grads) -> Out:
     x, y, g = _x(node), node.outputs[0], dy[0]
     assert g is not None
     one = em.const(1.0, like=x)
-    inner = em.Add(em.Div(y, em.const(attr(node, "alpha", 1.0), like=x)), one)
-    return [em.where(_positive(em, x), g, em.Mul(g, inner))]
+    alpha = attr(node, "alpha", 1.0)
+    inner = em.Add(em.Div(y, em.const(alpha, like=x)), one)
+    return [em.where(_positive_input(em, node, alpha > 0), g, em.Mul(g, inner))]
 
 
 def _gelu_slope(em: Emitter, x: ir.Value) -> ir.Value:

@@ -1,0 +1,558 @@
+"""Clean-up of the gradient graph, on the new nodes only (the forward part is never touched).
+
+It happens as the graph is built: the emitter asks ``simplify`` before it creates a node, and takes the
+value it returns instead of the node. Together with what the emitter already does (identical ops shared,
+nodes no gradient needs dropped at commit), that covers the usual clean-up passes in one linear sweep:
+
+* constant folding: an op whose inputs are all constants (Constant nodes, small initializers) and whose
+  result is small becomes a Constant (``ReduceSum`` of a ones seed, index arithmetic on constants...);
+* identities with fills: ``x * 1``, ``x / 1``, ``x + 0``, ``x - 0`` are ``x``; ``1 * w`` with ``w``
+  broadcast to a larger shape is ``Expand(w)`` (so a large ones seed does not stay in the model);
+* shape no-ops: ``Reshape`` to a value's own static shape, ``Reshape`` of a ``Reshape``, ``Transpose``
+  by the identity or of a ``Transpose``, ``Squeeze`` of an ``Unsqueeze`` on the same axes (and back),
+  ``Cast`` to a value's own dtype, ``Neg`` of a ``Neg``;
+* ``Squeeze(ReduceSum(x, axes, keepdims=1), axes)`` is one ``ReduceSum(x, axes, keepdims=0)``;
+* the ``Sum`` of ``ScatterND`` into zeros at disjoint constant rows that cover the first axis (a tensor
+  split with Gathers, e.g. the q/k/v of PyTorch's attention) is a ``Concat`` of the updates.
+
+A rewrite only ever returns a value made by the same ``gradients()`` call (never a forward value: the
+caller may name or shape what it gets back).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import onnx_ir as ir
+
+if TYPE_CHECKING:
+    from onnxgrad.emitter import Emitter
+
+FOLD_LIMIT = 1 << 16  # largest constant (elements) that folding may create
+READ_LIMIT = 1 << 22  # largest initializer folding may read (weights are left to the runtime)
+
+Inputs = Sequence[ir.Value | None]
+Rewrite = Callable[["Emitter", Inputs, dict[str, Any]], "ir.Value | None"]
+
+
+# ---------------------------------------------------------------------------------------------- probes
+def is_new(v: ir.Value | None) -> bool:
+    """True for a value made by the gradients() call in progress (its node is not in a graph yet)."""
+    if v is None:
+        return False
+    node = v.producer()
+    return node is not None and node.graph is None
+
+
+def const_array(v: ir.Value | None) -> np.ndarray | None:
+    """The value of a Constant node's output, or of an integer initializer (shapes, indices).
+
+    Float initializers are weights: callers differentiate with respect to them and move them (a checker
+    turns them into inputs), so nothing computed from them is ever folded."""
+    if v is None:
+        return None
+    node = v.producer()
+    if node is not None:
+        if node.op_type != "Constant" or node.domain != "":
+            return None
+    elif v.const_value is None or v.is_graph_input() or v.dtype is None or v.dtype.is_floating_point() \
+            or getattr(v.const_value, "size", READ_LIMIT + 1) > READ_LIMIT:
+        return None
+    try:
+        tensor = ir.convenience.get_const_tensor(v)
+    except ValueError:
+        return None
+    if tensor is None or tensor.dtype in (ir.DataType.STRING, ir.DataType.UNDEFINED):
+        return None
+    return tensor.numpy()
+
+
+def fill_value(v: ir.Value | None) -> tuple[float, tuple[int, ...]] | None:
+    """(value, shape) when v is a tensor filled with one number: a uniform Constant or a ConstantOfShape
+    of a constant shape."""
+    if v is None:
+        return None
+    node = v.producer()
+    if node is None:
+        return None
+    if node.op_type == "Constant":
+        array = const_array(v)
+        if array is None or array.size == 0 or array.dtype.kind not in "fiu":
+            return None
+        first = array.flat[0]
+        if array.size > 1 and not np.all(array == first):
+            return None
+        return float(first), tuple(array.shape)
+    if node.op_type == "ConstantOfShape" and node.domain == "":
+        shape = const_array(node.inputs[0])
+        if shape is None:
+            return None
+        attr = node.attributes.get("value")
+        fill = 0.0 if attr is None else float(np.asarray(attr.as_tensor().numpy()).reshape(-1)[0])
+        return fill, tuple(int(d) for d in shape.reshape(-1))
+    return None
+
+
+def _dims(v: ir.Value) -> list[Any] | None:
+    return None if v.shape is None else list(v.shape)
+
+
+def _static(v: ir.Value) -> tuple[int, ...] | None:
+    dims = _dims(v)
+    if dims is None or not all(isinstance(d, int) for d in dims):
+        return None
+    return tuple(dims)
+
+
+def _keeps_shape(a: ir.Value, fill_shape: tuple[int, ...]) -> bool:
+    """True when broadcasting a against a tensor of ``fill_shape`` gives a's own shape."""
+    if not fill_shape:
+        return True
+    dims = _dims(a)
+    if dims is None or len(fill_shape) > len(dims):
+        return False
+    tail = dims[len(dims) - len(fill_shape):]
+    return all(f == 1 or (isinstance(d, int) and d == f) for d, f in zip(tail, fill_shape, strict=True))
+
+
+def _attr(attrs: dict[str, Any], name: str, default: Any = None) -> Any:
+    value = attrs.get(name, default)
+    return default if value is None else value
+
+
+def _axes(em: Emitter, inputs: Inputs, attrs: dict[str, Any], index: int = 1) -> list[int] | None:
+    """Axes given as attribute (older opsets) or as a constant input; None when not known."""
+    if len(inputs) > index and inputs[index] is not None:
+        array = const_array(inputs[index])
+        return None if array is None else [int(a) for a in array.reshape(-1)]
+    axes = attrs.get("axes")
+    return None if axes is None else [int(a) for a in axes]
+
+
+# --------------------------------------------------------------------------------------------- shapes
+_UNARY = frozenset({
+    "Abs", "Acos", "Acosh", "Asin", "Asinh", "Atan", "Atanh", "Cast", "Ceil", "Celu", "Cos", "Cosh", "Elu", "Erf",
+    "Exp", "Floor", "HardSigmoid", "HardSwish", "Identity", "IsInf", "IsNaN", "LeakyRelu", "Log", "LogSoftmax",
+    "Mish", "Neg", "Not", "Reciprocal", "Relu", "Round", "Selu", "Sigmoid", "Sign", "Sin", "Sinh", "Softmax",
+    "Softplus", "Softsign", "Sqrt", "Tan", "Tanh", "ThresholdedRelu",
+})
+_BROADCAST = frozenset({
+    "Add", "And", "BitShift", "Div", "Equal", "Greater", "GreaterOrEqual", "Less", "LessOrEqual", "Max", "Mean",
+    "Min", "Mod", "Mul", "Or", "Pow", "PRelu", "Sub", "Sum", "Where", "Xor",
+})
+
+
+def _known(dims: tuple[Any, ...]) -> bool:
+    """Every dim an int or a named symbol."""
+    for d in dims:
+        if type(d) is not int and d.value is None:
+            return False
+    return True
+
+
+def elementwise_shape(op: str, inputs: Inputs) -> ir.Shape | None:
+    """The output shape of an elementwise op from its inputs' shapes, or None unless every dim is known
+    (an int, or a named symbol that the broadcast does not have to reconcile with another)."""
+    if op in _UNARY:
+        shape = inputs[0].shape if inputs and inputs[0] is not None else None
+        return shape if shape is not None and _known(shape.dims) else None
+    if op not in _BROADCAST:
+        return None
+    shapes = [v.shape for v in inputs if v is not None]
+    if not shapes or any(s is None for s in shapes):  # not ``None in``: that calls Shape.__eq__
+        return None
+    shared = shapes[0]
+    if all(s is shared for s in shapes):  # one shape object, as rules share them (``out.shape = x.shape``)
+        return shared if _known(shared.dims) else None
+    all_dims = [s.dims for s in shapes]  # type: ignore[union-attr]
+    for dims in all_dims:
+        if not _known(dims):
+            return None
+    first = all_dims[0]
+    if all(d == first for d in all_dims[1:]):
+        return shared
+    rank = max(len(d) for d in all_dims)
+    out: list[Any] = []
+    for axis in range(rank):
+        dim: Any = 1
+        for dims in all_dims:
+            k = axis - (rank - len(dims))
+            if k < 0:
+                continue
+            d = dims[k]
+            if dim == 1 and type(dim) is int:
+                dim = d
+            elif (type(d) is int and d == 1) or d == dim:
+                continue
+            elif type(d) is int and type(dim) is not int:
+                dim = d  # a symbol broadcast against a size: the size (or a run-time error)
+            elif type(dim) is int and type(d) is not int:
+                continue
+            else:
+                return None
+        out.append(dim)
+    return ir.Shape(out)
+
+
+# -------------------------------------------------------------------------------------------- folding
+def _reshape_target(shape: Sequence[int], target: Sequence[int], allowzero: bool) -> list[int] | None:
+    out = [int(d) for d in target]
+    if not allowzero:
+        for i, d in enumerate(out):
+            if d == 0:
+                if i >= len(shape):
+                    return None
+                out[i] = int(shape[i])
+    if out.count(-1) > 1:
+        return None
+    if -1 in out:
+        known = int(np.prod([d for d in out if d != -1]))
+        total = int(np.prod(shape))
+        if known == 0 or total % known:
+            return None
+        out[out.index(-1)] = total // known
+    return out if int(np.prod(out)) == int(np.prod(shape)) else None
+
+
+def _fold(op: str, arrays: list[np.ndarray | None], attrs: dict[str, Any]) -> np.ndarray | None:
+    """numpy for the few ops constant index and seed arithmetic uses; None where not handled."""
+    a = arrays[0]
+    assert a is not None
+    if op in ("Add", "Sub", "Mul"):
+        b = arrays[1]
+        assert b is not None
+        return {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply}[op](a, b).astype(a.dtype)
+    if op == "Div" and a.dtype.kind == "f":
+        return (a / arrays[1]).astype(a.dtype)
+    if op == "Neg":
+        return -a
+    if op in ("Sqrt", "Reciprocal") and a.dtype.kind == "f":
+        return (np.sqrt(a) if op == "Sqrt" else 1.0 / a).astype(a.dtype)
+    if op == "Cast":
+        to = ir.DataType(int(attrs["to"]))
+        if to in (ir.DataType.STRING, ir.DataType.BFLOAT16) or a.dtype.kind not in "fiub":
+            return None
+        return a.astype(to.numpy())
+    if op == "Reshape":
+        shape = _reshape_target(a.shape, arrays[1].reshape(-1).tolist(), bool(_attr(attrs, "allowzero", 0)))
+        return None if shape is None else a.reshape(shape)
+    if op in ("Squeeze", "Unsqueeze"):
+        axes = arrays[1].reshape(-1).tolist() if len(arrays) > 1 else attrs.get("axes")
+        if op == "Squeeze":
+            if axes is None:
+                return np.squeeze(a)
+            return np.squeeze(a, tuple(int(x) % a.ndim for x in axes))
+        rank = a.ndim + len(axes)
+        return np.expand_dims(a, tuple(sorted(int(x) % rank for x in axes)))
+    if op == "Transpose":
+        perm = attrs.get("perm")
+        return np.transpose(a, None if perm is None else list(perm))
+    if op == "Concat":
+        parts = [p for p in arrays if p is not None]
+        return np.concatenate(parts, axis=int(attrs["axis"]))
+    if op == "ReduceSum":
+        axes = arrays[1].reshape(-1).tolist() if len(arrays) > 1 and arrays[1] is not None else attrs.get("axes")
+        keep = bool(_attr(attrs, "keepdims", 1))
+        if not axes:
+            if _attr(attrs, "noop_with_empty_axes", 0):
+                return a
+            axes = list(range(a.ndim))
+        return np.sum(a, axis=tuple(int(x) % a.ndim for x in axes), keepdims=keep).astype(a.dtype)
+    if op == "Gather":
+        idx = arrays[1]
+        assert idx is not None
+        axis = int(_attr(attrs, "axis", 0)) % a.ndim
+        return np.take(a, np.where(idx < 0, idx + a.shape[axis], idx), axis=axis)
+    return None
+
+
+_FOLDABLE = frozenset({"Add", "Sub", "Mul", "Div", "Neg", "Sqrt", "Reciprocal", "Cast", "Reshape", "Squeeze",
+                       "Unsqueeze", "Transpose", "Concat", "ReduceSum", "Gather"})
+
+
+def _try_fold(em: Emitter, op: str, inputs: Inputs, attrs: dict[str, Any]) -> ir.Value | None:
+    arrays = [None if v is None else const_array(v) for v in inputs]
+    if not arrays or any(a is None for a, v in zip(arrays, inputs, strict=True) if v is not None):
+        return None
+    if arrays[0] is None:
+        return None
+    try:
+        with np.errstate(all="ignore"):
+            out = _fold(op, arrays, attrs)
+    except (ValueError, IndexError, TypeError, KeyError):
+        return None  # malformed for numpy: leave it to the runtime's own error
+    if out is None or out.size > FOLD_LIMIT:
+        return None
+    dtype = inputs[0].dtype if op != "Cast" else ir.DataType(int(attrs["to"]))  # type: ignore[union-attr]
+    if dtype is None:
+        return None
+    return em.const(np.asarray(out), dtype=dtype)
+
+
+# ------------------------------------------------------------------------------------------- rewrites
+def _mul(em: Emitter, inputs: Inputs, attrs: dict[str, Any]) -> ir.Value | None:
+    """x * 1 -> x; 1 * w -> Expand(w) (w broadcast to the ones' larger shape)."""
+    a, b = inputs[0], inputs[1]
+    assert a is not None and b is not None
+    for x, one in ((a, b), (b, a)):
+        fill = fill_value(one)
+        if fill is None or fill[0] != 1.0:
+            continue
+        if _keeps_shape(x, fill[1]):  # a forward value is passed on through an Identity (free at run time)
+            return x if is_new(x) else em.Identity(x)
+        xs = _static(x)
+        if xs is None or em.opset < 8:
+            continue
+        try:
+            out_shape = np.broadcast_shapes(xs, fill[1])
+        except ValueError:
+            return None
+        out = em.Expand(x, em.ints(out_shape))
+        out.shape = ir.Shape(list(out_shape))
+        return out
+    return None
+
+
+def _div(em: Emitter, inputs: Inputs, attrs: dict[str, Any]) -> ir.Value | None:
+    """x / 1 -> x"""
+    x, one = inputs[0], inputs[1]
+    fill = fill_value(one)
+    if x is not None and fill is not None and fill[0] == 1.0 and _keeps_shape(x, fill[1]) and is_new(x):
+        return x
+    return None
+
+
+def _add(em: Emitter, inputs: Inputs, attrs: dict[str, Any]) -> ir.Value | None:
+    """x + 0 -> x (either side)"""
+    for x, zero in ((inputs[0], inputs[1]), (inputs[1], inputs[0])):
+        fill = fill_value(zero)
+        if x is not None and fill is not None and fill[0] == 0.0 and _keeps_shape(x, fill[1]) and is_new(x):
+            return x
+    return None
+
+
+def _sub(em: Emitter, inputs: Inputs, attrs: dict[str, Any]) -> ir.Value | None:
+    """x - 0 -> x"""
+    x, zero = inputs[0], inputs[1]
+    fill = fill_value(zero)
+    if x is not None and fill is not None and fill[0] == 0.0 and _keeps_shape(x, fill[1]) and is_new(x):
+        return x
+    return None
+
+
+def _producer(v: ir.Value | None, op: str) -> ir.Node | None:
+    """v's producer when it is a new (this call's) ``op`` node of the default domain."""
+    if v is None or not is_new(v):
+        return None
+    node = v.producer()
+    return node if node is not None and node.op_type == op and node.domain == "" else None
+
+
+def _neg(em: Emitter, inputs: Inputs, attrs: dict[str, Any]) -> ir.Value | None:
+    """-(-x) -> x"""
+    inner = _producer(inputs[0], "Neg")
+    x = None if inner is None else inner.inputs[0]
+    return x if is_new(x) else None
+
+
+def _cast(em: Emitter, inputs: Inputs, attrs: dict[str, Any]) -> ir.Value | None:
+    """Cast(x, dtype(x)) -> x"""
+    x = inputs[0]
+    if x is not None and x.dtype is not None and int(x.dtype) == int(attrs["to"]) and is_new(x):
+        return x
+    return None
+
+
+def _reshape(em: Emitter, inputs: Inputs, attrs: dict[str, Any]) -> ir.Value | None:
+    """Reshape(x, shape(x)) -> x; Reshape(Reshape(x, s1), s2) -> Reshape(x, s2)"""
+    x, target = inputs[0], inputs[1]
+    assert x is not None and target is not None
+    shape = const_array(target)
+    if shape is None:
+        return None
+    shape = shape.reshape(-1)
+    allowzero = bool(_attr(attrs, "allowzero", 0))
+    dims = _static(x)
+    if dims is not None and is_new(x):
+        out = _reshape_target(dims, shape.tolist(), allowzero)
+        if out is not None and tuple(out) == dims:
+            return x
+    inner = _producer(x, "Reshape")
+    if inner is not None and inner.inputs[0] is not None and (allowzero or not np.any(shape == 0)):
+        source = inner.inputs[0]
+        source_dims = _static(source)
+        if source_dims is not None and is_new(source):
+            out = _reshape_target(source_dims, shape.tolist(), allowzero)
+            if out is not None and tuple(out) == source_dims:
+                return source
+        return em.Reshape(source, target, allowzero=attrs.get("allowzero"))
+    return None
+
+
+def _transpose(em: Emitter, inputs: Inputs, attrs: dict[str, Any]) -> ir.Value | None:
+    """Transpose by the identity -> x; Transpose(Transpose(x, p), q) -> Transpose(x, p[q])"""
+    x = inputs[0]
+    perm = attrs.get("perm")
+    if x is None or perm is None:
+        return None
+    perm = [int(p) for p in perm]
+    if perm == list(range(len(perm))):
+        return x if is_new(x) else None
+    inner = _producer(x, "Transpose")
+    inner_perm = None if inner is None else inner.attributes.get("perm")
+    if inner is None or inner_perm is None or inner.inputs[0] is None:
+        return None
+    first = [int(p) for p in inner_perm.value]
+    if len(first) != len(perm):
+        return None
+    combined = [first[p] for p in perm]
+    source = inner.inputs[0]
+    if combined == list(range(len(combined))):
+        return source if is_new(source) else None
+    return em.Transpose(source, perm=combined)
+
+
+def _squeeze(em: Emitter, inputs: Inputs, attrs: dict[str, Any]) -> ir.Value | None:
+    """Squeeze(Unsqueeze(x, a), a) -> x; Squeeze(ReduceSum(x, a, keepdims=1), a) -> ReduceSum(x, a, keepdims=0)"""
+    axes = _axes(em, inputs, attrs)
+    x = inputs[0]
+    if axes is None or x is None:
+        return None
+    unsq = _producer(x, "Unsqueeze")
+    if unsq is not None:
+        inner_axes = _axes(em, unsq.inputs, {"axes": _node_attr(unsq, "axes")})
+        source = unsq.inputs[0]
+        if inner_axes is not None and sorted(inner_axes) == sorted(axes) and is_new(source):
+            return source
+    red = _producer(x, "ReduceSum")
+    if red is not None and _node_attr(red, "keepdims", 1) and not _node_attr(red, "noop_with_empty_axes", 0) \
+            and len(x.uses()) == 0:  # otherwise the keepdims=1 sum is needed anyway
+        red_axes = _axes(em, red.inputs, {"axes": _node_attr(red, "axes")})
+        rank = None if x.shape is None else x.shape.rank()
+        if red_axes and rank is not None:
+            norm = sorted(a % rank for a in red_axes)
+            if norm == sorted(a % rank for a in axes) and red.inputs[0] is not None:
+                out = em.reduce_sum(red.inputs[0], norm, keepdims=False)
+                dims = _dims(x)
+                if dims is not None:
+                    out.shape = ir.Shape([d for i, d in enumerate(dims) if i not in norm])
+                return out
+    return None
+
+
+def _unsqueeze(em: Emitter, inputs: Inputs, attrs: dict[str, Any]) -> ir.Value | None:
+    """Unsqueeze(Squeeze(x, a), a) -> x (x had size 1 there)"""
+    axes = _axes(em, inputs, attrs)
+    sq = _producer(inputs[0], "Squeeze")
+    if axes is None or sq is None:
+        return None
+    inner_axes = _axes(em, sq.inputs, {"axes": _node_attr(sq, "axes")})
+    source = sq.inputs[0]
+    if inner_axes is None or source is None or source.shape is None:
+        return None
+    rank = source.shape.rank()
+    if sorted(a % rank for a in inner_axes) == sorted(a % rank for a in axes) and is_new(source):
+        return source
+    return None
+
+
+def _sum(em: Emitter, inputs: Inputs, attrs: dict[str, Any]) -> ir.Value | None:
+    """Sum of ScatterND(zeros (m, ...), rows, u_i) over disjoint runs of rows covering 0..m-1 -> Concat(u_i)"""
+    if len(inputs) < 2:
+        return None
+    data, runs = None, []
+    for term in inputs:
+        node = _producer(term, "ScatterND")
+        if node is None or len(node.inputs) != 3 or _node_attr(node, "reduction", "none") not in ("none", "add"):
+            return None
+        if data is None:
+            data = node.inputs[0]
+        elif node.inputs[0] is not data:
+            return None
+        rows = const_array(node.inputs[1])
+        if rows is None or rows.ndim != 2 or rows.shape[1] != 1:
+            return None
+        runs.append((rows.reshape(-1), node.inputs[2]))
+    fill = fill_value(data)
+    if fill is None or fill[0] != 0.0 or not fill[1]:
+        return None
+    m = fill[1][0]
+    runs = [((r % m if m else r), u) for r, u in runs]
+    runs.sort(key=lambda t: int(t[0][0]) if t[0].size else -1)
+    flat = np.concatenate([r for r, _ in runs])
+    if flat.size != m or not np.array_equal(flat, np.arange(m)):
+        return None
+    out = em.Concat(*[u for _, u in runs], axis=0)
+    out.shape = ir.Shape(list(fill[1]))
+    return out
+
+
+def _slice(em: Emitter, inputs: Inputs, attrs: dict[str, Any]) -> ir.Value | None:
+    """Slice that keeps every element (starts 0, ends past the static size, steps 1) -> x"""
+    x = inputs[0]
+    dims = None if x is None else _static(x)
+    if dims is None or not is_new(x):
+        return None
+    if len(inputs) > 1:  # opset 10 on: starts, ends, axes, steps as inputs
+        arrays = [const_array(v) if v is not None else None for v in inputs[1:5]]
+        if arrays[0] is None or arrays[1] is None or any(a is None for a, v in zip(arrays, inputs[1:5], strict=False)
+                                                         if v is not None):
+            return None
+        starts, ends = arrays[0].reshape(-1).tolist(), arrays[1].reshape(-1).tolist()
+        axes = arrays[2].reshape(-1).tolist() if len(arrays) > 2 and arrays[2] is not None else list(range(len(starts)))
+        steps = arrays[3].reshape(-1).tolist() if len(arrays) > 3 and arrays[3] is not None else [1] * len(starts)
+    else:
+        starts, ends = list(attrs.get("starts") or []), list(attrs.get("ends") or [])
+        axes = list(attrs.get("axes") or range(len(starts)))
+        steps = [1] * len(starts)
+    for start, end, axis, step in zip(starts, ends, axes, steps, strict=False):
+        size = dims[int(axis) % len(dims)]
+        if step != 1 or not (start == 0 or start <= -size) or end < size:
+            return None
+    return x
+
+
+def _node_attr(node: ir.Node, name: str, default: Any = None) -> Any:
+    a = node.attributes.get(name)
+    if a is None:
+        return default
+    value = a.value
+    return list(value) if isinstance(value, Sequence) and not isinstance(value, str | bytes) else value
+
+
+_REWRITES: dict[str, Rewrite] = {
+    "Mul": _mul,
+    "Div": _div,
+    "Add": _add,
+    "Sub": _sub,
+    "Neg": _neg,
+    "Cast": _cast,
+    "Reshape": _reshape,
+    "Transpose": _transpose,
+    "Squeeze": _squeeze,
+    "Unsqueeze": _unsqueeze,
+    "Sum": _sum,
+    "Slice": _slice,
+}
+
+
+def simplify(em: Emitter, op_type: str, inputs: Inputs, attrs: dict[str, Any]) -> ir.Value | None:
+    """A value to use instead of emitting ``op_type(inputs, attrs)`` (one output, default domain), or None."""
+    rewrite = _REWRITES.get(op_type)
+    if rewrite is None and op_type not in _FOLDABLE:
+        return None
+    if not inputs or any(v is None for v in inputs[:1]):
+        return None
+    if op_type in _FOLDABLE and all(v is None or _is_constant_node(v) for v in inputs):
+        folded = _try_fold(em, op_type, inputs, attrs)
+        if folded is not None:
+            return folded
+    return None if rewrite is None else rewrite(em, inputs, attrs)
+
+
+def _is_constant_node(v: ir.Value) -> bool:
+    """Cheap pre-check: a Constant output or an initializer (const_array decides the rest)."""
+    node = v.producer()
+    return (node.op_type == "Constant") if node is not None else v.const_value is not None

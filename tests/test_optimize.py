@@ -1,0 +1,188 @@
+"""The clean-up of gradient graphs (onnxgrad.optimize): every rewrite keeps the values, shrinks the graph,
+and never touches the forward part."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+import onnxgrad
+import onnxgrad.emitter
+from onnxgrad import optimize
+from onnxgrad.emitter import Emitter
+from tests.graphs import Graph, N, build, run
+
+RNG = np.random.default_rng(7)
+
+
+def _u(*shape: int) -> np.ndarray:
+    return RNG.uniform(-1, 1, shape)
+
+
+@contextmanager
+def plain() -> Iterator[None]:
+    """gradients() without the clean-up (the emitter asks a simplify that never simplifies)."""
+    saved = onnxgrad.emitter.simplify
+    onnxgrad.emitter.simplify = lambda *args: None  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        onnxgrad.emitter.simplify = saved
+
+
+def _grads(g: Graph, ys: list[str], xs: list[str], **kwargs: object) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    aug = onnxgrad.add_gradients(build(g), ys, xs, **kwargs)  # type: ignore[arg-type]
+    onnx.checker.check_model(aug.model, full_check=True)
+    names = [n for n in aug.gradients.values() if n is not None]
+    return aug.model, run(aug.model, g.feeds, names)
+
+
+def _ops(model: onnx.ModelProto) -> Counter[str]:
+    return Counter(n.op_type for n in model.graph.node if n.name.startswith("gradients"))
+
+
+# A tensor split along its first axis with Gathers (PyTorch's q/k/v), a bias added over a batch, Reshape and
+# Transpose chains, Squeeze/Unsqueeze pairs, a no-op Slice, a ones seed of a large output.
+QKV = Graph(
+    [N("p", "MatMul", "x", "w"), N("r", "Reshape", "p", "shape3"), N("t", "Transpose", "r", perm=[2, 0, 1]),
+     N("q", "Gather", "t", "i0", axis=0), N("k", "Gather", "t", "i1", axis=0), N("v", "Gather", "t", "i2", axis=0),
+     N("qk", "Mul", "q", "k"), N("s", "Add", "qk", "v"), N("y", "Add", "s", "b")],
+    inputs={"x": _u(4, 5)}, inits={"w": _u(5, 6), "b": _u(2)},
+    consts={"shape3": np.array([4, 2, 3]), "i0": np.array(0), "i1": np.array(1), "i2": np.array(2)},
+)
+CHAINS = Graph(
+    [N("a", "Reshape", "x", "s1"), N("b", "Reshape", "a", "s2"), N("c", "Transpose", "b", perm=[1, 0, 2]),
+     N("d", "Transpose", "c", perm=[2, 1, 0]), N("e", "Unsqueeze", "d", "ax"), N("f", "Squeeze", "e", "ax"),
+     N("g", "Slice", "f", "st", "en"), N("h", "Tanh", "g"), N("y", "Mul", "h", "w")],
+    inputs={"x": _u(2, 3, 4)}, inits={"w": _u(4, 2, 3)},
+    consts={"s1": np.array([6, 4]), "s2": np.array([2, 3, 4]), "ax": np.array([1]), "st": np.array([0]),
+            "en": np.array([100])},
+)
+BIAS = Graph([N("h", "MatMul", "x", "w"), N("z", "Add", "h", "b"), N("y", "Relu", "z")],
+             inputs={"x": _u(8, 5)}, inits={"w": _u(5, 7), "b": _u(7)})
+
+
+@pytest.mark.parametrize(("g", "ys", "xs"), [
+    (QKV, ["y"], ["x", "w", "b"]),
+    (CHAINS, ["y"], ["x", "w"]),
+    (BIAS, ["y"], ["x", "w", "b"]),
+], ids=["qkv", "chains", "bias"])
+def test_clean_up_keeps_values_and_shrinks_the_graph(g: Graph, ys: list[str], xs: list[str]) -> None:
+    with plain():
+        before, expected = _grads(g, ys, xs)
+    after, got = _grads(g, ys, xs)
+    assert got.keys() == expected.keys()
+    for name, value in expected.items():
+        np.testing.assert_allclose(got[name], value, rtol=1e-12, atol=1e-12, err_msg=name)
+    assert len(after.graph.node) < len(before.graph.node)
+
+
+def test_gather_split_gradient_is_a_concat() -> None:
+    model, _ = _grads(QKV, ["y"], ["x"])
+    ops = _ops(model)
+    assert ops["Concat"] == 1 and ops["ScatterND"] == 0
+
+
+def test_bias_gradient_is_one_reduce_sum() -> None:
+    model, _ = _grads(BIAS, ["y"], ["b"])
+    ops = _ops(model)
+    assert ops["ReduceSum"] == 1 and ops["Squeeze"] == 0
+
+
+def test_no_op_shape_chains_leave_nothing() -> None:
+    model, _ = _grads(CHAINS, ["y"], ["x"])
+    ops = _ops(model)
+    assert ops["Slice"] == 0 and ops["Squeeze"] == 0 and ops["Unsqueeze"] == 0
+    assert ops["Reshape"] <= 1 and ops["Transpose"] <= 1
+
+
+def test_large_ones_seed_does_not_stay_in_the_model() -> None:
+    g = Graph([N("y", "Mul", "x", "w")], inputs={"x": _u(64, 128)}, inits={"w": _u(128)})
+    model, grads = _grads(g, ["y"], ["x", "w"])
+    big = [n for n in model.graph.node if n.op_type == "Constant"
+           and np.asarray(onnx.numpy_helper.to_array(n.attribute[0].t)).size >= 64 * 128]
+    assert not big
+    np.testing.assert_allclose(grads["gradients/x_grad"], np.broadcast_to(g.inits["w"], (64, 128)))
+    np.testing.assert_allclose(grads["gradients/w_grad"], g.inputs["x"].sum(axis=0))
+
+
+def test_forward_part_is_untouched() -> None:
+    proto = build(QKV)
+    aug = onnxgrad.add_gradients(proto, ["y"], ["x", "w", "b"])
+    forward = list(proto.graph.node)
+    assert [n.SerializeToString() for n in aug.model.graph.node[: len(forward)]] == \
+        [n.SerializeToString() for n in forward]
+    assert not any(n.name.startswith("gradients") for n in aug.model.graph.node[: len(forward)])
+
+
+def test_forward_values_are_never_returned_in_place_of_a_gradient() -> None:
+    """dz/dx of z = x * w with a ones seed is w itself: the gradient must be a new value (an Expand or an
+    Identity), not the forward value renamed."""
+    g = Graph([N("z", "Mul", "x", "w")], inputs={"x": _u(3, 4), "w": _u(3, 4)})
+    model, grads = _grads(g, ["z"], ["x"])
+    assert any(v.name == "w" for v in model.graph.input)
+    np.testing.assert_array_equal(grads["gradients/x_grad"], g.inputs["w"])
+
+
+def test_second_order_through_cleaned_graphs() -> None:
+    """Hessian-vector products differentiate cleaned gradient graphs (folded constants included)."""
+    g = Graph([N("h", "MatMul", "x", "w"), N("t", "Tanh", "h"), N("y", "ReduceSum", "t", keepdims=0)],
+              inputs={"x": _u(3, 4)}, inits={"w": _u(4, 2)})
+    m = ir.serde.deserialize_model(build(g))
+    v = _u(4, 2)
+    (hv,) = onnxgrad.hessian_vector_product(m, "y", ["w"], v=[v])
+    m.graph.outputs.append(next(val for n in m.graph for val in n.outputs if val.name == hv))
+    got = run(ir.serde.serialize_model(m), g.feeds, [hv])[hv]  # type: ignore[list-item]
+    x, w = g.inputs["x"], g.inits["w"]
+    t = np.tanh(x @ w)
+    expected = x.T @ (-2 * t * (1 - t**2) * (x @ v))
+    np.testing.assert_allclose(got, expected, rtol=1e-10)
+
+
+# ------------------------------------------------------------------------------------------ unit level
+def _emitter(opset: int = 17) -> tuple[Emitter, ir.Value]:
+    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([2, 3]))
+    graph = ir.Graph([x], [], nodes=[], opset_imports={"": opset})
+    return Emitter(graph, opset, "gradients"), x
+
+
+def test_folding_of_constant_only_ops() -> None:
+    em, _ = _emitter()
+    ones = em.const(np.ones((2, 3)), dtype=ir.DataType.FLOAT)
+    total = em.op("ReduceSum", ones, em.ints([0]), keepdims=0)
+    np.testing.assert_array_equal(em.constant_value(total), [2.0, 2.0, 2.0])
+    idx = em.Unsqueeze(em.Reshape(em.ints([2]), em.ints([])), em.ints([0]))
+    np.testing.assert_array_equal(em.constant_value(idx), [2])
+    assert all(n.op_type == "Constant" for n in em.nodes)
+
+
+def test_identities_with_fills_return_only_new_values() -> None:
+    em, x = _emitter()
+    ones = em.const(np.ones((1, 3)), dtype=ir.DataType.FLOAT)
+    zeros = em.const(np.zeros(()), dtype=ir.DataType.FLOAT)
+    assert em.Mul(x, ones) is not x  # x is a graph input: kept apart from the gradient
+    t = em.Tanh(x)
+    assert em.Mul(ones, t) is t and em.Div(t, ones) is t and em.Add(zeros, t) is t and em.Sub(t, zeros) is t
+    wide = em.const(np.ones((4, 2, 3)), dtype=ir.DataType.FLOAT)
+    expanded = em.Mul(t, wide)
+    assert expanded.producer().op_type == "Expand"
+
+
+def test_shape_rewrites() -> None:
+    em, x = _emitter()
+    t = em.Tanh(x)
+    t.shape = ir.Shape([2, 3])
+    assert em.Transpose(em.Transpose(t, perm=[1, 0]), perm=[1, 0]) is t
+    assert em.Reshape(t, em.ints([2, 3])) is t
+    assert em.Squeeze(em.Unsqueeze(t, em.ints([0])), em.ints([0])) is t
+    assert em.Cast(t, to=ir.DataType.FLOAT) is t
+    assert em.Neg(em.Neg(t)) is t
+    twice = em.Reshape(em.Reshape(t, em.ints([6])), em.ints([3, 2]))
+    assert twice.producer().inputs[0] is t
+    assert optimize.simplify(em, "Tanh", [t], {}) is None
