@@ -1,7 +1,6 @@
 """fwd+bwd against forward-only onnxruntime and PyTorch eager, on the same weights and the same threads.
 
     .venv/bin/python bench/run.py --model all          # mlp, cnn, transformer, resnet50
-    .venv/bin/python bench/run.py --model cnn resnet50 --proposals   # with bench/proposals.py's Conv rule
     .venv/bin/python bench/run.py --model cnn --profile /tmp/prof   # also write onnxruntime profiles
 
 For each model: build the gradient graph (the input and every weight as xs; ones as grad_ys, except for
@@ -196,8 +195,6 @@ def table(rows: list[Row]) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=["all"], nargs="+", choices=[*models.MODELS, "all"])
-    parser.add_argument("--proposals", action="store_true",
-                        help="register the rule changes of bench/proposals.py first (Conv: im2col + Gemm dW)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--budget", type=float, default=30.0, help="seconds of timed repetitions per model")
     parser.add_argument("--min-reps", type=int, default=10)
@@ -207,8 +204,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--write", help="write the table to this markdown file (e.g. bench/RESULTS.md)")
     args = parser.parse_args(argv)
     names = list(models.MODELS) if "all" in args.model else list(dict.fromkeys(args.model))
-    if args.proposals:
-        import bench.proposals  # registers over the current rules
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
@@ -223,7 +218,7 @@ def main(argv: list[str] | None = None) -> None:
                 onnx.save(build.model, os.path.join(args.save, f"{name}_grad.onnx"))
             profile = f"{args.profile}_{name}" if args.profile else None
             timing, err = time_model(bench, build, args.threads, args.budget, args.min_reps, profile)
-            row = Row(f"{name} (proposals)" if args.proposals else name, build, timing, err)
+            row = Row(name, build, timing, err)
             if not args.no_memory:
                 path, x_path = os.path.join(tmp, f"{name}_grad.onnx"), os.path.join(tmp, f"{name}_x.npy")
                 onnx.save(build.model, path)
