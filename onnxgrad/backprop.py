@@ -13,6 +13,7 @@ import onnx_ir as ir
 
 from onnxgrad import registry
 from onnxgrad.emitter import Emitter, is_float
+from onnxgrad.rules.functions import function_rule
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -185,7 +186,10 @@ def backprop(em: Emitter, graph: ir.Graph, req: Request) -> list[ir.Value | None
         known = rules.get((node.domain, node.op_type))
         if known is None:  # one registry look-up per op type, not per node
             opset = _opset_of(graph, node.domain)
-            known = rules[node.domain, node.op_type] = (opset, registry.lookup(node.domain, node.op_type, opset))
+            rule = registry.lookup(node.domain, node.op_type, opset)
+            if rule is None:  # no rule of its own: differentiate the schema's function body, if it has one
+                rule = function_rule(node.domain, node.op_type, opset)
+            known = rules[node.domain, node.op_type] = (opset, rule)
         opset, rule = known
         if rule is None:
             raise no_rule_error(node, opset)

@@ -24,6 +24,7 @@ Reshape Flatten Squeeze Unsqueeze Transpose Slice Gather GatherElements GatherND
 DepthToSpace SpaceToDepth Trilu ReverseSequence Compress CenterCropPad ScatterElements ScatterND Scatter TensorScatter
 TopK Identity Cast CastLike
 Attention RotaryEmbedding SoftmaxCrossEntropyLoss NegativeLogLikelihoodLoss Dropout DFT STFT
+LinearAttention CausalConvWithState
 """.split()
 
 LATEST = onnx.defs.onnx_opset_version()

@@ -157,3 +157,36 @@ CASES += [
     Case("STFT", [SIGNAL_C, N(3), Const(WIN)], attrs={"onesided": 0}, opset=17, id="complex-const-window"),
     Case("STFT", [SIGNAL_R, N(3), WIN], attrs={"onesided": 1}, opset=20, id="v20-model", dynamic=False),
 ]
+
+# ------------------------------------------------------------- function-bodied ops (onnxgrad.rules.functions)
+# Differentiated through the schema's function body (Scan unrolled), run on onnx's reference evaluator (opset 27).
+# Both schemas allow float32/float16/bfloat16 only: float32, with the checker's float32 steps and tolerance.
+LQ, LK, LV = F(r(2, 3, 4, seed=40)), F(r(2, 3, 4, seed=41)), F(r(2, 3, 4, seed=42))  # H=2, d_k=d_v=2, T=3
+LS = F(r(2, 2, 2, 2, seed=43, low=-0.5, high=0.5))  # past state (B, H_kv, d_k, d_v)
+LG = F(r(2, 3, 2, seed=44, low=-0.5, high=0.0))  # decay (log space), one per KV head
+LB = F(r(2, 3, 2, seed=45, low=0.2, high=0.8))  # beta, one per KV head
+LA = {"q_num_heads": 2, "kv_num_heads": 2}
+CASES += [
+    Case("LinearAttention", [LQ, LK, LV, LS], attrs={**LA, "update_rule": "linear"}, opset=27, n_outputs=2,
+         id="linear"),
+    Case("LinearAttention", [LQ, LK, LV, LS, LG], attrs={**LA, "update_rule": "gated"}, opset=27, n_outputs=2,
+         id="gated"),
+    Case("LinearAttention", [LQ, LK, LV, LS, None, LB], attrs={**LA, "update_rule": "delta"}, opset=27,
+         n_outputs=2, id="delta"),
+    Case("LinearAttention", [LQ, LK, LV, LS, LG, LB], attrs=LA, opset=27, n_outputs=2, id="gated-delta"),
+    Case("LinearAttention", [LQ, LK[:, :, :2], LV[:, :, :2]],
+         attrs={"q_num_heads": 2, "kv_num_heads": 1, "update_rule": "linear", "scale": 0.3}, opset=27,
+         n_outputs=2, id="gqa-no-past-scale"),
+]
+CX, CW = F(r(2, 3, 5, seed=46)), F(r(3, 1, 3, seed=47))  # (B, C, L), depthwise weight (C, 1, k)
+CB, CP = F(r(3, seed=48)), F(r(2, 3, 2, seed=49))  # bias (C), past state (B, C, k-1)
+# second_order=False: the second-order graph holds a grouped ConvTranspose whose weight has M/group > 1, which onnx
+# 1.23's reference evaluator slices wrongly (by output channels: "cannot reshape array"); onnxruntime computes the
+# same graph right (the Conv group cases in conv.py pass the second-order check on it).
+CC = {"opset": 27, "n_outputs": 2, "second_order": False}
+CASES += [
+    Case("CausalConvWithState", [CX, CW], id="plain", **CC),
+    Case("CausalConvWithState", [CX, CW, CB, CP], id="bias-past", **CC),
+    Case("CausalConvWithState", [CX, CW, None, CP], attrs={"activation": "silu"}, id="past-silu", **CC),
+    Case("CausalConvWithState", [CX, CW, CB], attrs={"activation": "swish"}, id="bias-swish", **CC),
+]
