@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 LINT_PATHS = $(wildcard onnxgrad tests models bench)
 
-.PHONY: demo test lint models clean distclean
+.PHONY: demo test fuzz lint models clean distclean
 
 demo: $(VENV)/.installed
 	$(BIN)/onnxgrad grad models/mlp.onnx -o build/mlp_grad.onnx --ys loss --xs W1 --xs b1 --xs W2 --xs b2 --xs x
@@ -15,6 +15,10 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed-test
 	$(BIN)/ruff check $(LINT_PATHS)
 	$(BIN)/python -m pytest -q tests
+
+# the long generated-graph run (tests/test_fuzz.py's 'long' hypothesis profile: 20,000 graphs)
+fuzz: $(VENV)/.installed-test
+	ONNXGRAD_FUZZ_PROFILE=long $(BIN)/python -m pytest -q tests/test_fuzz.py --hypothesis-show-statistics
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check $(LINT_PATHS)
