@@ -20,7 +20,7 @@ import onnx_ir.passes.common
 
 from onnxgrad import registry
 from onnxgrad.emitter import FLOAT_TYPES
-from onnxgrad.io import staged_with_data
+from onnxgrad.io import ModelFileError, load_model, one_line, staged_with_data
 
 WEIGHTS = "@weights"
 INPUTS = "@inputs"
@@ -334,20 +334,11 @@ def load_lazy(path: str | os.PathLike[str]) -> ir.Model:
     """Load a model with onnx_ir, leaving external tensors on disk (read on use, memory-mapped).
 
     Raises ``onnxgrad.io.ModelFileError`` with one clear line when the file cannot be had."""
-    from onnxgrad.io import ModelFileError, one_line
-
-    p = Path(path)
-    if not p.exists():
-        raise ModelFileError(f"model file '{p}' not found")
-    if p.is_dir():
-        raise ModelFileError(f"'{p}' is a directory, not an ONNX model file")
+    load_model(path, load_external_data=False)  # the graph alone: its errors, in the loader's words
     try:
-        model = ir.load(os.fspath(p))
-    except OSError as e:
-        raise ModelFileError(f"cannot read model '{p}': {one_line(e.strerror or e)}") from None
-    except Exception as e:  # protobuf DecodeError and friends
-        raise ModelFileError(f"'{p}' is not a valid ONNX model ({one_line(e)})") from None
-    return model
+        return ir.load(os.fspath(path))
+    except Exception as e:  # e.g. unreadable external data
+        raise ModelFileError(f"'{path}' is not a valid ONNX model ({one_line(e)})") from None
 
 
 def external_locations(model: ir.Model) -> set[Path]:
