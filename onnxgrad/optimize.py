@@ -315,31 +315,27 @@ def _mul(em: Emitter, inputs: Inputs, attrs: dict[str, Any]) -> ir.Value | None:
     return None
 
 
-def _div(em: Emitter, inputs: Inputs, attrs: dict[str, Any]) -> ir.Value | None:
-    """x / 1 -> x"""
-    x, one = inputs[0], inputs[1]
-    fill = fill_value(one)
-    if x is not None and fill is not None and fill[0] == 1.0 and _keeps_shape(x, fill[1]) and is_new(x):
+def _drop_neutral(x: ir.Value | None, c: ir.Value | None, neutral: float) -> ir.Value | None:
+    """x, when ``c`` is filled with ``neutral`` and broadcasting it leaves x's shape alone."""
+    fill = fill_value(c)
+    if x is not None and fill is not None and fill[0] == neutral and _keeps_shape(x, fill[1]) and is_new(x):
         return x
     return None
+
+
+def _div(em: Emitter, inputs: Inputs, attrs: dict[str, Any]) -> ir.Value | None:
+    """x / 1 -> x"""
+    return _drop_neutral(inputs[0], inputs[1], 1.0)
 
 
 def _add(em: Emitter, inputs: Inputs, attrs: dict[str, Any]) -> ir.Value | None:
     """x + 0 -> x (either side)"""
-    for x, zero in ((inputs[0], inputs[1]), (inputs[1], inputs[0])):
-        fill = fill_value(zero)
-        if x is not None and fill is not None and fill[0] == 0.0 and _keeps_shape(x, fill[1]) and is_new(x):
-            return x
-    return None
+    return _drop_neutral(inputs[0], inputs[1], 0.0) or _drop_neutral(inputs[1], inputs[0], 0.0)
 
 
 def _sub(em: Emitter, inputs: Inputs, attrs: dict[str, Any]) -> ir.Value | None:
     """x - 0 -> x"""
-    x, zero = inputs[0], inputs[1]
-    fill = fill_value(zero)
-    if x is not None and fill is not None and fill[0] == 0.0 and _keeps_shape(x, fill[1]) and is_new(x):
-        return x
-    return None
+    return _drop_neutral(inputs[0], inputs[1], 0.0)
 
 
 def _producer(v: ir.Value | None, op: str) -> ir.Node | None:
