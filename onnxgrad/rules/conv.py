@@ -249,8 +249,10 @@ def conv(em: Emitter, node: ir.Node, dy: Grads) -> Out:
     win = _conv_window(node, x, w)
     group = attr(node, "group", 1)
     dx = (_adjoint_conv(em, g, w, win) if group == 1 else None) or _adjoint(em, g, w, win, group)
-    dw = (_weight_grad_gemm(em, x, g, win, w) if group == 1 else None) or _weight_grad(em, x, g, win, group, w)
-    return [dx, dw, *_bias_grad(em, node, g, win.rank)]
+    dw = None
+    if group == 1:
+        dw = _weight_grad_interleaved(em, x, g, win, w) or _weight_grad_gemm(em, x, g, win, w)
+    return [dx, dw or _weight_grad(em, x, g, win, group, w), *_bias_grad(em, node, g, win.rank)]
 
 
 def _channels_first(em: Emitter, v: ir.Value) -> ir.Value:
@@ -308,6 +310,34 @@ def _weight_grad_gemm(em: Emitter, x: ir.Value, g: ir.Value, win: Window, w: ir.
     zero = em.const(0.0, like=g) if em.opset < 11 else None
     dw = em.Gemm(gm, cols, zero, transB=1, beta=0.0 if zero is not None else None)
     return em.Reshape(dw, em.ints(list(wd)))
+
+
+def _weight_grad_interleaved(em: Emitter, x: ir.Value, g: ir.Value, win: Window, w: ir.Value) -> ir.Value | None:
+    """dW as ONE batch-1 Conv: X's channels interleaved into its last spatial axis, (1, N, *S, S_last*C), with
+    dY^T (M, N, *out) as the kernel, dilated by the strides (by stride*C on the last axis); output position
+    t*C + c of the last axis is dW[:, c, ..., t]. None where im2col + Gemm is the better plan: for unstrided
+    1x1 kernels (a plain Gemm), for dilated convs, and where the weight outweighs the activations (N * out < M),
+    as the final transpose of dW then dominates."""
+    wd, xd = static_dims(w), x.shape
+    if wd is None or xd is None or any(d != 1 for d in win.dilations):
+        return None
+    if math.prod(win.kernel) == 1 and all(s == 1 for s in win.strides):
+        return None
+    batch = xd[0] if isinstance(xd[0], int) else 1
+    m, c, n = wd[0], wd[1], win.rank
+    if batch * math.prod(win.size_out) < m:
+        return None
+    *lead, last = win.size_in
+    xi = em.Reshape(em.Transpose(x, perm=[0, *range(2, n + 2), 1]), em.ints([1, -1, *lead, last * c]))
+    begin, end = list(win.begin), list(win.end)
+    begin[-1] *= c
+    end[-1] *= c
+    dilations = [*win.strides[:-1], win.strides[-1] * c]
+    dw = em.Conv(xi, _channels_first(em, g), dilations=dilations, pads=[*begin, *end])
+    kernel = [*win.kernel[:-1], win.kernel[-1] * c]
+    dw = _crop(em, dw, kernel, win.extra)
+    dw = em.Reshape(dw, em.ints([m, *win.kernel, c]))
+    return em.Transpose(dw, perm=[0, n + 1, *range(1, n + 1)])
 
 
 def _adjoint_conv(em: Emitter, g: ir.Value, w: ir.Value, win: Window) -> ir.Value | None:
