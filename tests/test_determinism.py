@@ -21,7 +21,7 @@ from tests.cases import ALL
 from tests.gradcheck import build
 h = hashlib.sha256()
 for case in ALL[::7]:
-    model, ys, xs, _ = build(case, dynamic=True)
+    model, ys, xs, _ = build(case, dynamic=case.dynamic)
     h.update(add_gradients(model, ys, xs, aggregation_method="experimental_tree").model.SerializeToString())
 print(h.hexdigest())
 """
@@ -30,7 +30,7 @@ print(h.hexdigest())
 def _digest_here() -> str:
     h = hashlib.sha256()
     for case in ALL[::7]:
-        model, ys, xs, _ = build(case, dynamic=True)
+        model, ys, xs, _ = build(case, dynamic=case.dynamic)
         h.update(add_gradients(model, ys, xs, aggregation_method="experimental_tree").model.SerializeToString())
     return h.hexdigest()
 

@@ -181,6 +181,37 @@ def _forward(em: Emitter, g: ir.Value, kernel: ir.Value, win: Window, group: int
     return _crop(em, out, win.size_out, [e - s + 1 for e, s in zip(win.extra, win.strides, strict=True)])
 
 
+def _tiles(win: Window) -> bool:
+    """True when the windows tile the input exactly: no pads, no dilation, no overlap, no row left over."""
+    return not any(win.begin) and all(
+        n == k * m and d == 1 and (m == 1 or s == k)
+        for n, m, k, s, d in zip(win.size_in, win.size_out, win.kernel, win.strides, win.dilations, strict=True)
+    )
+
+
+def _interleave(win: Window) -> tuple[list[int], list[int]]:
+    """For tiling windows: the (NC, o1, k1, o2, k2, ...) shape and the permutation that takes (NC, k1, k2, ...,
+    o1, o2, ...) there; read as (NC, *size_in), the former is the input."""
+    n = win.rank
+    shape = [v for m, k in zip(win.size_out, win.kernel, strict=True) for v in (m, k)]
+    perm = [0, *[a for i in range(n) for a in (n + 1 + i, 1 + i)]]
+    return [-1, *shape], perm
+
+
+def _spread(em: Emitter, g: ir.Value, win: Window, scale: float) -> ir.Value:
+    """The adjoint of a ones-kernel window sum, times ``scale``: each window's dY copied over its window, as
+    (NC, 1, *size_in) from g = (NC, 1, *size_out). Tiling windows take one broadcast Mul, others a ConvTranspose."""
+    if not _tiles(win):
+        if scale != 1.0:
+            g = em.Mul(g, em.const(scale, like=g))
+        return _adjoint(em, g, em.const(np.ones((1, 1, *win.kernel)), like=g), win)
+    shape, _ = _interleave(win)
+    spread = np.full([1, *[v for k in win.kernel for v in (1, k)]], scale)
+    out = em.Mul(em.Reshape(g, em.ints(shape[:1] + [1 if i % 2 else v for i, v in enumerate(shape[1:])])),
+                 em.const(spread, like=g))
+    return em.Reshape(out, em.ints([-1, 1, *win.size_in]))
+
+
 def _weight_grad(em: Emitter, x: ir.Value, g: ir.Value, win: Window, group: int, w: ir.Value) -> ir.Value:
     """dW of ``Conv(x, W)`` (W: (M, Cg, *k)) given g = dY: one grouped Conv of x with its batch and
     channel axes swapped, using g (batch and channel swapped) as the kernel; strides and dilations trade places."""
@@ -327,15 +358,17 @@ def _weight_grad_interleaved(em: Emitter, x: ir.Value, g: ir.Value, win: Window,
     m, c, n = wd[0], wd[1], win.rank
     if batch * math.prod(win.size_out) < m:
         return None
-    *lead, last = win.size_in
-    xi = em.Reshape(em.Transpose(x, perm=[0, *range(2, n + 2), 1]), em.ints([1, -1, *lead, last * c]))
+    xt = em.Transpose(x, perm=[0, *range(2, n + 2), 1])  # (N, *S, C)
+    # rows no window reads would only widen the output (4x the work for a 1x1 stride-2 conv): cut them
+    *lead, last = [size - extra for size, extra in zip(win.size_in, win.extra, strict=True)]
+    if any(win.extra):
+        xt = em.slice(xt, [0] * n, [*lead, last], list(range(1, n + 1)))
+    xi = em.Reshape(xt, em.ints([1, -1, *lead, last * c]))
     begin, end = list(win.begin), list(win.end)
     begin[-1] *= c
     end[-1] *= c
     dilations = [*win.strides[:-1], win.strides[-1] * c]
-    dw = em.Conv(xi, _channels_first(em, g), dilations=dilations, pads=[*begin, *end])
-    kernel = [*win.kernel[:-1], win.kernel[-1] * c]
-    dw = _crop(em, dw, kernel, win.extra)
+    dw = em.Conv(xi, _channels_first(em, g), dilations=dilations, pads=[*begin, *end])  # (1, M, *k, k_last * C)
     dw = em.Reshape(dw, em.ints([m, *win.kernel, c]))
     return em.Transpose(dw, perm=[0, n + 1, *range(1, n + 1)])
 
@@ -410,7 +443,7 @@ def average_pool(em: Emitter, node: ir.Node, dy: Grads) -> Out:
     g = _per_channel(em, g, win.size_out)
     _, valid = win.taps()
     if valid.all():
-        g = em.Mul(g, em.const(1.0 / math.prod(win.kernel), like=x))
+        return [em.reshape_like(_spread(em, g, win, 1.0 / math.prod(win.kernel)), x)]
     else:
         if attr(node, "count_include_pad", 0):
             _, inside = Window(
@@ -421,8 +454,7 @@ def average_pool(em: Emitter, node: ir.Node, dy: Grads) -> Out:
         else:
             count = valid.sum(axis=0)
         g = em.Mul(g, em.const((1.0 / np.maximum(count, 1)).reshape(1, 1, *win.size_out), like=x))
-    ones = em.const(np.ones((1, 1, *win.kernel)), like=x)
-    return [em.reshape_like(_adjoint(em, g, ones, win), x)]
+    return [em.reshape_like(_spread(em, g, win, 1.0), x)]
 
 
 @register(
@@ -451,6 +483,10 @@ def max_pool(em: Emitter, node: ir.Node, dy: Grads) -> Out:
     first = em.Transpose(em.ArgMax(windows, axis=0, keepdims=1), perm=[2, 0, 1])  # (N*C, 1, windows)
     tap = em.const(np.arange(taps).reshape(1, taps, 1), dtype=ir.DataType.INT64)
     routed = em.where(em.Equal(first, tap), em.Reshape(g, em.ints([-1, 1, count])), em.const(0.0, like=x))
+    if _tiles(win):  # each input element lies in one window: a Transpose puts the taps in place
+        _, perm = _interleave(win)
+        routed = em.Transpose(em.Reshape(routed, em.ints([-1, *win.kernel, *win.size_out])), perm=perm)
+        return [em.reshape_like(routed, x)]
     routed = em.Reshape(routed, em.ints([-1, taps, *win.size_out]))
     one_hot = em.const(np.eye(taps).reshape(taps, 1, *win.kernel), like=x)
     return [em.reshape_like(_adjoint(em, routed, one_hot, win), x)]
@@ -475,8 +511,7 @@ def lp_pool(em: Emitter, node: ir.Node, dy: Grads) -> Out:
     p = _p(node)
     win, _ = _pool_window(node, x)
     g = _per_channel(em, _lp_scale(em, g, y, p), win.size_out)
-    ones = em.const(np.ones((1, 1, *win.kernel)), like=x)
-    return [em.Mul(em.reshape_like(_adjoint(em, g, ones, win), x), _lp_factor(em, x, p))]
+    return [em.Mul(em.reshape_like(_spread(em, g, win, 1.0), x), _lp_factor(em, x, p))]
 
 
 def _spatial_count(em: Emitter, x: ir.Value, y: ir.Value) -> ir.Value:

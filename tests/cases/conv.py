@@ -95,6 +95,7 @@ CASES: list[Case] = [
     Case("AveragePool", [r(1, 2, 5, 5)], attrs={"kernel_shape": [3, 3], "strides": [2, 2], "auto_pad": "SAME_UPPER"},
          opset=11, id="same-upper"),
     Case("AveragePool", [r(2, 3, 9)], attrs={"kernel_shape": [3], "strides": [2]}, opset=22, id="1d"),
+    Case("AveragePool", [r(2, 3, 5, 5)], attrs={"kernel_shape": [5, 5]}, opset=9, id="one-window"),
     Case("AveragePool", [r(1, 2, 4, 4, 4)], attrs={"kernel_shape": [2, 2, 2], "strides": [2, 2, 2]}, opset=19,
          id="3d"),
     # --------------------------------------------------------------- MaxPool
@@ -107,6 +108,8 @@ CASES: list[Case] = [
          "auto_pad": "SAME_LOWER"}, opset=11, id="same-lower"),
     Case("MaxPool", [distinct(2, 2, 5, 4)], attrs={"kernel_shape": [2, 3], "strides": [1, 2], "pads": [0, 1, 1, 0],
          "storage_order": 1}, opset=12, n_outputs=2, id="storage-order"),
+    Case("MaxPool", [distinct(2, 2, 3, 4)], attrs={"kernel_shape": [3, 2], "strides": [1, 2]}, opset=11,
+         id="tiling-one-row"),
     Case("MaxPool", [distinct(2, 3, 9)], attrs={"kernel_shape": [3], "strides": [2], "pads": [1, 1]}, opset=22,
          id="1d"),
     Case("MaxPool", [distinct(1, 2, 4, 4, 4)], attrs={"kernel_shape": [2, 2, 2], "strides": [2, 2, 2]}, opset=22,
