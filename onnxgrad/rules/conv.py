@@ -181,35 +181,24 @@ def _forward(em: Emitter, g: ir.Value, kernel: ir.Value, win: Window, group: int
     return _crop(em, out, win.size_out, [e - s + 1 for e, s in zip(win.extra, win.strides, strict=True)])
 
 
-def _tiles(win: Window) -> bool:
-    """True when the windows tile the input exactly: no pads, no dilation, no overlap, no row left over."""
+def _one_window(win: Window) -> bool:
+    """True when a single window covers the input exactly (no pads, no dilation)."""
     return not any(win.begin) and all(
-        n == k * m and d == 1 and (m == 1 or s == k)
-        for n, m, k, s, d in zip(win.size_in, win.size_out, win.kernel, win.strides, win.dilations, strict=True)
+        m == 1 and k == n and d == 1
+        for n, m, k, d in zip(win.size_in, win.size_out, win.kernel, win.dilations, strict=True)
     )
-
-
-def _interleave(win: Window) -> tuple[list[int], list[int]]:
-    """For tiling windows: the (NC, o1, k1, o2, k2, ...) shape and the permutation that takes (NC, k1, k2, ...,
-    o1, o2, ...) there; read as (NC, *size_in), the former is the input."""
-    n = win.rank
-    shape = [v for m, k in zip(win.size_out, win.kernel, strict=True) for v in (m, k)]
-    perm = [0, *[a for i in range(n) for a in (n + 1 + i, 1 + i)]]
-    return [-1, *shape], perm
 
 
 def _spread(em: Emitter, g: ir.Value, win: Window, scale: float) -> ir.Value:
     """The adjoint of a ones-kernel window sum, times ``scale``: each window's dY copied over its window, as
-    (NC, 1, *size_in) from g = (NC, 1, *size_out). Tiling windows take one broadcast Mul, others a ConvTranspose."""
-    if not _tiles(win):
-        if scale != 1.0:
-            g = em.Mul(g, em.const(scale, like=g))
-        return _adjoint(em, g, em.const(np.ones((1, 1, *win.kernel)), like=g), win)
-    shape, _ = _interleave(win)
-    spread = np.full([1, *[v for k in win.kernel for v in (1, k)]], scale)
-    out = em.Mul(em.Reshape(g, em.ints(shape[:1] + [1 if i % 2 else v for i, v in enumerate(shape[1:])])),
-                 em.const(spread, like=g))
-    return em.Reshape(out, em.ints([-1, 1, *win.size_in]))
+    (NC, 1, *size_in) from g = (NC, 1, *size_out). One window over the whole input: one broadcast Mul (10x
+    faster than onnxruntime's ConvTranspose); else a ConvTranspose (a 5-D broadcast that tiles the input is
+    7x slower than it)."""
+    if _one_window(win):
+        return em.Mul(g, em.const(np.full((1, 1, *win.kernel), scale), like=g))
+    if scale != 1.0:
+        g = em.Mul(g, em.const(scale, like=g))
+    return _adjoint(em, g, em.const(np.ones((1, 1, *win.kernel)), like=g), win)
 
 
 def _weight_grad(em: Emitter, x: ir.Value, g: ir.Value, win: Window, group: int, w: ir.Value) -> ir.Value:
@@ -348,7 +337,7 @@ def _weight_grad_interleaved(em: Emitter, x: ir.Value, g: ir.Value, win: Window,
     dY^T (M, N, *out) as the kernel, dilated by the strides (by stride*C on the last axis); output position
     t*C + c of the last axis is dW[:, c, ..., t]. None where im2col + Gemm is the better plan: for unstrided
     1x1 kernels (a plain Gemm), for dilated convs, and where the weight outweighs the activations (N * out < M),
-    as the final transpose of dW then dominates."""
+    as the final transpose of dW then dominates (measured on onnxruntime 1.31's CPU kernels)."""
     wd, xd = static_dims(w), x.shape
     if wd is None or xd is None or any(d != 1 for d in win.dilations):
         return None
@@ -356,7 +345,10 @@ def _weight_grad_interleaved(em: Emitter, x: ir.Value, g: ir.Value, win: Window,
         return None
     batch = xd[0] if isinstance(xd[0], int) else 1
     m, c, n = wd[0], wd[1], win.rank
-    if batch * math.prod(win.size_out) < m:
+    # im2col copies ~2 * C * taps * N * out values, 4x slower when strided taps need phase slices (opset < 10);
+    # this plan's dW transpose costs ~2 * M * C * taps more than the Gemm plan's reshape
+    phases = 4 if em.opset < 10 and any(s != 1 for s in win.strides) else 1
+    if batch * math.prod(win.size_out) * phases < m:
         return None
     xt = em.Transpose(x, perm=[0, *range(2, n + 2), 1])  # (N, *S, C)
     # rows no window reads would only widen the output (4x the work for a 1x1 stride-2 conv): cut them
@@ -483,10 +475,6 @@ def max_pool(em: Emitter, node: ir.Node, dy: Grads) -> Out:
     first = em.Transpose(em.ArgMax(windows, axis=0, keepdims=1), perm=[2, 0, 1])  # (N*C, 1, windows)
     tap = em.const(np.arange(taps).reshape(1, taps, 1), dtype=ir.DataType.INT64)
     routed = em.where(em.Equal(first, tap), em.Reshape(g, em.ints([-1, 1, count])), em.const(0.0, like=x))
-    if _tiles(win):  # each input element lies in one window: a Transpose puts the taps in place
-        _, perm = _interleave(win)
-        routed = em.Transpose(em.Reshape(routed, em.ints([-1, *win.kernel, *win.size_out])), perm=perm)
-        return [em.reshape_like(routed, x)]
     routed = em.Reshape(routed, em.ints([-1, taps, *win.size_out]))
     one_hot = em.const(np.eye(taps).reshape(taps, 1, *win.kernel), like=x)
     return [em.reshape_like(_adjoint(em, routed, one_hot, win), x)]
