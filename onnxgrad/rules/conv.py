@@ -436,31 +436,65 @@ def average_pool(em: Emitter, node: ir.Node, dy: Grads) -> Out:
     _, valid = win.taps()
     if valid.all():
         return [em.reshape_like(_spread(em, g, win, 1.0 / math.prod(win.kernel)), x)]
+    if attr(node, "count_include_pad", 0):
+        _, inside = Window(
+            tuple(n + b + e for n, b, e in zip(win.size_in, win.begin, end, strict=True)), win.size_out,
+            win.kernel, win.strides, win.dilations, (0,) * win.rank,
+        ).taps()
+        count = inside.sum(axis=0)
     else:
-        if attr(node, "count_include_pad", 0):
-            _, inside = Window(
-                tuple(n + b + e for n, b, e in zip(win.size_in, win.begin, end, strict=True)), win.size_out,
-                win.kernel, win.strides, win.dilations, (0,) * win.rank,
-            ).taps()
-            count = inside.sum(axis=0)
-        else:
-            count = valid.sum(axis=0)
-        g = em.Mul(g, em.const((1.0 / np.maximum(count, 1)).reshape(1, 1, *win.size_out), like=x))
+        count = valid.sum(axis=0)
+    g = em.Mul(g, em.const((1.0 / np.maximum(count, 1)).reshape(1, 1, *win.size_out), like=x))
     return [em.reshape_like(_spread(em, g, win, 1.0), x)]
+
+
+def _indices(em: Emitter, node: ir.Node, x: ir.Value) -> ir.Value:
+    """The row-major Indices of node's windows: its own second output, or that of a MaxPool recomputed with
+    the same windows."""
+    y = node.outputs[0]
+    if len(node.outputs) > 1 and node.outputs[1].name and not attr(node, "storage_order", 0):
+        return node.outputs[1]
+    attrs = {k: attr(node, k, None) for k in ("auto_pad", "kernel_shape", "pads", "strides")}
+    if em.opset >= 10:
+        attrs.update(ceil_mode=attr(node, "ceil_mode", None), dilations=attr(node, "dilations", None))
+    _, indices = em.op("MaxPool", x, _outputs=2, **attrs)
+    indices.dtype, indices.shape = ir.DataType.INT64, y.shape
+    return indices
+
+
+def _max_pool_scatter(em: Emitter, node: ir.Node, x: ir.Value, g: ir.Value, win: Window) -> ir.Value | None:
+    """dX by ONE ScatterElements of dY through the Indices output (flat positions in X); None before opset 11,
+    and for overlapping windows before opset 16 (two windows may pick one element: reduction="add")."""
+    overlap = any(m > 1 and s < d * (k - 1) + 1
+                  for m, k, s, d in zip(win.size_out, win.kernel, win.strides, win.dilations, strict=True))
+    if em.opset < 11 or (overlap and em.opset < 16):
+        return None
+    assert x.dtype is not None
+    flat = em.ints([-1])
+    zeros = em.ConstantOfShape(em.Shape(em.Reshape(x, flat)),
+                               value=ir.tensor(np.zeros(1, x.dtype.numpy()), dtype=x.dtype))
+    zeros.dtype = x.dtype
+    dx = em.scatter_elements(zeros, em.Reshape(_indices(em, node, x), flat), em.Reshape(g, flat), axis=0,
+                             reduction="add" if overlap else None)
+    return em.reshape_like(dx, x)
 
 
 @register(
     "MaxPool",
     notes="dX: dY goes to each window's first maximum in row-major window order (the element the Indices "
-    "output names; ties are not split); windows are gathered exactly with a static index table and the "
-    "ArgMax routed back by a ConvTranspose with a one-hot kernel, in ops valid at every opset. The Indices "
-    "output gets no gradient. Spatial sizes must be static.",
+    "output names; ties are not split). From opset 11 (16 for overlapping windows) one ScatterElements "
+    "routes dY through the Indices of a recomputed MaxPool (or of the node's own Indices output); before, "
+    "windows are gathered exactly with a static index table and the ArgMax routed back by a ConvTranspose "
+    "with a one-hot kernel. The Indices output gets no gradient. Spatial sizes must be static.",
 )
 def max_pool(em: Emitter, node: ir.Node, dy: Grads) -> Out:
     """dx = sum over windows holding x of dy * (x is the window's first maximum)"""
     x, g = node.inputs[0], dy[0]
     assert x is not None and g is not None
     win, _ = _pool_window(node, x)
+    scattered = _max_pool_scatter(em, node, x, g, win)
+    if scattered is not None:
+        return [scattered]
     index, valid = win.taps()
     taps, count = index.shape
     size = math.prod(win.size_in)
