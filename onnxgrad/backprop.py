@@ -149,6 +149,7 @@ def backprop(em: Emitter, graph: ir.Graph, req: Request) -> list[ir.Value | None
     """Emit the gradient of sum(seed_i * y_i) with respect to each x; None where unconnected."""
     order = {id(n): i for i, n in enumerate(graph)}
     between = _forward_reach(graph, req.xs, req.stop, order) & _backward_reach(req.ys, req.stop)
+    em.wanted = between
     contribs: dict[ir.Value, list[ir.Value]] = {}
     for y, seed in zip(req.ys, req.seeds, strict=True):
         if y in between:

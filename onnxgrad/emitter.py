@@ -67,6 +67,7 @@ class Emitter:
         self._consts: dict[tuple[Any, ...], ir.Value] = {}
         self._shapes: dict[int, ir.Value] = {}
         self._emitted: dict[tuple[Any, ...], tuple[ir.Value, ...]] = {}
+        self.wanted: set[ir.Value] = set()  # values whose gradient the current walk computes (set by backprop)
 
     # ----------------------------------------------------------------- raw ops
     def fresh_name(self, hint: str) -> str:
@@ -244,9 +245,14 @@ class Emitter:
             return self.Unsqueeze(x, axes)
         if len(axes) == 0:
             return x
-        if self.opset >= 13:
-            return self.Unsqueeze(x, self.ints(axes))
-        return self.Unsqueeze(x, axes=list(axes))
+        out = self.Unsqueeze(x, self.ints(axes)) if self.opset >= 13 else self.Unsqueeze(x, axes=list(axes))
+        if out.shape is None and x.shape is not None:
+            dims: list[Any] = list(x.shape)
+            rank = len(dims) + len(axes)
+            for a in sorted(a % rank for a in axes):
+                dims.insert(a, 1)
+            out.shape = ir.Shape(dims)
+        return out
 
     def squeeze(self, x: ir.Value, axes: Sequence[int]) -> ir.Value:
         if len(axes) == 0:

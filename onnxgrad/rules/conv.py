@@ -263,16 +263,68 @@ def _lp_scale(em: Emitter, g: ir.Value, y: ir.Value, p: float) -> ir.Value:
     "Spatial sizes must be static.",
 )
 def conv(em: Emitter, node: ir.Node, dy: Grads) -> Out:
-    """dx = conv(dy, flip(w)^T) (stride 1) or conv_transpose(dy, w), dw = dy @ im2col(x)^T, db = sum(dy)"""
+    """dx = conv(dy, flip(w)^T) (stride 1) or conv_transpose(dy, w), dw = dy (*) x, db = sum(dy)"""
     x, w, g = node.inputs[0], node.inputs[1], dy[0]
     assert x is not None and w is not None and g is not None
     win = _conv_window(node, x, w)
     group = attr(node, "group", 1)
-    dx = (_adjoint_conv(em, g, w, win) if group == 1 else None) or _adjoint(em, g, w, win, group)
+    factor = _channel_factor(g, w) if folds_channel_factor(node) else None
+    if factor is not None:  # dY = g * c per output channel: c moves onto the kernel and onto dW, dB
+        g, c = factor
+        c = em.Reshape(c, em.ints([-1, *[1] * (win.rank + 1)]))
+        kernel = em.Mul(w, c)
+        kernel.shape = w.shape
+    else:
+        c, kernel = None, w
+    dx = (_adjoint_conv(em, g, kernel, win) if group == 1 else None) or _adjoint(em, g, kernel, win, group)
+    dw, db = conv_weight_grad(em, node, g), _bias_grad(em, node, g, win.rank)
+    if c is not None:
+        dw = em.Mul(dw, c)
+        db = [em.Mul(d, em.Reshape(c, em.ints([-1]))) for d in db]
+    return [dx, dw, *db]
+
+
+def conv_weight_grad(em: Emitter, node: ir.Node, g: ir.Value) -> ir.Value:
+    """dW of a Conv node whose output gradient is g (emitted the same way for the same g, so that a second
+    request shares the first one's nodes)."""
+    x, w = node.inputs[0], node.inputs[1]
+    assert x is not None and w is not None
+    win, group = _conv_window(node, x, w), attr(node, "group", 1)
     dw = None
     if group == 1:
         dw = _weight_grad_interleaved(em, x, g, win, w) or _weight_grad_gemm(em, x, g, win, w)
-    return [dx, dw or _weight_grad(em, x, g, win, group, w), *_bias_grad(em, node, g, win.rank)]
+    return dw or _weight_grad(em, x, g, win, group, w)
+
+
+def folds_channel_factor(node: ir.Node) -> bool:
+    """Whether a per-output-channel factor on this Conv's dY is better moved onto W and dW (work the size of
+    W) than applied to dY (work the size of the output): when W has no more values than the output (batch 1
+    if the batch is dynamic). ResNet-50's deep layers at batch 1 have 5-20x more weights than outputs."""
+    w, out = node.inputs[1], node.outputs[0]
+    wd = None if w is None else static_dims(w)
+    dims = None if out.shape is None else list(out.shape)
+    if wd is None or not dims or not all(isinstance(d, int) for d in dims[1:]):
+        return False
+    batch = dims[0] if isinstance(dims[0], int) else 1
+    return math.prod(wd) <= batch * math.prod(dims[1:])  # type: ignore[arg-type]
+
+
+def _channel_factor(g: ir.Value, w: ir.Value) -> tuple[ir.Value, ir.Value] | None:
+    """(g', c) when g = Mul(g', c) with c one factor per output channel, shaped (M, 1, ...) or (1, M, 1, ...)
+    (BatchNormalization's dX after a Conv): then dX = adjoint(g', W * c), dW = (g' (*) x) * c, dB = sum(g') * c,
+    and the full-size product g' * c is no longer read."""
+    node = g.producer()
+    if node is None or node.op_type != "Mul" or node.domain not in ("", "ai.onnx") or g.shape is None:
+        return None
+    m = static_dims(w)
+    rank = g.shape.rank()
+    for a, b in (node.inputs, node.inputs[::-1]):
+        if a is None or b is None or b.shape is None or a.shape is None or a.shape.rank() != rank:
+            continue
+        dims = list(b.shape)
+        if m is not None and dims in ([m[0], *[1] * (rank - 2)], [1, m[0], *[1] * (rank - 2)]):
+            return a, b
+    return None
 
 
 def _channels_first(em: Emitter, v: ir.Value) -> ir.Value:

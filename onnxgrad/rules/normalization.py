@@ -13,6 +13,7 @@ import onnx_ir as ir
 
 from onnxgrad.emitter import Emitter, attr, rank_of, static_dims
 from onnxgrad.registry import register
+from onnxgrad.rules.conv import conv_weight_grad, folds_channel_factor
 
 Grads = Sequence[ir.Value | None]
 Out = list[ir.Value | None]
@@ -90,6 +91,24 @@ def _scale(em: Emitter, a: ir.Value | None, k: float, like: ir.Value) -> ir.Valu
 # ------------------------------------------------------------------------------- BatchNormalization
 
 
+def _conv_feeding(em: Emitter, node: ir.Node) -> ir.Node | None:
+    """The Conv whose output is the (inference) BatchNormalization's X, where X feeds nothing else and the
+    Conv's weight gradient is wanted anyway (and W is no larger than X: the trade below swaps passes over X
+    for passes over W). Then sum(dY * X) over batch and space, per channel, is
+    sum(W * dW') over W's other axes, dW' the Conv's weight gradient for output gradient dY: the Conv rule
+    computes that same dW' (dY * k reaches it, and it moves k onto dW), so the BN gradient costs no pass over
+    X, and onnxruntime may fuse Conv and BatchNormalization in the forward part as it does for inference."""
+    x = node.inputs[0]
+    conv = None if x is None else x.producer()
+    if conv is None or conv.op_type != "Conv" or conv.domain not in ("", "ai.onnx") or conv.graph is None:
+        return None
+    if x is None or x.is_graph_output() or conv.inputs[1] not in em.wanted or not folds_channel_factor(conv):
+        return None
+    if [u for u in x.uses() if u.node.graph is not None] != [(node, 0)]:
+        return None
+    return conv
+
+
 def _batch_norm(em: Emitter, node: ir.Node, dy: Grads, training: bool) -> Out:
     """Inference: Y = (X - mean) * inv(var) * scale + B per channel (axis 1); training: batch statistics,
     and running_mean/var = input_mean/var * momentum + batch mean/var * (1 - momentum)."""
@@ -115,8 +134,17 @@ def _batch_norm(em: Emitter, node: ir.Node, dy: Grads, training: bool) -> Out:
             return [None] * 5
         inv = em.Reciprocal(em.Sqrt(em.Add(chan(var), em.const(eps, like=x))))
         k = em.Mul(chan(scale), inv)
-        # sum(dY * xhat) = sum(dY * (X - mean)) * inv: inv applied per channel after the sum, one pass fewer
-        d_scale, d_bias = em.Mul(total(em.Mul(g, em.Sub(x, view(mean)))), inv), total(g)
+        d_bias = total(g)
+        conv = _conv_feeding(em, node) if spatial else None
+        if conv is not None:  # sum(dY * (X - mean)) without reading X, which the Conv may then fuse away
+            w, b = conv.inputs[1], conv.inputs[2] if len(conv.inputs) > 2 else None
+            assert w is not None
+            dy_x = em.reduce_sum(em.Mul(w, conv_weight_grad(em, conv, g)), list(range(1, rank)), keepdims=False)
+            shift = chan(mean) if b is None else em.Sub(chan(mean), chan(b))
+            centred = em.Sub(dy_x, em.Mul(shift, d_bias))
+        else:
+            centred = total(em.Mul(g, em.Sub(x, view(mean))))
+        d_scale = em.Mul(centred, inv)  # sum(dY * xhat): inv applied per channel after the sum
         d_var = em.Mul(em.Mul(d_scale, em.Mul(k, inv)), em.const(-0.5, like=x))
         return [em.Mul(g, view(k)), _as(em, d_scale, scale), _as(em, d_bias, bias),
                 _as(em, em.Neg(em.Mul(d_bias, k)), mean), _as(em, d_var, var)]
