@@ -303,6 +303,15 @@ class Emitter:
             return self.Pad(x, self.ints(pads))
         return self.Pad(x, pads=list(pads))
 
+    @property
+    def slice_steps(self) -> bool:
+        """Whether Slice takes steps (opset >= 10)."""
+        return self.opset >= 10
+
+    def can_scatter(self, reduction: str | None = None) -> bool:
+        """Whether ``scatter_elements`` is available with this ``reduction``."""
+        return self.opset >= {None: 9, "add": 16, "mul": 16}.get(reduction, 18)
+
     def scatter_elements(
         self, data: ir.Value, indices: ir.Value, updates: ir.Value, axis: int, reduction: str | None = None
     ) -> ir.Value:

@@ -258,9 +258,12 @@ def _lp_scale(em: Emitter, g: ir.Value, y: ir.Value, p: float) -> ir.Value:
 @register(
     "Conv",
     notes="dX: for stride 1, one Conv of dY with W flipped and its channel axes swapped, else ConvTranspose(dY, W) "
-    "(end pads / output_padding restore the rows a strided conv drops); dW: for group 1, im2col of X (one "
-    "Slice per kernel tap) and ONE Gemm with dY, else one grouped Conv of X^T with dY^T; dB = sum of dY. "
-    "Spatial sizes must be static.",
+    "(end pads / output_padding restore the rows a strided conv drops); dW: for group 1 and no dilation, ONE "
+    "batch-1 Conv of X with its channels interleaved into the last spatial axis and dY^T as the kernel, unless "
+    "the kernel is 1x1 unstrided or W outweighs the activations: then im2col of X (one Slice per kernel tap) "
+    "and ONE Gemm; grouped convs: one grouped Conv of X^T with dY^T; dB = sum of dY. A per-output-channel "
+    "factor on dY (an inference BatchNormalization after the Conv) moves onto W and dW when W is no larger "
+    "than the output. Spatial sizes must be static.",
 )
 def conv(em: Emitter, node: ir.Node, dy: Grads) -> Out:
     """dx = conv(dy, flip(w)^T) (stride 1) or conv_transpose(dy, w), dw = dy (*) x, db = sum(dy)"""
@@ -289,7 +292,11 @@ def conv_weight_grad(em: Emitter, node: ir.Node, g: ir.Value) -> ir.Value:
     request shares the first one's nodes)."""
     x, w = node.inputs[0], node.inputs[1]
     assert x is not None and w is not None
-    win, group = _conv_window(node, x, w), attr(node, "group", 1)
+    return _weight_grad_plans(em, x, g, _conv_window(node, x, w), attr(node, "group", 1), w)
+
+
+def _weight_grad_plans(em: Emitter, x: ir.Value, g: ir.Value, win: Window, group: int, w: ir.Value) -> ir.Value:
+    """dW of ``Conv(x, W)`` given g = dY, by the cheapest plan that applies."""
     dw = None
     if group == 1:
         dw = _weight_grad_interleaved(em, x, g, win, w) or _weight_grad_gemm(em, x, g, win, w)
@@ -344,7 +351,7 @@ def _taps(em: Emitter, xt: ir.Value, win: Window) -> list[ir.Value] | None:
     Reshape and phase 0 taken."""
     n = win.rank
     strided = any(s != 1 for s in win.strides)
-    phases = strided and em.opset < 10
+    phases = strided and not em.slice_steps
     if phases and n != 2:
         return None
     reach = [(k - 1) * d + (s * m if phases else s * (m - 1) + 1)
@@ -399,7 +406,7 @@ def _weight_grad_interleaved(em: Emitter, x: ir.Value, g: ir.Value, win: Window,
     m, c, n = wd[0], wd[1], win.rank
     # im2col copies ~2 * C * taps * N * out values, 4x slower when strided taps need phase slices (opset < 10);
     # this plan's dW transpose costs ~2 * M * C * taps more than the Gemm plan's reshape
-    phases = 4 if em.opset < 10 and any(s != 1 for s in win.strides) else 1
+    phases = 4 if not em.slice_steps and any(s != 1 for s in win.strides) else 1
     if batch * math.prod(win.size_out) * phases < m:
         return None
     xt = em.Transpose(x, perm=[0, *range(2, n + 2), 1])  # (N, *S, C)
@@ -460,8 +467,8 @@ def _conv_transpose_window(node: ir.Node, x: ir.Value, w: ir.Value) -> Window:
 @register(
     "ConvTranspose",
     notes="dX = Conv(dY, W) with the effective pads (output_shape / SAME split as the spec and onnxruntime "
-    "do: odd total padding at the end for SAME_UPPER, at the begin otherwise); dW = one grouped Conv of "
-    "dY^T with X^T; dB = sum of dY. Spatial sizes must be static.",
+    "do: odd total padding at the end for SAME_UPPER, at the begin otherwise); dW: Conv's weight gradient with "
+    "the roles of X and dY swapped (the same plans); dB = sum of dY. Spatial sizes must be static.",
 )
 def conv_transpose(em: Emitter, node: ir.Node, dy: Grads) -> Out:
     """dx = conv(dy, w), dw = conv(dy^T, x^T)^T, db = sum(dy)"""
@@ -469,7 +476,8 @@ def conv_transpose(em: Emitter, node: ir.Node, dy: Grads) -> Out:
     assert x is not None and w is not None and g is not None
     win = _conv_transpose_window(node, x, w)
     group = attr(node, "group", 1)
-    return [_forward(em, g, w, win, group), _weight_grad(em, g, x, win, group, w), *_bias_grad(em, node, g, win.rank)]
+    return [_forward(em, g, w, win, group), _weight_grad_plans(em, g, x, win, group, w),
+            *_bias_grad(em, node, g, win.rank)]
 
 
 # ---------------------------------------------------------------------- pools
@@ -515,11 +523,11 @@ def _indices(em: Emitter, node: ir.Node, x: ir.Value) -> ir.Value:
 
 
 def _max_pool_scatter(em: Emitter, node: ir.Node, x: ir.Value, g: ir.Value, win: Window) -> ir.Value | None:
-    """dX by ONE ScatterElements of dY through the Indices output (flat positions in X); None before opset 11,
+    """dX by ONE ScatterElements of dY through the Indices output (flat positions in X); None before opset 9,
     and for overlapping windows before opset 16 (two windows may pick one element: reduction="add")."""
     overlap = any(m > 1 and s < d * (k - 1) + 1
                   for m, k, s, d in zip(win.size_out, win.kernel, win.strides, win.dilations, strict=True))
-    if em.opset < 11 or (overlap and em.opset < 16):
+    if not em.can_scatter("add" if overlap else None):
         return None
     assert x.dtype is not None
     flat = em.ints([-1])
@@ -534,7 +542,7 @@ def _max_pool_scatter(em: Emitter, node: ir.Node, x: ir.Value, g: ir.Value, win:
 @register(
     "MaxPool",
     notes="dX: dY goes to each window's first maximum in row-major window order (the element the Indices "
-    "output names; ties are not split). From opset 11 (16 for overlapping windows) one ScatterElements "
+    "output names; ties are not split). From opset 9 (16 for overlapping windows) one ScatterElements "
     "routes dY through the Indices of a recomputed MaxPool (or of the node's own Indices output); before, "
     "windows are gathered exactly with a static index table and the ArgMax routed back by a ConvTranspose "
     "with a one-hot kernel. The Indices output gets no gradient. Spatial sizes must be static.",

@@ -167,13 +167,16 @@ def _batch_norm(em: Emitter, node: ir.Node, dy: Grads, training: bool) -> Out:
 
 @register("BatchNormalization", since=7, notes="training when the node has more than one output "
           "(batch statistics, outputs mean, var, saved_mean, saved_var; saved_var read as onnxruntime "
-          "writes it, 1/sqrt(var + epsilon)); spatial=0 supported")
+          "writes it, 1/sqrt(var + epsilon)); spatial=0 supported. Inference mode after a Conv whose output "
+          "feeds nothing else: dscale from the Conv's weight gradient, so X is never read")
 def batch_norm_v7(em: Emitter, node: ir.Node, dy: Grads) -> Out:
     """dX = dY * scale * inv; dscale = sum(dY * xhat); dB = sum(dY); dmean = -dB * scale * inv; dvar ..."""
     return _batch_norm(em, node, dy, training=len(node.outputs) > 1)
 
 
-@register("BatchNormalization", since=14, notes="training_mode=1: batch statistics, outputs running mean/var")
+@register("BatchNormalization", since=14, notes="training_mode=1: batch statistics, outputs running mean/var. "
+          "Inference mode after a Conv whose output feeds nothing else: dscale from the Conv's weight gradient, "
+          "so X is never read")
 def batch_norm_v14(em: Emitter, node: ir.Node, dy: Grads) -> Out:
     """dX = dY * scale * inv; dscale = sum(dY * xhat); dB = sum(dY); dmean = -dB * scale * inv; dvar ..."""
     return _batch_norm(em, node, dy, training=bool(attr(node, "training_mode", 0)))
