@@ -102,3 +102,29 @@ def test_conv_bn_gradients_match_torch(c: ConvBN) -> None:
         np.testing.assert_allclose(got[name], ref, rtol=1e-4, atol=1e-4 * float(np.abs(ref).max()), err_msg=x)
     readers = [n.op_type for n in aug.model.graph.node[len(model.graph.node):] if "z" in n.input]
     assert (not readers) == c.fused, readers
+
+
+def _random_cases(count: int, seed: int) -> list[ConvBN]:
+    """Seeded random geometries: groups, strides, uneven pads, with and without bias and ReLU."""
+    rng = np.random.default_rng(seed)
+    cases = []
+    for i in range(count):
+        group = int(rng.choice([1, 1, 2]))
+        c, m = group * int(rng.integers(1, 4)), group * int(rng.integers(1, 4))
+        k = [int(v) for v in rng.integers(1, 4, 2)]
+        pads = [int(rng.integers(0, kk)) for kk in k] + [int(rng.integers(0, kk)) for kk in k]
+        strides = [int(v) for v in rng.integers(1, 3, 2)]
+        x = (int(rng.integers(1, 4)), c, *[int(v) for v in rng.integers(max(k), 9, 2)])
+        out = [(x[2 + a] + pads[a] + pads[2 + a] - k[a]) // strides[a] + 1 for a in range(2)]
+        fused = m * (c // group) * k[0] * k[1] <= x[0] * m * out[0] * out[1]
+        cases.append(ConvBN(f"random-{i}", x, (m, c // group, *k),
+                            {"group": group, "pads": pads, "strides": strides, "kernel_shape": k},
+                            bias=bool(rng.integers(0, 2)), relu=bool(rng.integers(0, 2)), fused=fused))
+        if not cases[-1].bias:
+            cases[-1].xs = ("x", "w", "scale", "B", "mean", "var")
+    return cases
+
+
+@pytest.mark.parametrize("c", _random_cases(24, seed=5), ids=lambda c: c.id)
+def test_random_conv_bn_geometries_match_torch(c: ConvBN) -> None:
+    test_conv_bn_gradients_match_torch(c)
