@@ -478,7 +478,7 @@ def _conv_transpose_window(node: ir.Node, x: ir.Value, w: ir.Value) -> Window:
     "the roles of X and dY swapped (the same plans); dB = sum of dY. Spatial sizes must be static.",
 )
 def conv_transpose(em: Emitter, node: ir.Node, dy: Grads) -> Out:
-    """dx = conv(dy, w), dw = conv(dy^T, x^T)^T, db = sum(dy)"""
+    """dx = conv(dy, w), dw = dy (*) x (the Conv weight gradient, roles swapped), db = sum(dy)"""
     x, w, g = node.inputs[0], node.inputs[1], dy[0]
     assert x is not None and w is not None and g is not None
     win = _conv_transpose_window(node, x, w)
@@ -521,10 +521,8 @@ def _indices(em: Emitter, node: ir.Node, x: ir.Value) -> ir.Value:
     y = node.outputs[0]
     if len(node.outputs) > 1 and node.outputs[1].name and not attr(node, "storage_order", 0):
         return node.outputs[1]
-    attrs = {k: attr(node, k, None) for k in ("auto_pad", "kernel_shape", "pads", "strides")}
-    if em.opset >= 10:
-        attrs.update(ceil_mode=attr(node, "ceil_mode", None), dilations=attr(node, "dilations", None))
-    _, indices = em.op("MaxPool", x, _outputs=2, **attrs)
+    names = ("auto_pad", "kernel_shape", "pads", "strides", "ceil_mode", "dilations")  # the window, as the node has it
+    _, indices = em.op("MaxPool", x, _outputs=2, **{k: attr(node, k, None) for k in names})
     indices.dtype, indices.shape = ir.DataType.INT64, y.shape
     return indices
 
