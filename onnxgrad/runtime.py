@@ -2,15 +2,41 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 
+from onnxgrad.io import one_line
+
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 # onnx's reference evaluator: slow, but it knows every opset onnx does (onnxruntime 1.31 stops at 26)
 REFERENCE = "reference"
+CHOICES = (*PROVIDERS, REFERENCE)  # what the command line offers
+
+
+@dataclass(frozen=True)
+class ValueArg:
+    """A graph input or output as onnxruntime's NodeArg shows it: name, 'tensor(float)'-style type, shape."""
+
+    name: str
+    type: str
+    shape: list[int | str | None]
+
+    @staticmethod
+    def of(info: onnx.ValueInfoProto) -> ValueArg:
+        t = info.type.tensor_type
+        if not info.type.HasField("tensor_type"):
+            return ValueArg(info.name, info.type.WhichOneof("value") or "unknown", [])
+        name = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name
+        dims = [d.dim_value if d.HasField("dim_value") else d.dim_param or None for d in t.shape.dim]
+        return ValueArg(info.name, f"tensor({_ORT_TYPE_NAMES.get(name, name)})", dims)
+
+
+_ORT_TYPE_NAMES = {"float32": "float", "float64": "double"}
 
 
 class ReferenceSession:
@@ -22,12 +48,12 @@ class ReferenceSession:
         self._model = model
         self._eval = ReferenceEvaluator(model)
 
-    def get_inputs(self) -> list[onnx.ValueInfoProto]:
+    def get_inputs(self) -> list[ValueArg]:
         init = {i.name for i in self._model.graph.initializer}
-        return [i for i in self._model.graph.input if i.name not in init]
+        return [ValueArg.of(i) for i in self._model.graph.input if i.name not in init]
 
-    def get_outputs(self) -> list[onnx.ValueInfoProto]:
-        return list(self._model.graph.output)
+    def get_outputs(self) -> list[ValueArg]:
+        return [ValueArg.of(o) for o in self._model.graph.output]
 
     def run(self, names: Sequence[str] | None, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         return [np.asarray(v) for v in self._eval.run(list(names) if names else None, dict(feeds))]
@@ -49,6 +75,26 @@ def providers_for(provider: str) -> list[str]:
             "'pip uninstall onnxruntime && pip install onnxruntime-gpu' on a machine with CUDA"
         )
     return [name] if provider == "cpu" else [name, "CPUExecutionProvider"]
+
+
+def provider_label(provider: str) -> str:
+    """The name of what runs a model for ``provider`` ('cpu', 'cuda', 'reference'), as shown to users; raises
+    like ``providers_for`` when that is not available."""
+    return "onnx ReferenceEvaluator" if provider == REFERENCE else providers_for(provider)[0]
+
+
+def explain(e: BaseException) -> str:
+    """onnxruntime's error on one line, without its status-code framing; a model stamped with a newer opset
+    than this onnxruntime runs gets told how to run it anyway."""
+    text = one_line(e)
+    newest = re.search(r"official support for domain (\S+) is till opset (\d+)", text)
+    if newest:
+        used = re.search(r"Opset (\d+) is under development", text)
+        return (f"onnxruntime {ort.__version__} runs {newest[1]} opsets up to {newest[2]}"
+                + (f" and this model uses opset {used[1]}" if used else "")
+                + ": run it with --provider reference (onnx's reference evaluator, slower)")
+    text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
+    return re.sub(r"^Load model from .*? failed: ?", "", text)
 
 
 def session(

@@ -100,6 +100,14 @@ def test_check_intermediate_value_and_float32(cli: Cli) -> None:
     assert payload["rows"][0]["x"] == "h" and payload["rows"][0]["status"] == OK
 
 
+def test_check_on_the_reference_evaluator(cli: Cli) -> None:
+    r = cli("check", MLP, "--ys", "loss", "--xs", "@weights", "--provider", "reference", "--json")
+    assert r.code == 0, r.err
+    rows = json.loads(r.out)["rows"]
+    assert [row["x"] for row in rows] == ["W1", "b1", "W2", "b2"]
+    assert all(row["status"] == OK for row in rows)
+
+
 def test_check_usage_errors(cli: Cli, tmp_path: Path) -> None:
     r = cli("check", MLP, "--ys", "loss", "--xs", "@everything")
     assert r.code == 1 and "unknown shorthand '@everything'" in r.err

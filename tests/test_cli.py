@@ -406,6 +406,47 @@ def test_run_unknown_input_name(cli: Cli, tmp_path: Path) -> None:
     assert "no input named 'xx'; did you mean 'x'?" in r.err
 
 
+def test_run_reference_provider_agrees_with_onnxruntime(cli: Cli) -> None:
+    rows = {}
+    for provider in ("cpu", "reference"):
+        r = cli("run", MLP, "--json", "--seed", "2", "--dim", "batch=3", "--provider", provider)
+        assert r.code == 0, r.err
+        rows[provider] = json.loads(r.out)
+    assert rows["reference"]["provider"] == "onnx ReferenceEvaluator"
+    assert rows["reference"]["inputs"] == rows["cpu"]["inputs"]
+    for name, row in rows["cpu"]["outputs"].items():
+        np.testing.assert_allclose(rows["reference"]["outputs"][name]["values"], row["values"], rtol=1e-5, atol=1e-6)
+
+
+def _graph_model(path: Path, opset: int, nodes: list[onnx.NodeProto], out: str) -> Path:
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2])
+    y = onnx.helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, [2])
+    graph = onnx.helper.make_graph(nodes, "g", [x], [y])
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)], ir_version=8), path)
+    return path
+
+
+def test_run_explains_what_onnxruntime_refuses(cli: Cli, tmp_path: Path) -> None:
+    dangling = _graph_model(tmp_path / "dangling.onnx", 17, [onnx.helper.make_node("Add", ["x", "gone"], ["y"])], "y")
+    r = cli("run", dangling)
+    assert r.code == 1 and len(r.err.splitlines()) == 1
+    assert "onnxruntime (CPUExecutionProvider) cannot load" in r.err and "'gone'" in r.err
+    assert "[ONNXRuntimeError]" not in r.err
+    newer = _graph_model(tmp_path / "opset27.onnx", 27, [onnx.helper.make_node("Relu", ["x"], ["y"])], "y")
+    r = cli("run", newer)
+    assert r.code == 1 and len(r.err.splitlines()) == 1
+    assert "opsets up to 26 and this model uses opset 27" in r.err and "--provider reference" in r.err
+    r = cli("run", newer, "--provider", "reference", "--input", f"x={_npy(tmp_path, np.array([-1.0, 2.0]))}")
+    assert r.code == 0, r.err
+    assert re.search(r"^  y\s+float32\[2\].*\[0, 2\]$", r.out, re.M), r.out
+
+
+def _npy(folder: Path, array: np.ndarray) -> Path:
+    path = folder / "a.npy"
+    np.save(path, array.astype(np.float32))
+    return path
+
+
 def test_run_bad_model(cli: Cli, tmp_path: Path) -> None:
     (tmp_path / "m.onnx").write_bytes(b"\x00\x01garbage")
     for path in (tmp_path / "m.onnx", tmp_path / "none.onnx"):

@@ -61,7 +61,8 @@ class LazyProgress:
               show_default=True, help="auto: float64 (model converted) where onnxruntime allows, else float32.")
 @click.option("--rtol", type=float, default=None,
               help="Relative tolerance (default: 1e-5 in float64, 1e-2 in float32).")
-@click.option("--provider", type=click.Choice(sorted(runtime.PROVIDERS)), default="cpu", show_default=True)
+@click.option("--provider", type=click.Choice(runtime.CHOICES), default="cpu", show_default=True,
+              help="cpu or cuda (onnxruntime), or reference (onnx's reference evaluator: every opset, slow).")
 @click.option("--json", "as_json", is_flag=True, help="Print only a JSON object on stdout.")
 def check(
     model: Path,
@@ -83,7 +84,7 @@ def check(
     from onnxgrad.inspect import expand_xs
 
     try:
-        runtime.providers_for(provider)
+        runtime.provider_label(provider)  # raises where the provider is not available
         proto = load_model(model)
         x_names = expand_xs(proto, xs)
     except ModelFileError as e:

@@ -143,7 +143,8 @@ def fmt(x: Any) -> str:
               help="Feed inputs from the arrays of a .npz file (keys are input names).")
 @click.option("--dim", "dim_items", multiple=True, metavar="NAME=SIZE",
               help=f"Size of a symbolic dimension for random inputs (default {DEFAULT_DIM}; '*=SIZE' for all).")
-@click.option("--provider", type=click.Choice(sorted(runtime.PROVIDERS)), default="cpu", show_default=True)
+@click.option("--provider", type=click.Choice(runtime.CHOICES), default="cpu", show_default=True,
+              help="cpu or cuda (onnxruntime), or reference (onnx's reference evaluator: every opset, slow).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random inputs.")
 @click.option("-o", "--output", "results", type=click.Path(dir_okay=False, path_type=Path), metavar="RESULTS.npz",
               help="Save every output into a .npz file.")
@@ -161,13 +162,16 @@ def run(
     """Evaluate MODEL in onnxruntime and summarise each output (shape, dtype, norm, min/max, values)."""
     dims = parse_dims(dim_items)
     try:
-        providers = runtime.providers_for(provider)  # no silent fallback to the CPU
+        label = runtime.provider_label(provider)  # no silent fallback to the CPU
         load_model(model, load_external_data=False)  # clear errors for missing or corrupt files
-        sess = runtime.session(str(model), provider)
     except ModelError:
         raise
     except Exception as e:
         raise ModelError(one_line(e)) from None
+    try:
+        sess = runtime.session(str(model), provider)
+    except Exception as e:
+        raise ModelError(f"{runner(label)} cannot load '{model}': {runtime.explain(e)}") from None
     inputs = sess.get_inputs()
     names = [i.name for i in inputs]
     feeds = given_feeds(input_files, feeds_file, names)
@@ -188,16 +192,21 @@ def run(
     try:
         outputs = runtime.run(sess, feeds)
     except Exception as e:
-        raise ModelError(f"onnxruntime failed: {one_line(e)}") from None
+        raise ModelError(f"{runner(label)} failed: {runtime.explain(e)}") from None
     if results is not None:
         save_results(results, outputs)
     in_rows = {n: {"shape": list(feeds[n].shape), "dtype": feeds[n].dtype.name, "source": sources[n]} for n in names}
     out_rows = {n: stats(v) for n, v in outputs.items()}
     if as_json:
-        payload = {"provider": providers[0], "inputs": in_rows, "dims": used, "outputs": out_rows}
+        payload = {"provider": label, "inputs": in_rows, "dims": used, "outputs": out_rows}
         click.echo(json.dumps(payload))
         return
-    show(model, providers[0], in_rows, used, out_rows, results)
+    show(model, label, in_rows, used, out_rows, results)
+
+
+def runner(label: str) -> str:
+    """Who ran the model, for error messages."""
+    return label if label.startswith("onnx ") else f"onnxruntime ({label})"
 
 
 def save_results(path: Path, outputs: dict[str, Any]) -> None:
