@@ -100,8 +100,12 @@ def test_conv_bn_gradients_match_torch(c: ConvBN) -> None:
     for x, name in zip(c.xs, names, strict=True):
         ref = want[x]
         np.testing.assert_allclose(got[name], ref, rtol=1e-4, atol=1e-4 * float(np.abs(ref).max()), err_msg=x)
-    readers = [n.op_type for n in aug.model.graph.node[len(model.graph.node):] if "z" in n.input]
+    added = aug.model.graph.node[len(model.graph.node):]
+    readers = [n.op_type for n in added if "z" in n.input]
     assert (not readers) == c.fused, readers
+    # BN's sum(W * dW') and the Conv's dW share one weight gradient: one product for dX, one for dW
+    products = [n.op_type for n in added if n.op_type in ("Conv", "ConvTranspose", "Gemm")]
+    assert len(products) == (2 if "w" in c.xs else 1), products
 
 
 def _random_cases(count: int, seed: int) -> list[ConvBN]:

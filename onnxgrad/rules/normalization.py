@@ -134,8 +134,9 @@ def _batch_norm(em: Emitter, node: ir.Node, dy: Grads, training: bool) -> Out:
             return [None] * 5
         inv = em.Reciprocal(em.Sqrt(em.Add(chan(var), em.const(eps, like=x))))
         k = em.Mul(chan(scale), inv)
-        d_bias = total(g)
-        conv = _conv_feeding(em, node) if spatial else None
+        d_bias, factor = total(g), view(k)
+        # the Conv rule must see dY * k as a per-channel product (a known shape) to share the weight gradient
+        conv = _conv_feeding(em, node) if spatial and factor is not None and factor.shape is not None else None
         if conv is not None:  # sum(dY * (X - mean)) without reading X, which the Conv may then fuse away
             w, b = conv.inputs[1], conv.inputs[2] if len(conv.inputs) > 2 else None
             assert w is not None
@@ -146,7 +147,7 @@ def _batch_norm(em: Emitter, node: ir.Node, dy: Grads, training: bool) -> Out:
             centred = total(em.Mul(g, em.Sub(x, view(mean))))
         d_scale = em.Mul(centred, inv)  # sum(dY * xhat): inv applied per channel after the sum
         d_var = em.Mul(em.Mul(d_scale, em.Mul(k, inv)), em.const(-0.5, like=x))
-        return [em.Mul(g, view(k)), _as(em, d_scale, scale), _as(em, d_bias, bias),
+        return [em.Mul(g, factor), _as(em, d_scale, scale), _as(em, d_bias, bias),
                 _as(em, em.Neg(em.Mul(d_bias, k)), mean), _as(em, d_var, var)]
     _, xhat, inv = _moments(em, x, axes, eps)
     g_rm, g_rv = (dy[i] if len(dy) > i else None for i in (1, 2))
