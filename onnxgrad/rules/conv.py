@@ -299,8 +299,23 @@ def _weight_grad_plans(em: Emitter, x: ir.Value, g: ir.Value, win: Window, group
     """dW of ``Conv(x, W)`` given g = dY, by the cheapest plan that applies."""
     dw = None
     if group == 1:
-        dw = _weight_grad_interleaved(em, x, g, win, w) or _weight_grad_gemm(em, x, g, win, w)
+        dw = None if _prefers_gemm(em, x, win, w) else _weight_grad_interleaved(em, x, g, win, w)
+        dw = dw or _weight_grad_gemm(em, x, g, win, w)
     return dw or _weight_grad(em, x, g, win, group, w)
+
+
+def _prefers_gemm(em: Emitter, x: ir.Value, win: Window, w: ir.Value) -> bool:
+    """Whether im2col + Gemm beats the interleaved Conv for dW (measured on onnxruntime 1.31's CPU kernels,
+    ``bench/conv_grad.py``): for unstrided 1x1 kernels (a plain Gemm, no copies), and where the weight
+    outweighs the activations (N * out < M), as the interleaved plan's final transpose of dW then dominates."""
+    if math.prod(win.kernel) == 1 and all(s == 1 for s in win.strides):
+        return True
+    wd, xd = static_dims(w), x.shape
+    batch = xd[0] if xd is not None and isinstance(xd[0], int) else 1
+    # im2col copies ~2 * C * taps * N * out values, 4x slower when strided taps need phase slices (opset < 10);
+    # the interleaved plan's dW transpose costs ~2 * M * C * taps more than the Gemm plan's reshape
+    phases = 4 if not em.slice_steps and any(s != 1 for s in win.strides) else 1
+    return wd is not None and batch * math.prod(win.size_out) * phases < wd[0]
 
 
 def folds_channel_factor(node: ir.Node) -> bool:
@@ -394,22 +409,13 @@ def _weight_grad_gemm(em: Emitter, x: ir.Value, g: ir.Value, win: Window, w: ir.
 def _weight_grad_interleaved(em: Emitter, x: ir.Value, g: ir.Value, win: Window, w: ir.Value) -> ir.Value | None:
     """dW as ONE batch-1 Conv: X's channels interleaved into its last spatial axis, (1, N, *S, S_last*C), with
     dY^T (M, N, *out) as the kernel, dilated by the strides (by stride*C on the last axis); output position
-    t*C + c of the last axis is dW[:, c, ..., t]. A static batch N > 1 runs it as N groups. None where
-    im2col + Gemm is the better plan: for unstrided 1x1 kernels (a plain Gemm), for dilated convs, and where
-    the weight outweighs the activations (N * out < M), as the final transpose of dW then dominates
-    (measured on onnxruntime 1.31's CPU kernels)."""
+    t*C + c of the last axis is dW[:, c, ..., t]. A static batch N > 1 runs it as N groups. None for dilated
+    convs (the taps of one output position would not be contiguous)."""
     wd, xd = static_dims(w), x.shape
     if wd is None or xd is None or any(d != 1 for d in win.dilations):
         return None
-    if math.prod(win.kernel) == 1 and all(s == 1 for s in win.strides):
-        return None
     batch = xd[0] if isinstance(xd[0], int) else 1
     m, c, n = wd[0], wd[1], win.rank
-    # im2col copies ~2 * C * taps * N * out values, 4x slower when strided taps need phase slices (opset < 10);
-    # this plan's dW transpose costs ~2 * M * C * taps more than the Gemm plan's reshape
-    phases = 4 if not em.slice_steps and any(s != 1 for s in win.strides) else 1
-    if batch * math.prod(win.size_out) * phases < m:
-        return None
     xt = em.Transpose(x, perm=[0, *range(2, n + 2), 1])  # (N, *S, C)
     # rows no window reads would only widen the output (4x the work for a 1x1 stride-2 conv): cut them
     *lead, last = [size - extra for size, extra in zip(win.size_in, win.extra, strict=True)]
