@@ -309,8 +309,9 @@ class Emitter:
         return self.opset >= 10
 
     def can_scatter(self, reduction: str | None = None) -> bool:
-        """Whether ``scatter_elements`` is available with this ``reduction``."""
-        return self.opset >= {None: 9, "add": 16, "mul": 16}.get(reduction, 18)
+        """Whether ScatterElements is available with this ``reduction`` (``scatter_elements`` also emits the
+        older Scatter at opsets 9-10, which onnx's reference evaluator cannot run)."""
+        return self.opset >= {None: 11, "add": 16, "mul": 16}.get(reduction, 18)
 
     def scatter_elements(
         self, data: ir.Value, indices: ir.Value, updates: ir.Value, axis: int, reduction: str | None = None

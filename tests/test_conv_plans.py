@@ -1,14 +1,17 @@
-"""Conv's (and ConvTranspose's) weight gradient has two plans, chosen by shape; each rule case pins the plan
-it takes, so that the central-difference checks in test_rules.py cover both (they check values, this checks
-which plan ran)."""
+"""Which form a windowed op's gradient takes. Conv's (and ConvTranspose's) weight gradient has two plans,
+chosen by shape; each rule case pins the plan it takes, so that the central-difference checks in
+test_rules.py cover both (they check values, this checks which plan ran). MaxPool's routing trusts each
+runtime's Indices: two runtimes must agree."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 import onnxgrad
+from onnxgrad import runtime
 from tests.cases.conv import CASES
-from tests.gradcheck import build
+from tests.gradcheck import Case, build
 
 # (op, case id) -> the op that marks its dW plan: a Gemm (im2col), or no Gemm (one interleaved Conv)
 PLANS = {
@@ -28,3 +31,15 @@ def test_weight_gradient_plan(key: tuple[str, str], plan: str) -> None:
     aug = onnxgrad.add_gradients(model, ys, [xs[1]])
     ops = [n.op_type for n in aug.model.graph.node[len(model.graph.node):]]
     assert ("Gemm" in ops) == (plan == "gemm"), ops
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.op == "MaxPool"], ids=lambda c: c.name)
+def test_max_pool_routing_agrees_across_runtimes(case: Case) -> None:
+    """The scatter form trusts each runtime's MaxPool Indices (flat, row-major, first maximum): onnxruntime and
+    onnx's reference evaluator must route dY to the same elements."""
+    model, ys, xs, feeds = build(case)
+    aug = onnxgrad.add_gradients(model, ys, xs)
+    names = [n for n in aug.gradients.values() if n is not None]
+    got = {p: runtime.run(aug.model, feeds, names, provider=p) for p in ("cpu", "reference")}
+    for name in names:
+        np.testing.assert_allclose(got["reference"][name], got["cpu"][name], rtol=1e-6, atol=1e-6)

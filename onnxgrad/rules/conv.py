@@ -534,7 +534,7 @@ def _indices(em: Emitter, node: ir.Node, x: ir.Value) -> ir.Value:
 
 
 def _max_pool_scatter(em: Emitter, node: ir.Node, x: ir.Value, g: ir.Value, win: Window) -> ir.Value | None:
-    """dX by ONE ScatterElements of dY through the Indices output (flat positions in X); None before opset 9,
+    """dX by ONE ScatterElements of dY through the Indices output (flat positions in X); None before opset 11,
     and for overlapping windows before opset 16 (two windows may pick one element: reduction="add")."""
     overlap = any(m > 1 and s < d * (k - 1) + 1
                   for m, k, s, d in zip(win.size_out, win.kernel, win.strides, win.dilations, strict=True))
@@ -553,7 +553,7 @@ def _max_pool_scatter(em: Emitter, node: ir.Node, x: ir.Value, g: ir.Value, win:
 @register(
     "MaxPool",
     notes="dX: dY goes to each window's first maximum in row-major window order (the element the Indices "
-    "output names; ties are not split). From opset 9 (16 for overlapping windows) one ScatterElements "
+    "output names; ties are not split). From opset 11 (16 for overlapping windows) one ScatterElements "
     "routes dY through the Indices of a recomputed MaxPool (or of the node's own Indices output); before, "
     "windows are gathered exactly with a static index table and the ArgMax routed back by a ConvTranspose "
     "with a one-hot kernel. The Indices output gets no gradient. Spatial sizes must be static.",

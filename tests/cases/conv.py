@@ -113,7 +113,7 @@ CASES: list[Case] = [
     Case("MaxPool", [distinct(2, 2, 7, 7)], attrs={"kernel_shape": [3, 3], "strides": [2, 2], "dilations": [1, 2],
          "pads": [1, 1, 0, 0], "ceil_mode": 1}, opset=19, id="scatter-add-ceil-dilate"),
     Case("MaxPool", [distinct(2, 2, 4, 6)], attrs={"kernel_shape": [2, 2], "strides": [2, 2]}, opset=9,
-         id="scatter-opset9"),
+         id="tiling-opset9"),
     Case("MaxPool", [distinct(2, 3, 5, 6)], attrs={"kernel_shape": [2, 2], "strides": [2, 2], "pads": [1, 0, 0, 0]},
          opset=12, id="scatter-tiling-pads"),
     Case("MaxPool", [distinct(2, 2, 5, 4)], attrs={"kernel_shape": [2, 2], "strides": [2, 2]}, opset=18,
