@@ -6,6 +6,11 @@ sum is a ConvTranspose with the same strides, dilations and begin pads, whose en
 output_padding (``Window.end``, ``Window.extra``) put back the rows a strided window never reached.
 Spatial sizes must be static (the batch size may vary): pads, output_padding and window tables are
 attributes and constants.
+
+Conv's weight gradient has two plans (``_prefers_gemm`` picks, by measured onnxruntime CPU cost); the Conv rule
+also looks one node downstream: a dY that is some g times a per-output-channel factor (what an inference
+BatchNormalization sends back) lets the factor move onto the kernel and onto dW, so that BatchNormalization
+and the Conv share one weight gradient (see ``rules/normalization.py``).
 """
 
 from __future__ import annotations
