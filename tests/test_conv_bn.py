@@ -132,3 +132,24 @@ def _random_cases(count: int, seed: int) -> list[ConvBN]:
 @pytest.mark.parametrize("c", _random_cases(24, seed=5), ids=lambda c: c.id)
 def test_random_conv_bn_geometries_match_torch(c: ConvBN) -> None:
     test_conv_bn_gradients_match_torch(c)
+
+
+@pytest.mark.parametrize("scale_shape", [(4, 1, 1), (1, 4, 1, 1)], ids=["m11", "1m11"])
+def test_per_channel_scale_after_conv_moves_onto_the_kernel(scale_shape: tuple[int, ...]) -> None:
+    """Conv -> Mul by a per-channel scale (no BatchNormalization): the Conv rule sees dY = g * s and folds s
+    into its kernel and weight gradient; every gradient still matches torch, the scale's included."""
+    values = {"x": _r(2, 3, 6, 6), "w": _r(4, 3, 3, 3), "s": _r(*scale_shape, low=0.5, high=1.5)}
+    g = Graph([N("z", "Conv", "x", "w", pads=[1, 1, 1, 1]), N("y", "Mul", "z", "s")],
+              inputs={"x": values["x"]}, inits={"w": values["w"], "s": values["s"]}, opset=15)
+    model = build(g)
+    seed = _r(2, 4, 6, 6)
+    aug = onnxgrad.add_gradients(model, ["y"], ["x", "w", "s"], grad_ys=[seed])
+    got = run(aug.model, g.feeds, [aug.gradients[k] for k in ("x", "w", "s")])  # type: ignore[misc]
+    t = {k: torch.tensor(v, dtype=torch.float64, requires_grad=True) for k, v in values.items()}
+    y = F.conv2d(t["x"], t["w"], padding=1) * t["s"]
+    want = torch.autograd.grad((y * torch.tensor(seed, dtype=torch.float64)).sum(), [t["x"], t["w"], t["s"]])
+    for k, ref in zip(("x", "w", "s"), want, strict=True):
+        ref = ref.numpy()
+        np.testing.assert_allclose(got[aug.gradients[k]], ref, rtol=1e-4, atol=1e-4 * float(np.abs(ref).max()))
+    kernels = [n for n in aug.model.graph.node[len(model.graph.node):] if n.op_type == "Mul" and "w" in n.input]
+    assert kernels, "the scale was not moved onto the kernel"

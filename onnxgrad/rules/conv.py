@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from onnxgrad.emitter import Emitter, attr, static_dims
+from onnxgrad.emitter import Emitter, attr, same_dim, static_dims
 from onnxgrad.registry import register
 
 Grads = Sequence[ir.Value | None]
@@ -348,6 +348,8 @@ def _channel_factor(g: ir.Value, w: ir.Value) -> tuple[ir.Value, ir.Value] | Non
     for a, b in (node.inputs, node.inputs[::-1]):
         if a is None or b is None or b.shape is None or a.shape is None or a.shape.rank() != rank:
             continue
+        if not all(same_dim(p, q) for p, q in zip(a.shape, g.shape, strict=True)):
+            continue  # g' itself broadcast (a channel axis of 1, say): it is not the Conv's dY
         dims = list(b.shape)
         if m is not None and dims in ([m[0], *[1] * (rank - 2)], [1, m[0], *[1] * (rank - 2)]):
             return a, b
