@@ -15,6 +15,7 @@ import click
 
 from onnxgrad import runtime
 from onnxgrad.cli import ModelError, cli
+from onnxgrad.cli.run_cmd import provider_option
 from onnxgrad.io import ModelFileError, load_model, one_line
 
 PROGRESS_AFTER_S = 2.0  # show a progress bar once the check has run this long
@@ -61,8 +62,7 @@ class LazyProgress:
               show_default=True, help="auto: float64 (model converted) where onnxruntime allows, else float32.")
 @click.option("--rtol", type=float, default=None,
               help="Relative tolerance (default: 1e-5 in float64, 1e-2 in float32).")
-@click.option("--provider", type=click.Choice(runtime.CHOICES), default="cpu", show_default=True,
-              help="cpu or cuda (onnxruntime), or reference (onnx's reference evaluator: every opset, slow).")
+@provider_option
 @click.option("--json", "as_json", is_flag=True, help="Print only a JSON object on stdout.")
 def check(
     model: Path,

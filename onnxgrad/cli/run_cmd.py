@@ -24,6 +24,13 @@ INT_RANGE = (0, 4)  # random integer inputs: small non-negative values, valid as
 ORT_TYPES = {"float": "float32", "double": "float64", "bool": "bool"}
 
 
+# what runs the model: `run` and `check` take the same choices
+provider_option = click.option(
+    "--provider", type=click.Choice(runtime.CHOICES), default="cpu", show_default=True,
+    help="cpu or cuda (onnxruntime), or reference (onnx's reference evaluator: every opset, slow).",
+)
+
+
 def numpy_dtype(ort_type: str) -> np.dtype[Any] | None:
     """numpy dtype for onnxruntime's ``tensor(float)`` style type names (None for non-tensors, bfloat16...)."""
     m = re.fullmatch(r"tensor\((\w+)\)", ort_type)
@@ -143,8 +150,7 @@ def fmt(x: Any) -> str:
               help="Feed inputs from the arrays of a .npz file (keys are input names).")
 @click.option("--dim", "dim_items", multiple=True, metavar="NAME=SIZE",
               help=f"Size of a symbolic dimension for random inputs (default {DEFAULT_DIM}; '*=SIZE' for all).")
-@click.option("--provider", type=click.Choice(runtime.CHOICES), default="cpu", show_default=True,
-              help="cpu or cuda (onnxruntime), or reference (onnx's reference evaluator: every opset, slow).")
+@provider_option
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random inputs.")
 @click.option("-o", "--output", "results", type=click.Path(dir_okay=False, path_type=Path), metavar="RESULTS.npz",
               help="Save every output into a .npz file.")

@@ -58,7 +58,8 @@ CASES: list[Case] = [
          id="same-lower"),
     Case("Conv", [r(2, 2, 4, 5, 4, seed=1), r(2, 2, 2, 2, 3, seed=2), r(2, seed=3)],
          attrs={"auto_pad": "VALID", "strides": [2, 1, 2]}, opset=19, id="3d-valid"),
-    # dW plans (see tests/test_conv_plans.py): the cases above take the interleaved Conv; these take im2col + Gemm
+    # dW plans (see tests/test_conv_plans.py): the group-1 undilated cases above take the interleaved Conv (the
+    # grouped ones the grouped Conv of X^T); these take im2col + Gemm
     Case("Conv", [r(1, 3, 4, 4, seed=1), r(6, 3, 3, 3, seed=2)], id="wide-weight-gemm"),
     Case("Conv", [r(2, 3, 7, 7, seed=1), r(4, 3, 3, 3, seed=2)],
          attrs={"strides": [2, 2], "dilations": [2, 1], "pads": [2, 1, 1, 0]}, opset=9, id="dilated-phases-gemm"),
