@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-LINT_PATHS = $(wildcard onnxgrad tests models bench)
+LINT_PATHS = $(wildcard onnxgrad cli tests models bench)
 
 .PHONY: demo test fuzz lint models clean distclean
 

@@ -1,5 +1,7 @@
 """onnxgrad: tf.gradients for ONNX graphs."""
 
+import os as _os
+
 from onnxgrad.api import (
     NEW_INPUT,
     AggregationMethod,
@@ -31,3 +33,11 @@ __all__ = [
     "stop_gradient",
 ]
 __version__ = "0.1.0"
+
+
+# The command line is the repository's top-level cli/ folder, installed as onnxgrad.cli (pyproject's package-dir).
+# Imported from a source checkout (the repository root first on sys.path, as with PYTHONPATH=. or `python -c` run
+# there), this package is the checkout's own onnxgrad/ folder: let onnxgrad.cli resolve to cli/ beside it too.
+_root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+if all(_os.path.isfile(_os.path.join(_root, *p)) for p in (("cli", "__init__.py"), ("pyproject.toml",))):
+    __path__.append(_root)

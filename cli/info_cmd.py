@@ -8,8 +8,8 @@ import json
 from pathlib import Path
 
 import click
-
 from onnxgrad.cli import ModelError, cli
+
 from onnxgrad.io import ModelFileError, one_line
 
 

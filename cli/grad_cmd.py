@@ -10,9 +10,9 @@ from typing import Any
 import click
 import numpy as np
 import onnx
+from onnxgrad.cli import ModelError, cli
 
 from onnxgrad.api import NEW_INPUT, GradY, add_gradients
-from onnxgrad.cli import ModelError, cli
 from onnxgrad.inspect import add_gradients_lazy, expand_xs, has_external_data
 from onnxgrad.io import PROTOBUF_LIMIT, ModelFileError, load_model, one_line, save_model
 

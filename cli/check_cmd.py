@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import click
-
-from onnxgrad import runtime
 from onnxgrad.cli import ModelError, cli
 from onnxgrad.cli.run_cmd import provider_option
+
+from onnxgrad import runtime
 from onnxgrad.io import ModelFileError, load_model, one_line
 
 PROGRESS_AFTER_S = 2.0  # show a progress bar once the check has run this long
@@ -79,8 +79,9 @@ def check(
     """Compare the gradients of sum(u * ys) (u random) with central differences, one row per x.
 
     Inputs not given are drawn at random (seeded; symbolic dimensions become 2)."""
-    from onnxgrad.check import MISMATCH, check_model
     from onnxgrad.cli.run_cmd import given_feeds
+
+    from onnxgrad.check import MISMATCH, check_model
     from onnxgrad.inspect import expand_xs
 
     try:

@@ -14,9 +14,9 @@ from typing import Any
 
 import click
 import numpy as np
+from onnxgrad.cli import ModelError, cli
 
 from onnxgrad import runtime
-from onnxgrad.cli import ModelError, cli
 from onnxgrad.io import atomic_write, load_model, one_line
 
 DEFAULT_DIM = 1

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import click
 import onnx_ir as ir
+from onnxgrad.cli import ModelError, cli
 
 from onnxgrad.api import upgrade
-from onnxgrad.cli import ModelError, cli
 from onnxgrad.higher import lower_gradient_ops
 from onnxgrad.io import load_model, one_line, save_model
 

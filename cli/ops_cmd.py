@@ -6,9 +6,9 @@ import json
 from typing import Any
 
 import click
+from onnxgrad.cli import cli
 
 import onnxgrad.rules  # noqa: F401  (registers every rule)
-from onnxgrad.cli import cli
 from onnxgrad.registry import Rule, all_rules
 
 

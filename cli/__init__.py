@@ -25,7 +25,7 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from onnxgrad.cli import grad  # noqa: F401
+    from onnxgrad.cli import grad_cmd  # noqa: F401
 
     for name in ("run", "check", "info", "ops", "lower"):
         try:

@@ -1,0 +1,5 @@
+"""``python -m onnxgrad.cli``: the same as the ``onnxgrad`` command."""
+
+from onnxgrad.cli import main
+
+main()
