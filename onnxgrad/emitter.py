@@ -295,6 +295,15 @@ class Emitter:
             out.shape = ir.Shape(dims)
         return out
 
+    def gemm(
+        self, a: ir.Value, b: ir.Value, trans_a: int = 0, trans_b: int = 0, alpha: float | None = None
+    ) -> ir.Value:
+        """alpha * op(a) @ op(b) as one Gemm with no C (C was required before opset 11: a zero with beta 0 then)."""
+        if self.opset >= 11:
+            return self.Gemm(a, b, alpha=alpha, beta=0.0, transA=trans_a or None, transB=trans_b or None)
+        zero = self.const(0.0, like=a)
+        return self.Gemm(a, b, zero, alpha=alpha, beta=0.0, transA=trans_a or None, transB=trans_b or None)
+
     def pad(self, x: ir.Value, pads: Sequence[int]) -> ir.Value:
         """Zero (constant-mode) Pad of x by ``pads`` (ONNX layout: all begins, then all ends; may be negative)."""
         if not any(pads):

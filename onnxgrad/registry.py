@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -22,6 +22,13 @@ DEFAULT_DOMAIN = ""
 def normalize_domain(domain: str) -> str:
     """'ai.onnx' and '' name the same default domain."""
     return DEFAULT_DOMAIN if domain in ("", "ai.onnx") else domain
+
+
+def opset_of(imports: Mapping[str, int], domain: str = DEFAULT_DOMAIN) -> int:
+    """The opset a model (or graph) imports for ``domain`` ('' and 'ai.onnx' alike; 1 when not imported)."""
+    if normalize_domain(domain) == DEFAULT_DOMAIN:
+        return int(imports.get("", imports.get("ai.onnx", 1)))
+    return int(imports.get(domain, 1))
 
 
 @dataclass(frozen=True)
