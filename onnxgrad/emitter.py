@@ -1,19 +1,26 @@
 """A thin builder over onnx_ir that rules emit through: ``em.Mul(a, b)``, ``em.const(...)``, and the
-opset-aware helpers (axes as attribute or input, Expand/ConstantOfShape/Where before they existed),
-plus the one ``unbroadcast``.
+opset-aware helpers, plus the one ``unbroadcast``.
+
+Every opset form lives here: a rule asks for what it wants computed (``em.reduce_sum``, ``em.split``,
+``em.scatter_add``, ``em.zeros``, ``em.gemm``...) and the helper picks the op that does it at the model's
+opset, or raises a ValueError saying what is missing. Each ai.onnx op is checked against onnx's schema at
+that opset when it is emitted, so an op too new for the model is caught at once.
 
 Nothing an emitter builds touches the graph until ``commit``; ``rollback`` detaches it all again.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
+import onnx.defs
 import onnx_ir as ir
 
-from onnxgrad.optimize import elementwise_shape, simplify
+from onnxgrad import workarounds
+from onnxgrad.optimize import FOLD_LIMIT, elementwise_shape, simplify
 from onnxgrad.registry import normalize_domain
 
 FLOAT_TYPES = frozenset(
@@ -41,7 +48,51 @@ def static_dims(value: ir.Value) -> tuple[int, ...] | None:
 
 
 def rank_of(value: ir.Value) -> int | None:
+    """The rank of ``value``, or None when unknown."""
     return None if value.shape is None else value.shape.rank()
+
+
+def rank(value: ir.Value, node: ir.Node | None = None) -> int:
+    """The rank of ``value``; a ValueError naming it (and the node being differentiated) when unknown."""
+    r = rank_of(value)
+    if r is None:
+        where = "" if node is None else f"{node.op_type} '{node.name}': "
+        raise ValueError(f"{where}the gradient needs the rank of '{value.name}', which shape inference did not find")
+    return r
+
+
+def swap_with_last(n_axes: int, axis: int) -> list[int]:
+    """The permutation of ``n_axes`` axes that swaps ``axis`` with the last one (its own inverse)."""
+    perm = list(range(n_axes))
+    perm[axis], perm[-1] = perm[-1], perm[axis]
+    return perm
+
+
+Dims = list[int] | ir.Value  # sizes: static ints, or a 1-D int64 value known at run time
+
+
+@functools.cache
+def missing_op(op_type: str, opset: int) -> str | None:
+    """Why the ai.onnx op ``op_type`` cannot be emitted at ``opset``, or None when it can."""
+    try:
+        schema = onnx.defs.get_schema(op_type, opset, "")
+    except onnx.defs.SchemaError:
+        if not onnx.defs.has(op_type, ""):
+            return f"{op_type} is not an ai.onnx operator"
+        first = next(v for v in range(opset + 1, onnx.defs.onnx_opset_version() + 1)
+                     if _has_version(op_type, v))
+        return f"{op_type} does not exist at ai.onnx opset {opset} (it arrived in opset {first})"
+    if schema.deprecated:
+        return f"{op_type} does not exist at ai.onnx opset {opset} (it was removed in opset {schema.since_version})"
+    return None
+
+
+def _has_version(op_type: str, opset: int) -> bool:
+    try:
+        onnx.defs.get_schema(op_type, opset, "")
+    except onnx.defs.SchemaError:
+        return False
+    return True
 
 
 def same_dim(a: object, b: object) -> bool:
@@ -53,10 +104,19 @@ def same_dim(a: object, b: object) -> bool:
     return False
 
 
+def _agree(x: ir.Value, indices: ir.Value, axis: int) -> bool:
+    """True when x and indices are known to have the same dimensions on every axis but ``axis``."""
+    if x.shape is None or indices.shape is None or len(x.shape) != len(indices.shape):
+        return False
+    return all(same_dim(d, e) for i, (d, e) in enumerate(zip(x.shape, indices.shape, strict=True)) if i != axis)
+
+
 class Emitter:
     """Records new nodes for one ``gradients()`` call, named under ``scope``, valid at ``opset``."""
 
-    def __init__(self, graph: ir.Graph, opset: int, scope: str, ir_version: int = 8) -> None:
+    def __init__(
+        self, graph: ir.Graph, opset: int, scope: str, ir_version: int = 8, aggregation: str = "add_n"
+    ) -> None:
         self.graph = graph
         self.ir_version = ir_version
         self.opset = opset
@@ -67,7 +127,8 @@ class Emitter:
         self._consts: dict[tuple[Any, ...], ir.Value] = {}
         self._shapes: dict[int, ir.Value] = {}
         self._emitted: dict[tuple[Any, ...], tuple[ir.Value, ...]] = {}
-        self.wanted: set[ir.Value] = set()  # values whose gradient the current walk computes (set by backprop)
+        self._valid_ops: set[str] = set()  # ai.onnx op types already checked against the schema at ``opset``
+        self.aggregation = aggregation  # how add_n adds gradient terms: 'add_n' (one Sum), 'tree' or 'accumulate'
 
     # ----------------------------------------------------------------- raw ops
     def fresh_name(self, hint: str) -> str:
@@ -85,7 +146,10 @@ class Emitter:
         """Emit one node; returns its output, or a tuple of outputs when ``_outputs > 1``.
 
         An op identical to one already emitted (same type, inputs and attributes) is not emitted
-        twice: its outputs are reused (common subexpressions never reach the graph)."""
+        twice: its outputs are reused (common subexpressions never reach the graph). An ai.onnx op that
+        does not exist at the emitter's opset raises a ValueError."""
+        if op_type not in self._valid_ops and _domain in ("", "ai.onnx"):
+            self._check_op(op_type)
         while inputs and inputs[-1] is None:
             inputs = inputs[:-1]
         key = _cse_key(op_type, _domain, inputs, _outputs, attrs)
@@ -113,6 +177,17 @@ class Emitter:
         if key is not None:
             self._emitted[key] = tuple(node.outputs)
         return node.outputs[0] if _outputs == 1 else tuple(node.outputs)
+
+    def _check_op(self, op_type: str) -> None:
+        """Raise when the ai.onnx op ``op_type`` does not exist at this opset; remember it when it does."""
+        problem = missing_op(op_type, self.opset)
+        if problem is not None:
+            raise ValueError(
+                f"{problem}: a gradient rule or emitter helper asked for it in a model of opset {self.opset}; "
+                f"emit it through an Emitter helper that knows an older form, or convert the model to a newer "
+                f"opset (onnx.version_converter)"
+            )
+        self._valid_ops.add(op_type)
 
     def __getattr__(self, op_type: str) -> Any:
         if not op_type[:1].isupper():
@@ -216,6 +291,33 @@ class Emitter:
         out.shape = x.shape
         return out
 
+    def dim(self, x: ir.Value, axis: int, keepdims: bool = False) -> int | ir.Value:
+        """x's size along ``axis``: an int when static, else a Gather of x's Shape (a 0-D int64 scalar, or a
+        1-element 1-D tensor with ``keepdims``)."""
+        shape = x.shape
+        if shape is not None and isinstance(shape[axis], int):
+            return int(shape[axis])  # type: ignore[arg-type]
+        whole = self.shape_of(x)  # before the index constant: the order the rules used to emit them in
+        index = self.ints([axis]) if keepdims else self.const(np.array(axis), dtype=ir.DataType.INT64)
+        return self.Gather(whole, index)
+
+    def dims(self, x: ir.Value, axes: Iterable[int]) -> Dims:
+        """x's sizes along ``axes``: a list of ints when they are static, else a 1-D int64 value."""
+        shape, axes = x.shape, list(axes)
+        if shape is not None and all(isinstance(shape[a], int) for a in axes):
+            return [int(shape[a]) for a in axes]  # type: ignore[arg-type]
+        return self.Gather(self.shape_of(x), self.ints(axes))
+
+    def cat_ints(self, *parts: Dims) -> ir.Value:
+        """The 1-D int64 concatenation of static and run-time pieces (one Constant when all are static)."""
+        if all(isinstance(p, list) for p in parts):
+            return self.ints([i for p in parts for i in p])  # type: ignore[union-attr]
+        return self.Concat(*[self.ints(p) if isinstance(p, list) else p for p in parts], axis=0)
+
+    def _as_vector(self, n: int | ir.Value) -> Dims:
+        """A size (an int, or a 0-D int64 value) as a 1-element piece for ``cat_ints``."""
+        return [n] if isinstance(n, int) else self.Reshape(n, self.ints([1]))
+
     # -------------------------------------------------- opset-dependent forms
     def reduce(
         self, op: str, x: ir.Value, axes: Sequence[int] | ir.Value | None, keepdims: bool = True
@@ -261,12 +363,27 @@ class Emitter:
             return self.Squeeze(x, self.ints(axes))
         return self.Squeeze(x, axes=list(axes))
 
-    def split(self, x: ir.Value, sizes: Sequence[int], axis: int) -> tuple[ir.Value, ...]:
+    def split(self, x: ir.Value, sizes: Sequence[int | ir.Value], axis: int) -> tuple[ir.Value, ...]:
+        """x cut along ``axis`` into consecutive pieces of ``sizes`` (ints, or 1-element int64 values known at
+        run time): one Split (sizes as input from opset 13), or Slices for run-time sizes before."""
         n = len(sizes)
+        static = [s for s in sizes if isinstance(s, int)]
+        if len(static) < n and self.opset < 13:
+            if self.opset < 10:
+                raise ValueError(f"cutting '{x.name}' into pieces of run-time sizes needs opset >= 10 (Slice with "
+                                 f"inputs), the model has opset {self.opset}")
+            pieces, start = [], self.ints([0])
+            for s in sizes:
+                end = self.Add(start, self.cat_ints([s] if isinstance(s, int) else s))
+                pieces.append(self.Slice(x, start, end, self.ints([axis])))
+                start = end
+            return tuple(pieces)
         if self.opset >= 13:
-            outs = self.op("Split", x, self.ints(sizes), axis=axis, _outputs=n)
+            split = self.ints(static) if len(static) == n else self.cat_ints(*[[s] if isinstance(s, int) else s
+                                                                                for s in sizes])
+            outs = self.op("Split", x, split, axis=axis, _outputs=n)
         else:
-            outs = self.op("Split", x, axis=axis, split=list(sizes), _outputs=n)
+            outs = self.op("Split", x, axis=axis, split=static, _outputs=n)
         return (outs,) if n == 1 else outs
 
     def slice(
@@ -334,30 +451,140 @@ class Emitter:
             raise ValueError("scattering needs opset >= 9")
         return self.Scatter(data, indices, updates, axis=axis)
 
+    def scatter_add(
+        self, x: ir.Value, indices: ir.Value, updates: ir.Value, axis: int, unique: bool = False
+    ) -> ir.Value:
+        """Zeros shaped like x with ``updates`` added at ``indices`` along ``axis`` (the adjoint of GatherElements):
+        ScatterElements with reduction 'add' (opset 16), a plain scatter where the indices are known to be
+        distinct (opset 9), else a one-hot product (exact, memory O(indices x axis length))."""
+        if self.opset >= 16:
+            return self.ScatterElements(self.zeros_like(x), indices, updates, axis=axis, reduction="add")
+        if unique and self.opset >= 9:
+            return self.scatter_elements(self.zeros_like(x), indices, updates, axis)
+        r = rank(x)
+        hot = self._one_hot(indices, r, self.dim(x, axis), updates)
+        summed = self.reduce_sum(self.Mul(hot, self.unsqueeze(updates, [r])), [axis])
+        out = self.squeeze(self.Transpose(summed, perm=swap_with_last(r + 1, axis)), [r])
+        if _agree(x, indices, axis):
+            return out
+        xd, idd = static_dims(x), static_dims(indices)
+        if xd is not None and idd is not None:  # indices smaller than x on other axes: pad the ends with zeros
+            return self.pad(out, [0] * r + [0 if i == axis else xd[i] - idd[i] for i in range(r)])
+        if self.opset < 11:
+            return out
+        others = self.ints([int(i != axis) for i in range(r)])
+        ends = self.Mul(self.Sub(self.shape_of(x), self.shape_of(indices)), others)
+        return self.Pad(out, self.cat_ints([0] * r, ends))
+
+    def scatter_add_rows(self, updates: ir.Value, index: ir.Value, rows: int | ir.Value, row_dims: Dims) -> ir.Value:
+        """out[index[n]] += updates[n] into zeros of shape (rows, *row_dims): updates (N, *row_dims), index (N,)
+        in [0, rows). ScatterND with reduction 'add' (opset 16), else a one-hot MatMul (exact, memory O(N x rows))."""
+        if self.opset >= 16:
+            zeros = self.zeros(self.cat_ints(self._as_vector(rows), row_dims), like=updates)
+            return self.ScatterND(zeros, self.unsqueeze(index, [1]), updates, reduction="add")
+        hot = self._one_hot(index, 1, rows, updates)
+        out = self.MatMul(self.Transpose(hot, perm=[1, 0]), self.Reshape(updates, self.ints([0, -1])))
+        return self.Reshape(out, self.cat_ints([-1], row_dims))
+
+    def gather_elements(self, data: ir.Value, indices: ir.Value, axis: int) -> ir.Value:
+        """GatherElements(data, indices, axis) (opset 11); before, a one-hot product."""
+        if self.opset >= 11:
+            return self.GatherElements(data, indices, axis=axis)
+        r, m = rank(data), self.dim(data, axis)
+        others = [i for i in range(r) if i != axis]
+        idd = static_dims(indices)
+        if not _agree(data, indices, axis) and idd is not None:  # indices smaller than data on other axes
+            data = self.slice(data, [0] * (r - 1), [idd[i] for i in others], others)
+        elif not _agree(data, indices, axis) and self.opset >= 10:
+            data = self.Slice(data, self.ints([0] * (r - 1)), self.cat_ints(self.dims(indices, others)),
+                              self.ints(others))
+        moved = self.unsqueeze(self.Transpose(data, perm=[*range(axis), *range(axis + 1, r), axis]), [axis])
+        return self.reduce_sum(self.Mul(self._one_hot(indices, r, m, data), moved), [r], keepdims=False)
+
+    def wrap_indices(self, indices: ir.Value, n: int | ir.Value) -> ir.Value:
+        """Indices into an axis of length ``n`` with the negative ones counted from its end, as int64 (only a Cast
+        before opset 11, where indices may not be negative)."""
+        found = self.constant_value(indices)
+        if found is not None and isinstance(n, int):
+            found = np.asarray(found, dtype=np.int64)
+            return self.const(np.where(found < 0, found + n, found), dtype=ir.DataType.INT64)
+        if indices.dtype != ir.DataType.INT64:
+            indices = self.Cast(indices, to=ir.DataType.INT64)
+        if self.opset < 11:
+            return indices
+        negative = self.Cast(self.Less(indices, self.const(np.array(0), dtype=ir.DataType.INT64)), to=ir.DataType.INT64)
+        size = self.const(np.array(n), dtype=ir.DataType.INT64) if isinstance(n, int) else n
+        return self.Add(indices, self.Mul(negative, size))
+
+    def _one_hot(self, indices: ir.Value, r: int, m: int | ir.Value, like: ir.Value) -> ir.Value:
+        """indices.shape + (m,) for indices of rank r: 1 where the last coordinate equals the index, like's dtype."""
+        return self.indicator(self.Equal(self.unsqueeze(indices, [r]), self.arange(m)), like)
+
+    def full(
+        self, shape: Sequence[int] | ir.Value, fill: float, like: ir.Value | None = None,
+        dtype: ir.DataType | None = None,
+    ) -> ir.Value:
+        """``fill`` in ``shape`` (ints, or a 1-D int64 value), in ``dtype`` or like's dtype: a Constant when the
+        shape is static and small (so it folds), else built at run time (no full-size constant in the model)."""
+        return self._fill(shape, fill, like, dtype)
+
+    def zeros(self, shape: Sequence[int] | ir.Value, like: ir.Value | None = None,
+              dtype: ir.DataType | None = None) -> ir.Value:
+        """Zeros in ``shape`` (ints, or a 1-D int64 value), in ``dtype`` or like's dtype (see ``full``)."""
+        return self._fill(shape, 0.0, like, dtype)
+
     def full_like(self, x: ir.Value, fill: float, dtype: ir.DataType | None = None) -> ir.Value:
-        """A tensor of x's run-time shape filled with ``fill`` (x's dtype unless given)."""
-        dtype = dtype or x.dtype
-        assert dtype is not None
-        dims = static_dims(x)
-        if dims is not None:
-            out = self.const(np.full(dims, fill), dtype=dtype)
-        elif self.opset >= 9:
-            out = self.ConstantOfShape(
-                self.shape_of(x), value=ir.tensor(np.array([fill]).astype(dtype.numpy()), dtype=dtype)
-            )
-        else:
-            rank = rank_of(x)
-            if rank is None:
-                raise ValueError("filling a tensor of unknown rank needs opset >= 9")
-            out = self.Tile(self.const(np.full([1] * rank, fill), dtype=dtype), self.shape_of(x))
+        """``fill`` in x's (run-time) shape, in x's dtype unless given (see ``full``)."""
+        out = self._fill(static_dims(x), fill, x, dtype, of=x)
         out.shape = x.shape
         return out
 
     def zeros_like(self, x: ir.Value) -> ir.Value:
+        """Zeros in x's (run-time) shape and dtype."""
         return self.full_like(x, 0.0)
 
     def ones_like(self, x: ir.Value) -> ir.Value:
+        """Ones in x's (run-time) shape and dtype."""
         return self.full_like(x, 1.0)
+
+    def _fill(self, shape: Sequence[int] | ir.Value | None, fill: float, like: ir.Value | None,
+              dtype: ir.DataType | None, of: ir.Value | None = None) -> ir.Value:
+        """``full`` (shape None: the run-time shape of ``of``): a Constant when small and static, else
+        ConstantOfShape (opset 9; bfloat16 from 20), else a Constant (static), Expand of a scalar (opset 13,
+        bfloat16) or Tile of a [1, ..., 1] (before opset 9)."""
+        dtype = dtype or (None if like is None else like.dtype)
+        if dtype is None:
+            raise ValueError("a filled tensor needs a dtype or a value of known dtype")
+        static = None if shape is None else self._static_ints(shape)
+        if static is not None and int(np.prod(static)) <= FOLD_LIMIT:
+            return self.const(np.full(static, fill), dtype=dtype)
+
+        def value() -> ir.Value:
+            if shape is None:
+                assert of is not None
+                return self.shape_of(of)
+            return shape if isinstance(shape, ir.Value) else self.ints(static)  # type: ignore[arg-type]
+
+        if self.opset >= (20 if dtype == ir.DataType.BFLOAT16 else 9):
+            return self.ConstantOfShape(value(), value=ir.tensor(np.full(1, fill, dtype.numpy()), dtype=dtype))
+        if static is not None:
+            return self.const(np.full(static, fill), dtype=dtype)
+        if self.opset >= 13:
+            return self.Expand(self.const(np.array(fill), dtype=dtype), value())
+        n_axes = rank_of(of) if of is not None else None
+        if isinstance(shape, ir.Value) and shape.shape is not None and isinstance(shape.shape[0], int):
+            n_axes = int(shape.shape[0])  # type: ignore[arg-type]
+        if n_axes is None:
+            raise ValueError(f"filling a tensor of run-time shape and unknown rank needs opset >= 9, the model "
+                             f"has opset {self.opset}")
+        return self.Tile(self.const(np.full([1] * n_axes, fill), dtype=dtype), value())
+
+    def _static_ints(self, shape: Sequence[int] | ir.Value) -> list[int] | None:
+        """``shape`` as a list of ints when it is static or a constant, else None."""
+        if not isinstance(shape, ir.Value):
+            return [int(d) for d in shape]
+        found = self.constant_value(shape)
+        return None if found is None else [int(d) for d in np.asarray(found).reshape(-1)]
 
     def expand(self, g: ir.Value, like: ir.Value) -> ir.Value:
         """Broadcast g to like's run-time shape."""
@@ -370,8 +597,8 @@ class Emitter:
         out.shape = like.shape
         return out
 
-    def mask(self, cond: ir.Value, like: ir.Value) -> ir.Value:
-        """A bool condition as 0/1 in like's dtype."""
+    def indicator(self, cond: ir.Value, like: ir.Value) -> ir.Value:
+        """1 where the bool ``cond`` holds, else 0, in like's dtype (a Cast)."""
         assert like.dtype is not None
         return self.Cast(cond, to=like.dtype)
 
@@ -379,7 +606,7 @@ class Emitter:
         """Where(cond, a, b); before opset 9, a*c + b*(1-c) (a and b must be finite there)."""
         if self.opset >= 9:
             return self.Where(cond, a, b)
-        c = self.mask(cond, a)
+        c = self.indicator(cond, a)
         return self.Add(self.Mul(a, c), self.Mul(b, self.Sub(self.const(1.0, like=c), c)))
 
     def sign(self, x: ir.Value) -> ir.Value:
@@ -387,14 +614,12 @@ class Emitter:
         if self.opset >= 9:
             return self.Sign(x)
         zero = self.const(0.0, like=x)
-        return self.Sub(self.mask(self.Greater(x, zero), x), self.mask(self.Less(x, zero), x))
+        return self.Sub(self.indicator(self.Greater(x, zero), x), self.indicator(self.Less(x, zero), x))
 
     def transpose_last2(self, x: ir.Value) -> ir.Value:
-        rank = rank_of(x)
-        if rank is None:
-            raise ValueError(f"the rank of '{x.name}' is unknown")
-        perm = [*range(rank - 2), rank - 1, rank - 2]
-        return self.Transpose(x, perm=perm)
+        """x with its last two axes swapped."""
+        r = rank(x)
+        return self.Transpose(x, perm=[*range(r - 2), r - 1, r - 2])
 
     def dft(self, x: ir.Value, axis: int, inverse: bool = False, onesided: bool = False) -> ir.Value:
         """DFT of x along ``axis`` (its full length), axis as attribute (opset 17) or input (opset 20)."""
@@ -481,8 +706,19 @@ class Emitter:
         return out
 
     # ------------------------------------------------------------- aggregation
-    def add_n(self, terms: Sequence[ir.Value], method: str) -> ir.Value:
+    def add_all(self, *terms: ir.Value | None) -> ir.Value | None:
+        """The sum of the terms that are not None (a chain of Adds), or None when every term is None."""
+        present = [t for t in terms if t is not None]
+        if not present:
+            return None
+        total = present[0]
+        for t in present[1:]:
+            total = self.Add(total, t)
+        return total
+
+    def add_n(self, terms: Sequence[ir.Value], method: str | None = None) -> ir.Value:
         """Aggregate gradient terms: one Sum ('add_n'), a balanced Add tree, or a running Add chain."""
+        method = method or self.aggregation
         if len(terms) == 1:
             return terms[0]
         if method == "tree":
@@ -526,7 +762,7 @@ class Emitter:
         live = self.live_nodes(roots)
         keep = {id(n) for n in live}
         self.rollback(n for n in self.nodes if id(n) not in keep)
-        self._read_through_output_identities(live, keep)
+        workarounds.read_through_output_identities(self.graph, live, keep)  # onnxruntime 1.31's optimizer
         self.graph.extend(live)
         roots = set(roots)
         for init in self.initializers:
@@ -535,30 +771,6 @@ class Emitter:
                 if self.ir_version < 4:  # initializers were graph inputs too then
                     self.graph.inputs.append(init)
         return live
-
-
-    def _read_through_output_identities(self, live: list[ir.Node], keep: set[int]) -> None:
-        """Where a forward value also feeds an Identity that is a graph output, read that output instead.
-
-        The same tensor either way; onnxruntime 1.31's optimizer (EliminateIdentity together with
-        DivMulFusion) otherwise builds an invalid graph from Div(1, t) * v patterns around such values."""
-        alias: dict[ir.Value, ir.Value] = {}
-        for node in live:
-            for v in node.inputs:
-                if v is None or v in alias or (p := v.producer()) is None or id(p) in keep:
-                    continue
-                for use in v.uses():
-                    u = use.node
-                    if (u.op_type == "Identity" and not u.domain and id(u) not in keep
-                            and u.outputs[0].is_graph_output() and u.graph is self.graph):
-                        alias[v] = u.outputs[0]
-                        break
-        if not alias:
-            return
-        for node in live:
-            for i, v in enumerate(node.inputs):
-                if v is not None and v in alias:
-                    node.replace_input_with(i, alias[v])
 
 
 _NOT_PURE = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",

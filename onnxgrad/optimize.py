@@ -5,7 +5,8 @@ value it returns instead of the node. Together with what the emitter already doe
 nodes no gradient needs dropped at commit), that covers the usual clean-up passes in one linear sweep:
 
 * constant folding: an op whose inputs are all constants (Constant nodes, small initializers) and whose
-  result is small becomes a Constant (``ReduceSum`` of a ones seed, index arithmetic on constants...);
+  result is small becomes a Constant (``ReduceSum`` of a ones seed, index arithmetic on constants...).
+  ``fold`` is onnxgrad's one constant folder: shapes.py folds the forward graph's shape arithmetic with it;
 * identities with fills: ``x * 1``, ``x / 1``, ``x + 0``, ``x - 0`` are ``x``; ``1 * w`` with ``w``
   broadcast to a larger shape is ``Expand(w)`` (so a large ones seed does not stay in the model);
 * shape no-ops: ``Reshape`` to a value's own static shape, ``Reshape`` of a ``Reshape``, ``Transpose``
@@ -21,10 +22,11 @@ caller may name or shape what it gets back).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 
 if TYPE_CHECKING:
@@ -216,8 +218,63 @@ def _reshape_target(shape: Sequence[int], target: Sequence[int], allowzero: bool
     return out if int(np.prod(out)) == int(np.prod(shape)) else None
 
 
-def _fold(op: str, arrays: list[np.ndarray | None], attrs: dict[str, Any]) -> np.ndarray | None:
-    """numpy for the few ops constant index and seed arithmetic uses; None where not handled."""
+def fold(
+    op: str, arrays: Sequence[np.ndarray | None], attrs: Mapping[str, Any], opset: int | None = None,
+    outputs: int = 1,
+) -> list[np.ndarray] | None:
+    """The outputs of the ai.onnx op ``op`` applied to constant inputs (None for an absent optional input), or None.
+
+    numpy computes the few ops that index, shape and seed arithmetic uses (``NUMPY_FOLDABLE``); given the
+    ``opset``, onnx's reference evaluator computes any other op (and what numpy leaves). Attribute values are
+    Python values or ``ir.Attr``. Malformed inputs give None: the runtime reports them in its own words."""
+    plain = {k: _attr_value(v) for k, v in attrs.items()}
+    if op in NUMPY_FOLDABLE and arrays and arrays[0] is not None:
+        try:
+            with np.errstate(all="ignore"):
+                out = _numpy_fold(op, list(arrays), plain)
+        except (ValueError, IndexError, TypeError, KeyError):
+            out = None
+        if out is not None:
+            return [np.asarray(out)]
+    return None if opset is None else _reference_fold(op, arrays, attrs, opset, outputs)
+
+
+def _attr_value(value: Any) -> Any:
+    """An attribute's Python value (an ``ir.Attr`` unwrapped; sequences as lists)."""
+    if isinstance(value, ir.Attr):
+        value = value.value
+    if isinstance(value, Sequence) and not isinstance(value, str | bytes):
+        return list(value)
+    return value
+
+
+def _reference_fold(
+    op: str, arrays: Sequence[np.ndarray | None], attrs: Mapping[str, Any], opset: int, outputs: int
+) -> list[np.ndarray] | None:
+    """``fold`` by onnx's reference evaluator: the op alone in a model of ``opset``."""
+    from onnx.reference import ReferenceEvaluator
+
+    names = [f"in{i}" if a is not None else "" for i, a in enumerate(arrays)]
+    outs = [f"out{i}" for i in range(outputs)]
+    try:
+        node = ir.Node("", op, [None if not n else ir.Value(name=n) for n in names],
+                       attributes=ir.convenience.convert_attributes(dict(attrs)), num_outputs=outputs)
+        for v, n in zip(node.outputs, outs, strict=True):
+            v.name = n
+        graph = onnx.helper.make_graph(
+            [ir.serde.serialize_node(node)], "fold",
+            [onnx.helper.make_tensor_value_info(n, onnx.helper.np_dtype_to_tensor_dtype(a.dtype), a.shape)
+             for n, a in zip(names, arrays, strict=True) if a is not None],
+            [onnx.helper.make_value_info(n, onnx.TypeProto()) for n in outs])
+        model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])
+        feeds = {n: a for n, a in zip(names, arrays, strict=True) if a is not None}
+        return [np.asarray(v) for v in ReferenceEvaluator(model).run(None, feeds)]
+    except Exception:  # an op the evaluator cannot run on these inputs: not folded
+        return None
+
+
+def _numpy_fold(op: str, arrays: list[np.ndarray | None], attrs: dict[str, Any]) -> np.ndarray | None:
+    """numpy for the ops in ``NUMPY_FOLDABLE``; None where a dtype or form is not handled."""
     a = arrays[0]
     assert a is not None
     if op in ("Add", "Sub", "Mul"):
@@ -268,8 +325,8 @@ def _fold(op: str, arrays: list[np.ndarray | None], attrs: dict[str, Any]) -> np
     return None
 
 
-_FOLDABLE = frozenset({"Add", "Sub", "Mul", "Div", "Neg", "Sqrt", "Reciprocal", "Cast", "Reshape", "Squeeze",
-                       "Unsqueeze", "Transpose", "Concat", "ReduceSum", "Gather"})
+NUMPY_FOLDABLE = frozenset({"Add", "Sub", "Mul", "Div", "Neg", "Sqrt", "Reciprocal", "Cast", "Reshape", "Squeeze",
+                            "Unsqueeze", "Transpose", "Concat", "ReduceSum", "Gather"})
 
 
 def _try_fold(em: Emitter, op: str, inputs: Inputs, attrs: dict[str, Any]) -> ir.Value | None:
@@ -278,13 +335,10 @@ def _try_fold(em: Emitter, op: str, inputs: Inputs, attrs: dict[str, Any]) -> ir
         return None
     if arrays[0] is None:
         return None
-    try:
-        with np.errstate(all="ignore"):
-            out = _fold(op, arrays, attrs)
-    except (ValueError, IndexError, TypeError, KeyError):
-        return None  # malformed for numpy: leave it to the runtime's own error
-    if out is None or out.size > FOLD_LIMIT:
+    found = fold(op, arrays, attrs)  # numpy only: emission stays fast
+    if found is None or found[0].size > FOLD_LIMIT:
         return None
+    out = found[0]
     dtype = inputs[0].dtype if op != "Cast" else ir.DataType(int(attrs["to"]))  # type: ignore[union-attr]
     if dtype is None:
         return None
@@ -537,11 +591,11 @@ _REWRITES: dict[str, Rewrite] = {
 def simplify(em: Emitter, op_type: str, inputs: Inputs, attrs: dict[str, Any]) -> ir.Value | None:
     """A value to use instead of emitting ``op_type(inputs, attrs)`` (one output, default domain), or None."""
     rewrite = _REWRITES.get(op_type)
-    if rewrite is None and op_type not in _FOLDABLE:
+    if rewrite is None and op_type not in NUMPY_FOLDABLE:
         return None
     if not inputs or any(v is None for v in inputs[:1]):
         return None
-    if op_type in _FOLDABLE and all(v is None or _is_constant_node(v) for v in inputs):
+    if op_type in NUMPY_FOLDABLE and all(v is None or _is_constant_node(v) for v in inputs):
         folded = _try_fold(em, op_type, inputs, attrs)
         if folded is not None:
             return folded

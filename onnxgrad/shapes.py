@@ -1,20 +1,25 @@
-"""Types and shapes for the walk: onnx's shape inference, helped where it gives up.
+"""Types and shapes for the walk: onnx's shape inference, helped where it gives up. The one place for type
+inference: the whole model (``infer_missing_types``), one emitted node (``infer_node``) and a function body
+(``infer_function_body``).
 
 Exporters often compute reshape targets from constants at run time (``Mod``, ``Div``, ``Concat`` of
 ``Unsqueeze``d scalars...) when constant folding was off; onnx's inference cannot see through those,
 downstream values lose their rank, and rules that need ranks (MatMul, Gather...) cannot run. When values
-still lack shapes after a first pass, the small constant-only subgraphs are evaluated (onnx's reference
-evaluator, one node at a time) and inference runs again on a copy where they are initializers. The
-model itself only ever gains types and shapes."""
+still lack shapes after a first pass, the small constant-only subgraphs are evaluated (``optimize.fold``,
+one node at a time: numpy or onnx's reference evaluator) and inference runs again on a copy where they are
+initializers. The model itself only ever gains types and shapes."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 from onnx_ir.passes.common import _c_api_utils
+
+from onnxgrad.optimize import fold
 
 # ops worth evaluating on constants: the shape arithmetic exporters emit
 _FOLDABLE = frozenset({
@@ -114,9 +119,8 @@ def _sharper(new: ir.Shape, old: ir.Shape) -> bool:
 
 
 def _fold_small_constants(model: ir.Model) -> dict[str, np.ndarray]:
-    """Values of the top-level graph computed from constants alone (small ones), by name."""
-    from onnx.reference import ReferenceEvaluator
-
+    """Values of the top-level graph computed from constants alone (small ones), by name (``optimize.fold``)."""
+    opset = model.opset_imports.get("", 1)
     known: dict[str, np.ndarray] = {}
     for name, v in model.graph.initializers.items():
         if v.const_value is not None and v.const_value.size <= _SMALL:
@@ -133,17 +137,9 @@ def _fold_small_constants(model: ir.Model) -> dict[str, np.ndarray]:
         inputs = [v for v in node.inputs if v is not None]
         if not inputs or any(v.name not in known for v in inputs):
             continue
-        try:
-            proto = ir.serde.serialize_node(node)
-            graph = onnx.helper.make_graph(
-                [proto], "fold",
-                [onnx.helper.make_tensor_value_info(v.name, onnx.helper.np_dtype_to_tensor_dtype(known[v.name].dtype),
-                                                    known[v.name].shape) for v in inputs],
-                [onnx.helper.make_value_info(o.name, onnx.TypeProto()) for o in node.outputs])
-            opset = model.opset_imports.get("", 1)
-            single = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])
-            values = ReferenceEvaluator(single).run(None, {v.name: known[v.name] for v in inputs})
-        except Exception:
+        arrays = [None if v is None else known[v.name or ""] for v in node.inputs]
+        values = fold(node.op_type, arrays, dict(node.attributes), opset, len(node.outputs))
+        if values is None:
             continue
         for out, value in zip(node.outputs, values, strict=False):
             array = np.asarray(value)
@@ -159,3 +155,80 @@ def _as_initializers(proto: onnx.ModelProto, folded: dict[str, np.ndarray]) -> N
     del proto.graph.node[:]
     proto.graph.node.extend(keep)
     proto.graph.initializer.extend(onnx.numpy_helper.from_array(a, name) for name, a in folded.items())
+
+
+# ------------------------------------------------------------------------------- one node, function bodies
+def type_proto(v: ir.Value | None) -> onnx.TypeProto:
+    """v's tensor type (and shape, where known) as an onnx TypeProto; an empty one when its dtype is unknown."""
+    if v is None or v.dtype is None:
+        return onnx.TypeProto()
+    dims: list[Any] | None = None
+    if v.shape is not None:
+        dims = [d if isinstance(d, int) else (d.value if isinstance(d, ir.SymbolicDim) else None) for d in v.shape]
+    return onnx.helper.make_tensor_type_proto(int(v.dtype), dims)
+
+
+def shape_from(t: onnx.TypeProto) -> ir.Shape | None:
+    """The shape a tensor TypeProto holds (dimensions as ints, named symbols or None), or None."""
+    if not t.HasField("tensor_type") or not t.tensor_type.HasField("shape"):
+        return None
+    dims: list[Any] = []
+    for d in t.tensor_type.shape.dim:
+        if d.HasField("dim_value"):
+            dims.append(d.dim_value)
+        else:
+            dims.append(ir.SymbolicDim(d.dim_param) if d.dim_param else None)
+    return ir.Shape(dims)
+
+
+def infer_node(node: ir.Node, opset: int) -> None:
+    """Fill in the output types and shapes of one node by onnx's per-node inference (constant inputs as data);
+    a node that inference cannot type keeps what it has."""
+    if all(o.shape is not None and o.dtype is not None for o in node.outputs):
+        return
+    try:
+        schema = onnx.defs.get_schema(node.op_type, opset, node.domain)
+        types = {v.name: type_proto(v) for v in node.inputs if v is not None and v.name}
+        data = {v.name: onnx.numpy_helper.from_array(t.numpy(), v.name) for v in node.inputs
+                if v is not None and v.name and (t := ir.convenience.get_const_tensor(v)) is not None}
+        inferred = onnx.shape_inference.infer_node_outputs(schema, ir.serde.serialize_node(node), types, data)
+    except Exception:  # shapes help the rules: inference is never a requirement
+        return
+    for o in node.outputs:
+        t = inferred.get(o.name or "")
+        if t is None:
+            continue
+        if o.dtype is None and t.tensor_type.elem_type:
+            o.dtype = ir.DataType(t.tensor_type.elem_type)
+        if o.shape is None:
+            o.shape = shape_from(t)
+
+
+def infer_function_body(body: onnx.FunctionProto, node: ir.Node) -> dict[str, ir.Shape]:
+    """Shapes of the values of a function body (its subgraphs' too), by name, from onnx shape inference on the
+    types of the node that calls it."""
+    inputs = [onnx.helper.make_value_info(name, type_proto(v))
+              for name, v in zip(body.input, node.inputs, strict=False) if v is not None]
+    outputs = [onnx.helper.make_value_info(name, onnx.TypeProto()) for name in body.output if name]
+    graph = onnx.helper.make_graph(list(body.node), "body", inputs, outputs)
+    model = onnx.helper.make_model(graph, opset_imports=list(body.opset_import), ir_version=10)
+    shapes: dict[str, ir.Shape] = {}
+    try:
+        _collect_shapes(onnx.shape_inference.infer_shapes(model, data_prop=True).graph, shapes)
+    except Exception:  # shapes help the rules: inference is never a requirement
+        pass
+    return shapes
+
+
+def _collect_shapes(graph: onnx.GraphProto, out: dict[str, ir.Shape]) -> None:
+    """The shapes of ``graph``'s inputs, outputs and value_info, and those of its subgraphs, by name."""
+    for vi in [*graph.input, *graph.value_info, *graph.output]:
+        shape = shape_from(vi.type)
+        if shape is not None:
+            out.setdefault(vi.name, shape)
+    for n in graph.node:
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                _collect_shapes(a.g, out)
+            for g in a.graphs:
+                _collect_shapes(g, out)

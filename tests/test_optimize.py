@@ -186,3 +186,86 @@ def test_shape_rewrites() -> None:
     twice = em.Reshape(em.Reshape(t, em.ints([6])), em.ints([3, 2]))
     assert twice.producer().inputs[0] is t
     assert optimize.simplify(em, "Tanh", [t], {}) is None
+
+
+# ------------------------------------------------------------------------------------ the one folder
+_I = np.array([[3, -1], [0, 2]], np.int64)
+FOLDS = [  # (op, inputs, attrs, opset): each is folded by numpy, and must match onnx's reference evaluator
+    ("Add", [_I, np.array(5, np.int64)], {}, 17),
+    ("Sub", [_I, _I.T], {}, 17),
+    ("Mul", [_I, np.array([2, -3], np.int64)], {}, 17),
+    ("Div", [np.array([1.5, -3.0], np.float32), np.array([0.5, 4.0], np.float32)], {}, 17),
+    ("Neg", [_I], {}, 17),
+    ("Sqrt", [np.array([4.0, 2.0])], {}, 17),
+    ("Reciprocal", [np.array([4.0, -0.5], np.float32)], {}, 17),
+    ("Cast", [np.array([1.7, -2.2], np.float32)], {"to": int(ir.DataType.INT64)}, 17),
+    ("Cast", [_I], {"to": int(ir.DataType.BOOL)}, 17),
+    ("Reshape", [np.arange(6, dtype=np.int64), np.array([0, -1], np.int64)], {}, 17),
+    ("Reshape", [np.zeros((3, 2), np.int64), np.array([0, 2], np.int64)], {"allowzero": 0}, 17),
+    ("Squeeze", [np.zeros((1, 3, 1), np.int64), np.array([-1], np.int64)], {}, 17),
+    ("Squeeze", [np.zeros((1, 3, 1), np.int64)], {"axes": [0]}, 11),
+    ("Unsqueeze", [np.array([4, 5], np.int64), np.array([0, -1], np.int64)], {}, 17),
+    ("Unsqueeze", [np.array(4, np.int64)], {"axes": [0]}, 11),
+    ("Transpose", [_I], {"perm": [1, 0]}, 17),
+    ("Transpose", [np.zeros((2, 3, 4), np.int64)], {}, 17),
+    ("Concat", [np.array([1], np.int64), np.array([2, 3], np.int64)], {"axis": 0}, 17),
+    ("ReduceSum", [_I, np.array([1], np.int64)], {"keepdims": 0}, 17),
+    ("ReduceSum", [_I], {"axes": [0]}, 11),
+    ("ReduceSum", [_I, np.array([], np.int64)], {"noop_with_empty_axes": 1}, 17),
+    ("Gather", [np.array([7, 8, 9], np.int64), np.array([-1, 0], np.int64)], {}, 17),
+    ("Gather", [_I, np.array(1, np.int64)], {"axis": 1}, 17),
+]
+
+
+@pytest.mark.parametrize(("op", "arrays", "attrs", "opset"), FOLDS, ids=[f"{f[0]}-{i}" for i, f in enumerate(FOLDS)])
+def test_one_folder_for_emission_and_shape_inference(op: str, arrays: list[np.ndarray], attrs: dict[str, object],
+                                                       opset: int) -> None:
+    """``fold`` without an opset (numpy only: the emitter) and with one (shapes.py) agree with onnx's reference
+    evaluator, value and dtype."""
+    fast = optimize.fold(op, arrays, attrs)
+    assert fast is not None, f"{op} is meant to be folded by numpy"
+    reference = optimize._reference_fold(op, arrays, attrs, opset, 1)
+    assert reference is not None
+    assert fast[0].dtype == reference[0].dtype and fast[0].shape == reference[0].shape
+    np.testing.assert_array_equal(fast[0], reference[0])
+    assert optimize.fold(op, arrays, attrs, opset)[0].tolist() == reference[0].tolist()  # type: ignore[index]
+
+
+def test_fold_falls_back_to_the_reference_evaluator_only_when_given_an_opset() -> None:
+    arrays = [np.array([7, -7], np.int64), np.array([3, 3], np.int64)]
+    assert optimize.fold("Mod", arrays, {}) is None  # not a numpy op: the emitter leaves it to the runtime
+    assert optimize.fold("Div", arrays, {}) is None  # integer Div is not numpy's
+    assert optimize.fold("Mod", arrays, {}, opset=17)[0].tolist() == [1, 2]  # type: ignore[index]
+    assert optimize.fold("Div", arrays, {}, opset=17)[0].tolist() == [2, -2]  # type: ignore[index]
+    assert optimize.fold("Gather", [np.arange(3), np.array([5])], {}, opset=17) is None  # malformed: not folded
+
+
+def test_shape_inference_sees_through_constant_shape_arithmetic() -> None:
+    """A Reshape target computed from constants (an export without constant folding: Mod, Range, Unsqueeze, Concat,
+    of a length onnx's inference cannot tell) is folded by shapes.py, so the MatMul after it gets a rank and has
+    a gradient."""
+    from onnx import helper as oh
+
+    from onnxgrad.shapes import infer_missing_types
+
+    nodes = [oh.make_node("Mod", ["fifteen", "four"], ["three"]),
+             oh.make_node("Mod", ["four", "four"], ["nought"]),
+             oh.make_node("Range", ["minus1", "nought", "one"], ["tail"]),  # [-1]
+             oh.make_node("Unsqueeze", ["three", "zero"], ["head"]),
+             oh.make_node("Concat", ["head", "tail"], ["target"], axis=0),
+             oh.make_node("Reshape", ["x", "target"], ["r"]),
+             oh.make_node("MatMul", ["r", "w"], ["y"])]
+    inits = [onnx.numpy_helper.from_array(np.array(v, np.int64), n)
+             for n, v in (("fifteen", 15), ("four", 4), ("zero", [0]), ("minus1", -1), ("one", 1))]
+    inits.append(onnx.numpy_helper.from_array(_u(4, 2).astype(np.float32), "w"))
+    graph = oh.make_graph(nodes, "g", [oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [12])],
+                          [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], inits)
+    proto = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)], ir_version=8)
+    model = ir.serde.deserialize_model(proto)
+    infer_missing_types(model)
+    reshaped = next(n for n in model.graph if n.op_type == "Reshape").outputs[0]
+    assert reshaped.shape is not None and list(reshaped.shape) == [3, 4]
+    x = _u(12).astype(np.float32)
+    aug = onnxgrad.add_gradients(proto, ["y"], ["x"])
+    got = run(aug.model, {"x": x}, [aug.gradients["x"]])[aug.gradients["x"]]  # type: ignore[index]
+    np.testing.assert_allclose(got, np.tile(onnx.numpy_helper.to_array(inits[-1]).sum(axis=1), 3), rtol=1e-6)

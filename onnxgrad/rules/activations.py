@@ -18,7 +18,7 @@ Out = list[ir.Value | None]
 def relu(em: Emitter, node: ir.Node, dy: Grads) -> Out:
     """dx = dy * (y > 0)  (y > 0 exactly where x > 0: the forward input need not be kept for the backward)"""
     y = node.outputs[0]
-    return [em.Mul(dy[0], em.mask(em.Greater(y, em.const(0.0, like=y)), y))]
+    return [em.Mul(dy[0], em.indicator(em.Greater(y, em.const(0.0, like=y)), y))]
 
 
 @register("Tanh")
@@ -126,7 +126,7 @@ def prelu(em: Emitter, node: ir.Node, dy: Grads) -> Out:
     assert x is not None and slope is not None and g is not None
     negative = em.Less(x, em.const(0.0, like=x))
     dx = em.where(negative, em.Mul(g, slope), g)
-    return [dx, em.Mul(g, em.Mul(x, em.mask(negative, x)))]
+    return [dx, em.Mul(g, em.Mul(x, em.indicator(negative, x)))]
 
 
 @register("Elu")
@@ -195,7 +195,7 @@ def hard_sigmoid(em: Emitter, node: ir.Node, dy: Grads) -> Out:
     y, g = node.outputs[0], dy[0]
     assert g is not None
     inside = em.And(em.Greater(y, em.const(0.0, like=y)), em.Less(y, em.const(1.0, like=y)))
-    return [em.Mul(em.Mul(g, em.const(attr(node, "alpha", 0.2), like=y)), em.mask(inside, y))]
+    return [em.Mul(em.Mul(g, em.const(attr(node, "alpha", 0.2), like=y)), em.indicator(inside, y))]
 
 
 @register("HardSwish", since=14)
@@ -204,7 +204,7 @@ def hard_swish(em: Emitter, node: ir.Node, dy: Grads) -> Out:
     x, g = _x(node), dy[0]
     assert g is not None
     h = em.HardSigmoid(x, alpha=1.0 / 6.0, beta=0.5)
-    inside = em.mask(em.Less(em.Abs(x), em.const(3.0, like=x)), x)
+    inside = em.indicator(em.Less(em.Abs(x), em.const(3.0, like=x)), x)
     return [em.Mul(g, em.Add(h, em.Mul(em.Mul(x, em.const(1.0 / 6.0, like=x)), inside)))]
 
 
@@ -236,7 +236,7 @@ def softsign(em: Emitter, node: ir.Node, dy: Grads) -> Out:
 def thresholded_relu(em: Emitter, node: ir.Node, dy: Grads) -> Out:
     """dx = dy * (x > alpha)"""
     x = _x(node)
-    return [em.Mul(dy[0], em.mask(em.Greater(x, em.const(attr(node, "alpha", 1.0), like=x)), x))]
+    return [em.Mul(dy[0], em.indicator(em.Greater(x, em.const(attr(node, "alpha", 1.0), like=x)), x))]
 
 
 @register("Shrink", since=9)
@@ -244,7 +244,7 @@ def shrink(em: Emitter, node: ir.Node, dy: Grads) -> Out:
     """dx = dy * (|x| > lambd)"""
     x = _x(node)
     outside = em.Greater(em.Abs(x), em.const(attr(node, "lambd", 0.5), like=x))
-    return [em.Mul(dy[0], em.mask(outside, x))]
+    return [em.Mul(dy[0], em.indicator(outside, x))]
 
 
 @register("Swish", since=24)
@@ -265,7 +265,7 @@ def clip_v1(em: Emitter, node: ir.Node, dy: Grads) -> Out:
     x = _x(node)
     below = em.Less(x, em.const(attr(node, "min", -_FLT_MAX), like=x))
     above = em.Greater(x, em.const(attr(node, "max", _FLT_MAX), like=x))
-    return [em.Mul(dy[0], em.mask(em.Not(em.Or(below, above)), x))]
+    return [em.Mul(dy[0], em.indicator(em.Not(em.Or(below, above)), x))]
 
 
 @register("Clip", since=11, broadcast=(1, 2))
@@ -280,9 +280,9 @@ def clip_v11(em: Emitter, node: ir.Node, dy: Grads) -> Out:
     if below is not None and above is not None:  # min > max clamps everything to max
         crossed = em.Greater(lo, hi)
         below, above = em.And(below, em.Not(crossed)), em.Or(above, crossed)
-    dx = g if outside is None else em.Mul(g, em.mask(em.Not(outside), x))
-    dlo = None if below is None else em.Mul(g, em.mask(below, x))
-    dhi = None if above is None else em.Mul(g, em.mask(above, x))
+    dx = g if outside is None else em.Mul(g, em.indicator(em.Not(outside), x))
+    dlo = None if below is None else em.Mul(g, em.indicator(below, x))
+    dhi = None if above is None else em.Mul(g, em.indicator(above, x))
     return [dx, dlo, dhi][: len(node.inputs)]
 
 

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 import onnx_ir as ir
 
-from onnxgrad.emitter import Emitter, attr, rank_of, static_dims
+from onnxgrad.emitter import Emitter, attr, rank, rank_of, static_dims
 from onnxgrad.registry import register
 
 Grads = Sequence[ir.Value | None]
@@ -25,14 +25,6 @@ _ATTENTION_ATTRS = (
     "is_causal", "kv_num_heads", "q_num_heads", "scale", "softcap", "softmax_precision",
     "left_window_size", "right_window_size",
 )
-
-
-def _dim(em: Emitter, x: ir.Value, axis: int) -> Dim:
-    """x's size along ``axis`` (non-negative): an int when static, else a 1-element Shape slice."""
-    shape = x.shape
-    if shape is not None and isinstance(shape[axis], int):
-        return int(shape[axis])  # type: ignore[arg-type]
-    return em.Shape(x, start=axis, end=axis + 1)
 
 
 def _shape(em: Emitter, *parts: Dim | Sequence[int]) -> ir.Value:
@@ -60,7 +52,7 @@ def _scale(em: Emitter, node: ir.Node, q4: ir.Value) -> ir.Value:
     scale = attr(node, "scale")
     if scale is not None:
         return em.const(scale, like=q4)
-    d = _dim(em, q4, 3)
+    d = em.dim(q4, 3, keepdims=True)
     if isinstance(d, int):
         return em.const(1.0 / np.sqrt(d), like=q4)
     return em.Reciprocal(em.Sqrt(em.CastLike(d, q4)))
@@ -98,12 +90,6 @@ def _total_length(k: ir.Value, past_k: ir.Value | None) -> int | None:
     return dims[-2 if len(dims) == 4 else 1] + past[2]
 
 
-def _add(a: ir.Value | None, b: ir.Value | None, em: Emitter) -> ir.Value | None:
-    if a is None or b is None:
-        return a if b is None else b
-    return em.Add(a, b)
-
-
 _NOTES = "P from the forward node (qk_matmul_output_mode=3) or a twin Attention node"
 
 
@@ -114,7 +100,7 @@ def attention_v23(em: Emitter, node: ir.Node, dy: Grads) -> Out:
     return _attention(em, node, dy, padded_mask=False)
 
 
-@register("Attention", since=24, broadcast=(3,), notes=_NOTES)
+@register("Attention", since=24, broadcast=(3,), wrt=6, notes=_NOTES)
 def attention_v24(em: Emitter, node: ir.Node, dy: Grads) -> Out:
     """as opset 23; a float mask shorter than the total length gets dS's leading columns"""
     return _attention(em, node, dy, padded_mask=True)
@@ -134,7 +120,7 @@ def _attention(em: Emitter, node: ir.Node, dy: Grads, padded_mask: bool) -> Out:
     p, kt, vt = _forward_parts(em, node, k4, v4)
 
     # Fold the G query heads of each KV head into the sequence axis: (B, Hq, S, X) -> (B, Hkv, G*S, X).
-    hq, hkv = q_heads or _dim(em, q4, 1), kv_heads or _dim(em, k4, 1)
+    hq, hkv = q_heads or em.dim(q4, 1, keepdims=True), kv_heads or em.dim(k4, 1, keepdims=True)
     grouped = not (isinstance(hq, int) and isinstance(hkv, int) and hq == hkv)
 
     def fold(x: ir.Value) -> ir.Value:
@@ -149,22 +135,22 @@ def _attention(em: Emitter, node: ir.Node, dy: Grads, padded_mask: bool) -> Out:
     d_vt = g_pv
     if g_y is not None:
         dy4 = fold(_to_bhsd(em, g_y, q_heads) if q3 else g_y)
-        d_p = _add(d_p, em.MatMul(dy4, em.Transpose(vt, perm=[0, 1, 3, 2])), em)
-        d_vt = _add(d_vt, em.MatMul(em.Transpose(p, perm=[0, 1, 3, 2]), dy4), em)
+        d_p = em.add_all(d_p, em.MatMul(dy4, em.Transpose(vt, perm=[0, 1, 3, 2])))
+        d_vt = em.add_all(d_vt, em.MatMul(em.Transpose(p, perm=[0, 1, 3, 2]), dy4))
     d_s = None
     if d_p is not None:
         d_s = em.Mul(p, em.Sub(d_p, em.ReduceSum(em.Mul(d_p, p), em.ints([-1]), keepdims=1)))
-    d_s = _add(d_s, qk if mode == 2 else None, em)
+    d_s = em.add_all(d_s, qk if mode == 2 else None)
     d_mask = None
     if d_s is not None and mask is not None and mask.dtype is not None and mask.dtype.is_floating_point():
         d_mask = unfold(d_s)
-        last = _dim(em, mask, rank_of(mask) - 1)  # type: ignore[operator]
+        last = em.dim(mask, rank(mask) - 1, keepdims=True)
         if padded_mask and not (isinstance(last, int) and last == _total_length(k, past_k)):
             # a mask shorter than the total length is padded with -inf
             d_mask = em.Slice(d_mask, em.ints([0]), em.ints([last]) if isinstance(last, int) else last,
                               em.ints([3]))
         d_mask.shape = ir.Shape([q.shape[0] if q.shape is not None else None, None, None, None])
-    d_s = _add(d_s, qk if mode == 1 else None, em)
+    d_s = em.add_all(d_s, qk if mode == 1 else None)
     softcap = attr(node, "softcap", 0.0)
     scale = _scale(em, node, q4)
     qr = fold(q4)
@@ -172,13 +158,13 @@ def _attention(em: Emitter, node: ir.Node, dy: Grads, padded_mask: bool) -> Out:
         c = em.const(softcap, like=q4)
         t = em.Tanh(em.Div(em.Mul(em.MatMul(qr, em.Transpose(kt, perm=[0, 1, 3, 2])), scale), c))
         d_s = em.Mul(d_s, em.Sub(em.const(1.0, like=q4), em.Mul(t, t)))
-    d_s = _add(d_s, qk if mode == 0 else None, em)
+    d_s = em.add_all(d_s, qk if mode == 0 else None)
     d_q = d_kt = None
     if d_s is not None:
         d_s = em.Mul(d_s, scale)
         d_q = unfold(em.MatMul(d_s, kt))
         d_kt = em.MatMul(em.Transpose(d_s, perm=[0, 1, 3, 2]), qr)
-    d_kt = _add(d_kt, g_pk, em)
+    d_kt = em.add_all(d_kt, g_pk)
     d_pk, d_k4 = _split_cache(em, d_kt, past_k)
     d_pv, d_v4 = _split_cache(em, d_vt, past_v)
     return [
@@ -195,7 +181,7 @@ def _split_cache(
     """Split the gradient of concat(past, new) along the sequence axis into (d_past, d_new)."""
     if g is None or past is None:
         return None, g
-    n = _dim(em, past, 2)
+    n = em.dim(past, 2, keepdims=True)
     cut = em.ints([n]) if isinstance(n, int) else n
     return (em.Slice(g, em.ints([0]), cut, em.ints([2])),
             em.Slice(g, cut, em.ints([np.iinfo(np.int64).max]), em.ints([2])))
@@ -220,10 +206,10 @@ def _rope_half(em: Emitter, node: ir.Node) -> Dim:
         return rot // 2
     cos = node.inputs[1]
     assert cos is not None
-    return _dim(em, cos, rank_of(cos) - 1)  # type: ignore[operator]
+    return em.dim(cos, rank(cos) - 1, keepdims=True)
 
 
-@register("RotaryEmbedding", since=23)
+@register("RotaryEmbedding", since=23, wrt=3)
 def rotary_embedding(em: Emitter, node: ir.Node, dy: Grads) -> Out:
     """dx = RoPE(dy, cos, -sin) (the transposed rotation); dcos = sum_h(dy1 x1 + dy2 x2),
     dsin = sum_h(dy2 x1 - dy1 x2), scatter-added over position_ids"""

@@ -86,7 +86,7 @@ def pow_(em: Emitter, node: ir.Node, dy: Grads) -> Out:
     z = node.outputs[0]
     ef = e if e.dtype == x.dtype else em.Cast(e, to=x.dtype)
     dx = em.Mul(em.Mul(dy[0], ef), em.Pow(x, em.Sub(ef, em.const(1.0, like=x))))
-    positive = em.mask(em.Greater(x, em.const(0.0, like=x)), x)
+    positive = em.indicator(em.Greater(x, em.const(0.0, like=x)), x)
     safe_log = em.Mul(em.Log(em.Add(em.Mul(x, positive), em.Sub(em.const(1.0, like=x), positive))), positive)
     de = em.Mul(em.Mul(dy[0], z), safe_log)
     if e.dtype != x.dtype:
@@ -221,7 +221,7 @@ def _select_grads(em: Emitter, node: ir.Node, dy: ir.Value, cmp: str) -> Out:
     if len(node.inputs) == 1:
         return [dy]
     y = node.outputs[0]
-    masks = [em.mask(em.Not(em.op(cmp, x, y)), y) for x in node.inputs]
+    masks = [em.indicator(em.Not(em.op(cmp, x, y)), y) for x in node.inputs]
     share = em.Div(dy, em.Sum(*masks))
     return [em.Mul(share, m) for m in masks]
 

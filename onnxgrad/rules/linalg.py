@@ -62,13 +62,9 @@ def gemm(em: Emitter, node: ir.Node, dy: Grads) -> Out:
     ta, tb = attr(node, "transA", 0), attr(node, "transB", 0)
     g = dy[0]
     assert a is not None and b is not None and g is not None
-    zero = em.const(0.0, like=a) if em.opset < 11 else None
-
-    def gemm2(p: ir.Value, q: ir.Value, tp: int, tq: int) -> ir.Value:
-        return em.Gemm(p, q, zero, alpha=float(alpha), beta=0.0, transA=tp, transB=tq)
-
-    da = gemm2(g, b, 0, 1 - tb) if not ta else gemm2(b, g, tb, 1)
-    db = gemm2(a, g, 1 - ta, 0) if not tb else gemm2(g, a, 1, ta)
+    scale = float(alpha)
+    da = em.gemm(g, b, 0, 1 - tb, scale) if not ta else em.gemm(b, g, tb, 1, scale)
+    db = em.gemm(a, g, 1 - ta, 0, scale) if not tb else em.gemm(g, a, 1, ta, scale)
     out: Out = [da, db]
     if len(node.inputs) > 2 and node.inputs[2] is not None:
         out.append(g if beta == 1.0 else em.Mul(g, em.const(beta, like=g)))
@@ -107,24 +103,12 @@ def _einsum_terms(equation: str, ranks: Sequence[int | None], name: str) -> tupl
     return full, out
 
 
-def _dims_at(em: Emitter, x: ir.Value, positions: Sequence[int]) -> ir.Value:
-    """x's sizes at ``positions`` as a 1-D int64 tensor."""
-    dims = static_dims(x)
-    if dims is not None:
-        return em.ints([dims[p] for p in positions])
-    return em.Gather(em.shape_of(x), em.ints(positions), axis=0)
-
-
 def _filled(em: Emitter, x: ir.Value, positions: Sequence[int], eye: bool) -> ir.Value:
     """Ones (or an identity matrix, for two positions) sized like x's axes at ``positions``, x's dtype."""
-    dims = static_dims(x)
-    if dims is not None:
-        shape = [dims[p] for p in positions]
-        return em.const(np.eye(shape[0]) if eye else np.ones(shape), like=x)
-    assert x.dtype is not None
-    fill = ir.tensor(np.array([0.0 if eye else 1.0]).astype(x.dtype.numpy()), dtype=x.dtype)
-    out = em.ConstantOfShape(_dims_at(em, x, positions), value=fill)
-    out.dtype = x.dtype
+    shape = em.dims(x, positions)
+    if eye and isinstance(shape, list):
+        return em.const(np.eye(shape[0]), like=x)
+    out = em.full(shape, 0.0 if eye else 1.0, like=x)
     return em.EyeLike(out) if eye else out
 
 

@@ -40,7 +40,7 @@ def _picked(em: Emitter, node: ir.Node, x: ir.Value) -> ir.Value:
     ignore = attr(node, "ignore_index")
     if ignore is not None:
         hit = em.And(hit, em.Not(em.Equal(t, em.const(ignore, dtype=target.dtype))))
-    return em.mask(hit, x)
+    return em.indicator(hit, x)
 
 
 def _class_weights(em: Emitter, node: ir.Node, x: ir.Value) -> ir.Value | None:
@@ -108,23 +108,24 @@ def dropout_v7(em: Emitter, node: ir.Node, dy: Grads) -> Out:
     return [dy[0]]
 
 
-@register("Dropout", since=12,
-          notes="training mode: dx = dy * mask / (1 - ratio); mask = (y != 0) when the node has no mask output")
+@register("Dropout", since=12, wrt=1,
+          notes="training mode: dx = dy * mask / (1 - ratio); mask = (y != 0) when the node has no mask output; "
+          "ratio is a hyperparameter (no gradient)")
 def dropout_v12(em: Emitter, node: ir.Node, dy: Grads) -> Out:
     """dx = dy * mask / (1 - ratio) in training mode, dx = dy otherwise"""
     x, ratio, training = [*node.inputs, None, None][:3]
     assert x is not None
     g = dy[0]
     if g is None:
-        return [None] * len(node.inputs)
+        return [None]
     known = em.constant_value(training)
     if training is None or (known is not None and not bool(known)):
         return [g]
     outs = node.outputs
     if len(outs) > 1 and outs[1].name:
-        keep = em.mask(outs[1], x)
+        keep = em.indicator(outs[1], x)
     else:  # no mask output: the kept lanes are the nonzero ones (a kept exact zero gets no gradient)
-        keep = em.mask(em.Not(em.Equal(outs[0], em.const(0.0, like=x))), x)
+        keep = em.indicator(em.Not(em.Equal(outs[0], em.const(0.0, like=x))), x)
     one = em.const(1.0, like=x)
     rate = em.constant_value(ratio)
     if ratio is None or rate is not None:

@@ -77,7 +77,7 @@ def reduced_count(em: Emitter, node: ir.Node) -> ir.Value:
     return em.Div(em.Cast(em.Size(x), to=x.dtype), em.Cast(em.Size(y), to=x.dtype))
 
 
-@register("ReduceSum")
+@register("ReduceSum", wrt=1)
 def reduce_sum(em: Emitter, node: ir.Node, dy: Grads) -> Out:
     """dx = broadcast(dy)"""
     assert dy[0] is not None
@@ -86,7 +86,7 @@ def reduce_sum(em: Emitter, node: ir.Node, dy: Grads) -> Out:
     return [spread(em, node, dy[0])]
 
 
-@register("ReduceMean")
+@register("ReduceMean", wrt=1)
 def reduce_mean(em: Emitter, node: ir.Node, dy: Grads) -> Out:
     """dx = broadcast(dy) / n"""
     assert dy[0] is not None
@@ -106,7 +106,7 @@ def _same_axes(em: Emitter, node: ir.Node, op: str, v: ir.Value) -> ir.Value:
 # and the rules below follow from the same formulas: kept() is then the identity.
 
 
-@register("ReduceL1")
+@register("ReduceL1", wrt=1)
 def reduce_l1(em: Emitter, node: ir.Node, dy: Grads) -> Out:
     """dx = dy * sign(x)"""
     x = node.inputs[0]
@@ -114,7 +114,7 @@ def reduce_l1(em: Emitter, node: ir.Node, dy: Grads) -> Out:
     return [em.Mul(kept(em, node, dy[0]), em.sign(x))]
 
 
-@register("ReduceL2", notes="the gradient is NaN where the norm is 0")
+@register("ReduceL2", wrt=1, notes="the gradient is NaN where the norm is 0")
 def reduce_l2(em: Emitter, node: ir.Node, dy: Grads) -> Out:
     """dx = dy * x / y"""
     x = node.inputs[0]
@@ -122,7 +122,7 @@ def reduce_l2(em: Emitter, node: ir.Node, dy: Grads) -> Out:
     return [em.Mul(x, kept(em, node, em.Div(dy[0], node.outputs[0])))]
 
 
-@register("ReduceSumSquare")
+@register("ReduceSumSquare", wrt=1)
 def reduce_sum_square(em: Emitter, node: ir.Node, dy: Grads) -> Out:
     """dx = 2 * dy * x"""
     x = node.inputs[0]
@@ -130,14 +130,14 @@ def reduce_sum_square(em: Emitter, node: ir.Node, dy: Grads) -> Out:
     return [em.Mul(kept(em, node, dy[0]), em.Mul(x, em.const(2.0, like=x)))]
 
 
-@register("ReduceLogSum")
+@register("ReduceLogSum", wrt=1)
 def reduce_log_sum(em: Emitter, node: ir.Node, dy: Grads) -> Out:
     """dx = dy / exp(y)  (exp(y) is the sum)"""
     assert dy[0] is not None
     return [spread(em, node, em.Div(dy[0], em.Exp(node.outputs[0])))]
 
 
-@register("ReduceLogSumExp")
+@register("ReduceLogSumExp", wrt=1)
 def reduce_log_sum_exp(em: Emitter, node: ir.Node, dy: Grads) -> Out:
     """dx = dy * exp(x - y)"""
     x = node.inputs[0]
@@ -150,36 +150,36 @@ def _extremum(em: Emitter, node: ir.Node, dy: Grads, beyond: str) -> Out:
     x = node.inputs[0]
     assert x is not None and dy[0] is not None
     # x == y spelled as not(x < y) / not(x > y): Equal takes floats only from opset 11.
-    hit = em.mask(em.Not(em.op(beyond, x, kept(em, node, node.outputs[0]))), x)
+    hit = em.indicator(em.Not(em.op(beyond, x, kept(em, node, node.outputs[0]))), x)
     ties = _same_axes(em, node, "ReduceSum", hit)
     return [em.Mul(hit, em.Div(kept(em, node, dy[0]), ties))]
 
 
-@register("ReduceMax", notes="at ties the gradient is split evenly among the maxima")
+@register("ReduceMax", wrt=1, notes="at ties the gradient is split evenly among the maxima")
 def reduce_max(em: Emitter, node: ir.Node, dy: Grads) -> Out:
     """dx = dy * (x == y) / #maxima"""
     return _extremum(em, node, dy, "Less")
 
 
-@register("ReduceMin", notes="at ties the gradient is split evenly among the minima")
+@register("ReduceMin", wrt=1, notes="at ties the gradient is split evenly among the minima")
 def reduce_min(em: Emitter, node: ir.Node, dy: Grads) -> Out:
     """dx = dy * (x == y) / #minima"""
     return _extremum(em, node, dy, "Greater")
 
 
-@register("ReduceProd", notes="exact with zeros: the product of the other elements, no division by 0 "
+@register("ReduceProd", wrt=1, notes="exact with zeros: the product of the other elements, no division by 0 "
           "(its own derivative at zeros is not: the zero masks are constants)")
 def reduce_prod(em: Emitter, node: ir.Node, dy: Grads) -> Out:
     """dx_i = dy * prod_{j != i} x_j: p/x_i without zeros, p at the only zero, 0 with two or more"""
     x = node.inputs[0]
     assert x is not None and dy[0] is not None
-    zero = em.mask(em.Not(em.Greater(em.Abs(x), em.const(0.0, like=x))), x)
+    zero = em.indicator(em.Not(em.Greater(em.Abs(x), em.const(0.0, like=x))), x)
     nonzero = em.Add(x, zero)  # x with its zeros replaced by ones
     p = _same_axes(em, node, "ReduceProd", nonzero)  # product of the non-zero elements
     zeros = _same_axes(em, node, "ReduceSum", zero)
     half = em.const(0.5, like=x)
-    none = em.mask(em.Less(zeros, half), x)
-    one = em.mask(em.Less(em.Abs(em.Sub(zeros, em.const(1.0, like=x))), half), x)
+    none = em.indicator(em.Less(zeros, half), x)
+    one = em.indicator(em.Less(em.Abs(em.Sub(zeros, em.const(1.0, like=x))), half), x)
     factor = em.Add(em.Mul(none, em.Reciprocal(nonzero)), em.Mul(zero, one))
     return [em.Mul(em.Mul(kept(em, node, dy[0]), p), factor)]
 

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import onnx_ir as ir
 
-from onnxgrad.emitter import Emitter, attr, rank_of, static_dims
+from onnxgrad.emitter import Emitter, attr, rank, static_dims
 from onnxgrad.registry import register
 
 Grads = Sequence[ir.Value | None]
@@ -25,21 +25,6 @@ I64 = ir.DataType.INT64
 
 
 # ------------------------------------------------------------------ helpers
-def _rank(node: ir.Node, x: ir.Value) -> int:
-    rank = rank_of(x)
-    if rank is None:
-        raise ValueError(f"{node.op_type} '{node.name}': the gradient needs the rank of input '{x.name}'")
-    return rank
-
-
-def _dim(em: Emitter, x: ir.Value, axis: int) -> int | ir.Value:
-    """x's size along ``axis``: an int when static, else an int64 scalar computed at run time."""
-    shape = x.shape
-    if shape is not None and isinstance(shape[axis], int):
-        return int(shape[axis])  # type: ignore[arg-type]
-    return em.Gather(em.shape_of(x), em.const(np.array(axis), dtype=I64))
-
-
 def _fdim(em: Emitter, n: int | ir.Value, like: ir.Value) -> ir.Value:
     """A size as a scalar in like's dtype."""
     if isinstance(n, int):
@@ -68,7 +53,7 @@ def _given(em: Emitter, v: ir.Value | None) -> bool:
 def _eye(em: Emitter, node: ir.Node, x: ir.Value, axis: int) -> ir.Value:
     """An identity matrix as large as x along ``axis``."""
     try:
-        return em.eye(_dim(em, x, axis), like=x)
+        return em.eye(em.dim(x, axis), like=x)
     except ValueError as e:
         raise ValueError(f"{node.op_type} '{node.name}': the gradient needs a static size along axis {axis} "
                          f"of '{x.name}' at opset {em.opset} ({e})") from e
@@ -96,10 +81,10 @@ def _separable_grad(em: Emitter, node: ir.Node, dy: ir.Value, axes: Sequence[int
     own coordinate conventions exactly."""
     x = node.inputs[0]
     assert x is not None
-    rank = _rank(node, x)
+    r = rank(x, node)
     g = dy
     for k in axes:
-        g = _contract(em, g, matrix(k, _eye(em, node, x, k)), k, rank)
+        g = _contract(em, g, matrix(k, _eye(em, node, x, k)), k, r)
     return g
 
 
@@ -144,7 +129,7 @@ def _scales_form(em: Emitter, node: ir.Node, dy: Grads, op: str) -> ir.Value:
     x, scales = node.inputs[0], node.inputs[1]
     assert x is not None and scales is not None and dy[0] is not None
     mode = attr(node, "mode", "nearest")
-    entries = [_entry(em, scales, k, F32) for k in range(_rank(node, x))]
+    entries = [_entry(em, scales, k, F32) for k in range(rank(x, node))]
 
     def matrix(k: int, e: ir.Value) -> ir.Value:
         return em.op(op, e, em.Concat(em.const(np.ones(1), dtype=F32), entries[k][1], axis=0), mode=mode)
@@ -166,8 +151,8 @@ def resize(em: Emitter, node: ir.Node, dy: Grads) -> Out:
     """dX = dY contracted along each resized axis with that axis's interpolation matrix"""
     x, _, scales, sizes = [*node.inputs, None, None, None][:4]
     assert x is not None and dy[0] is not None
-    rank = _rank(node, x)
-    axes = [a % rank for a in attr(node, "axes", range(rank))]
+    r = rank(x, node)
+    axes = [a % r for a in attr(node, "axes", range(r))]
     attrs = {a: attr(node, a) for a in _RESIZE_ATTRS if attr(node, a) is not None}
     crop = attrs.get("coordinate_transformation_mode") == "tf_crop_and_resize"
     if crop:
@@ -184,12 +169,12 @@ def resize(em: Emitter, node: ir.Node, dy: Grads) -> Out:
     for i, k in enumerate(axes):
         value, entry = _entry(em, params, i, I64 if use_sizes else F32)
         box, whole = _crop_box(em, node, i, len(axes)) if crop else (empty, True)
-        same = value == 1.0 if not use_sizes else value == _dim(em, x, k)
+        same = value == 1.0 if not use_sizes else value == em.dim(x, k)
         if same and whole:
             continue
         resized.append(k)
         if use_sizes:
-            n = _dim(em, x, k)
+            n = em.dim(x, k)
             lead = em.ints([n]) if isinstance(n, int) else em.Reshape(n, em.ints([1]))
             per_axis[k] = (box, em.Concat(lead, entry, axis=0))
         else:
@@ -227,7 +212,7 @@ def _resize_keep_aspect(
     assert x is not None and sizes is not None
     policy = attr(node, "keep_aspect_ratio_policy")
     found = em.constant_value(sizes)
-    known = {k: _dim(em, x, k) for k in axes}
+    known = {k: em.dim(x, k) for k in axes}
     dims = {k: d for k, d in known.items() if isinstance(d, int)}
     if found is None or len(dims) < len(axes):
         raise ValueError(
@@ -339,7 +324,7 @@ def _pad_taps(em: Emitter, taps: list[Tap], size: ir.Value, padding: str, align:
     for i, w, dw in taps:
         clipped = em.Max(em.Min(i, last), zero)
         if padding == "zeros":
-            inside = em.mask(em.Equal(clipped, i), size)
+            inside = em.indicator(em.Equal(clipped, i), size)
             w = inside if w is None else em.Mul(w, inside)
             dw = None if dw is None else em.Mul(dw, inside)
             i = clipped
@@ -374,7 +359,7 @@ def grid_sample(em: Emitter, node: ir.Node, dy: Grads) -> Out:
     mode = attr(node, "mode", "linear")
     mode = _GRID_MODES.get(mode, mode)
     padding, align = attr(node, "padding_mode", "zeros"), bool(attr(node, "align_corners", 0))
-    d = _rank(node, x) - 2
+    d = rank(x, node) - 2
     flat = em.Reshape(x, em.ints([0, 0, -1]))
     points = em.Reshape(grid, em.ints([0, -1, d]))
     one, two = em.const(1.0, like=grid), em.const(2.0, like=grid)
@@ -382,7 +367,7 @@ def grid_sample(em: Emitter, node: ir.Node, dy: Grads) -> Out:
     sizes: list[int | ir.Value] = []
     du_dg: list[ir.Value] = []
     for j in range(d):  # spatial axis j of X is component d - 1 - j of the grid
-        n = _dim(em, x, 2 + j)
+        n = em.dim(x, 2 + j)
         size = _fdim(em, n, grid)
         sizes.append(n)
         gj = em.Gather(points, em.const(np.array(d - 1 - j), dtype=I64), axis=2)
@@ -420,7 +405,7 @@ def grid_sample(em: Emitter, node: ir.Node, dy: Grads) -> Out:
     k = len(index_terms)
     index = em.Concat(*index_terms, axis=1)
     weight = em.Concat(*weights, axis=1)
-    channels = _dim(em, x, 1)
+    channels = em.dim(x, 1)
     index = em.Expand(em.unsqueeze(index, [1]), em.Concat(em.ints([1]), _int(em, channels, 1), em.ints([1]), axis=0))
     dyk = em.Tile(em.Reshape(g, em.ints([0, 0, -1])), em.ints([1, 1, k]))
     dx = em.ScatterElements(em.zeros_like(flat), index, em.Mul(dyk, em.unsqueeze(weight, [1])), axis=2,
@@ -507,7 +492,7 @@ def _roi_align_axis(em: Emitter, node: ir.Node, x: ir.Value, rois: ir.Value, axi
         s = em.Add(_positions(em, most, x, [1, 1, -1]), em.const(0.5, like=x))
         exists = em.Less(s, count)
     pos = em.Add(em.Add(start, em.Mul(_positions(em, out, x, [1, -1, 1]), step)), em.Div(em.Mul(s, step), count))
-    n = _dim(em, x, 2 + axis)
+    n = em.dim(x, 2 + axis)
     inside = em.Not(em.Or(em.Less(pos, em.const(-1.0, like=x)), em.Greater(pos, _fdim(em, n, x))))
     return _Samples(pos, inside, exists, em.Reciprocal(count), n)
 
@@ -531,7 +516,7 @@ def _roi_align(em: Emitter, node: ir.Node, dy: Grads, default_mode: str) -> Out:
         at = em.unsqueeze(_clip_to(em, ax.pos, ax.size, x), [3])
         tent = em.Relu(em.Sub(em.const(1.0, like=x), em.Abs(em.Sub(at, _positions(em, ax.size, x, [1, 1, 1, -1])))))
         ok = ax.inside if ax.exists is None else em.And(ax.inside, ax.exists)
-        weighted = em.Mul(tent, em.unsqueeze(em.mask(ok, x), [3]))
+        weighted = em.Mul(tent, em.unsqueeze(em.indicator(ok, x), [3]))
         mats.append(em.Mul(em.reduce_sum(weighted, [2], keepdims=False), ax.inv_count))  # (R, out, size)
     rows = em.unsqueeze(em.Transpose(mats[0], perm=[0, 2, 1]), [1])
     per_roi = em.MatMul(em.MatMul(rows, g), em.unsqueeze(mats[1], [1]))
@@ -549,7 +534,7 @@ def _roi_align_max(em: Emitter, x: ir.Value, batch: ir.Value, g: ir.Value, axes:
         low = em.Floor(at)
         high = em.Min(em.Add(low, one), em.Sub(_fdim(em, ax.size, x), one))
         frac = em.Sub(at, low)
-        inside = em.mask(ax.inside, x)
+        inside = em.indicator(ax.inside, x)
         w = em.Concat(em.unsqueeze(em.Mul(em.Sub(one, frac), inside), [3]), em.unsqueeze(em.Mul(frac, inside), [3]),
                       axis=3)
         i = em.Cast(em.Concat(em.unsqueeze(low, [3]), em.unsqueeze(high, [3]), axis=3), to=I64)
@@ -561,11 +546,11 @@ def _roi_align_max(em: Emitter, x: ir.Value, batch: ir.Value, g: ir.Value, axes:
     index = em.Add(em.Mul(em.unsqueeze(iy, ys), width), em.unsqueeze(ix, xs))
     bins = em.Concat(em.slice(em.Shape(full), [0], [3], [0]), em.ints([-1]), axis=0)
     w, index = (em.unsqueeze(em.Reshape(v, bins), [1]) for v in (full, index))  # (R, 1, OH, OW, K)
-    area = _dim(em, x, 2)
+    area = em.dim(x, 2)
     area = area * axes[1].size if isinstance(area, int) and isinstance(axes[1].size, int) else em.Mul(
         _int(em, area), width)
     images = em.Reshape(em.Gather(x, batch, axis=0), em.ints([0, 0, -1]))  # (R, C, H * W)
-    values = _gather_spots(em, images, em.Reshape(index, em.ints([0, -1])), area, _dim(em, x, 1))
+    values = _gather_spots(em, images, em.Reshape(index, em.ints([0, -1])), area, em.dim(x, 1))
     score = em.Mul(em.Reshape(values, em.ints([0, 0, *out, -1])), w)  # (R, C, OH, OW, K)
     exists = [ax.exists for ax in axes]
     if exists[0] is not None and exists[1] is not None:
@@ -576,9 +561,9 @@ def _roi_align_max(em: Emitter, x: ir.Value, batch: ir.Value, g: ir.Value, axes:
     pick = em.ArgMax(score, axis=4, keepdims=1)
     first = em.Equal(pick, em.Reshape(em.arange(em.Gather(em.Shape(score), em.const(np.array(4), dtype=I64))),
                                       em.ints([1, 1, 1, 1, -1])))
-    chosen_w = em.reduce_sum(em.Mul(em.mask(first, x), w), [4], keepdims=True)
+    chosen_w = em.reduce_sum(em.Mul(em.indicator(first, x), w), [4], keepdims=True)
     chosen = em.reduce_sum(em.Mul(em.Cast(first, to=I64), index), [4], keepdims=True)
-    hit = em.mask(em.Equal(chosen, em.Reshape(em.arange(area), em.ints([1, 1, 1, 1, -1]))), x)
+    hit = em.indicator(em.Equal(chosen, em.Reshape(em.arange(area), em.ints([1, 1, 1, 1, -1]))), x)
     share = em.Mul(em.unsqueeze(g, [4]), chosen_w)
     return em.reduce_sum(em.Mul(hit, share), [2, 3], keepdims=False)
 
@@ -612,14 +597,14 @@ def max_roi_pool(em: Emitter, node: ir.Node, dy: Grads) -> Out:
         index = _positions(em, bins, x, [1, -1, 1])
         lo = em.Add(em.Floor(em.Mul(index, step)), start)
         hi = em.Add(em.Ceil(em.Mul(em.Add(index, one), step)), start)
-        at = _positions(em, _dim(em, x, 2 + axis), x, [1, 1, -1])
+        at = _positions(em, em.dim(x, 2 + axis), x, [1, 1, -1])
         members.append(em.And(em.Not(em.Less(at, lo)), em.Less(at, hi)))  # (R, bins, size)
     inside = em.And(em.unsqueeze(members[0], [1, 3, 5]), em.unsqueeze(members[1], [1, 2, 4]))
     batch = em.Cast(em.Gather(rois, em.const(np.array(0), dtype=I64), axis=1), to=I64)
     images = em.unsqueeze(em.Gather(x, batch, axis=0), [2, 3])  # (R, C, 1, 1, H, W)
     best = em.unsqueeze(y, [4, 5])
     hit = em.And(inside, em.Not(em.Or(em.Less(images, best), em.Greater(images, best))))
-    per_roi = em.reduce_sum(em.Mul(em.mask(hit, x), em.unsqueeze(g, [4, 5])), [2, 3], keepdims=False)
+    per_roi = em.reduce_sum(em.Mul(em.indicator(hit, x), em.unsqueeze(g, [4, 5])), [2, 3], keepdims=False)
     return [_to_batch(em, node, x, per_roi, batch), None]
 
 

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import onnx_ir as ir
 
-from onnxgrad.emitter import Emitter, attr, rank_of, same_dim, static_dims
+from onnxgrad.emitter import Emitter, attr, rank, static_dims, swap_with_last
 from onnxgrad.registry import register
 
 Grads = Sequence[ir.Value | None]
@@ -28,17 +28,10 @@ def _first(node: ir.Node, dx: ir.Value | None) -> Out:
     return [dx] + [None] * (len(node.inputs) - 1)
 
 
-def _rank(node: ir.Node, x: ir.Value) -> int:
-    r = rank_of(x)
-    if r is None:
-        raise ValueError(f"{node.op_type} '{node.name}': the gradient needs the rank of '{x.name}'")
-    return r
-
-
 def _axis(node: ir.Node, x: ir.Value, default: int = 0) -> int:
     """The node's ``axis`` attribute, made non-negative."""
     a = int(attr(node, "axis", default))
-    return a if a >= 0 else a % _rank(node, x)
+    return a if a >= 0 else a % rank(x, node)
 
 
 def _ints_of(em: Emitter, v: ir.Value | None) -> list[int] | None:
@@ -51,36 +44,6 @@ def _scalar(em: Emitter, n: int | ir.Value) -> ir.Value:
     return em.const(np.array(n), dtype=_INT64) if isinstance(n, int) else n
 
 
-def _dim(em: Emitter, x: ir.Value, a: int) -> int | ir.Value:
-    """x's dimension ``a``: an int when static, else a 0-D int64 value."""
-    shape = x.shape
-    if shape is not None and isinstance(shape[a], int):
-        return int(shape[a])  # type: ignore[arg-type]
-    return em.Gather(em.shape_of(x), _scalar(em, a), axis=0)
-
-
-Dims = list[int] | ir.Value
-
-
-def _dims(em: Emitter, x: ir.Value, axes: Sequence[int]) -> Dims:
-    """x's dimensions at ``axes``: a list when static, else a 1-D int64 value."""
-    shape, axes = x.shape, list(axes)
-    if shape is not None and all(isinstance(shape[a], int) for a in axes):
-        return [int(shape[a]) for a in axes]  # type: ignore[arg-type]
-    return em.Gather(em.shape_of(x), em.ints(axes), axis=0)
-
-
-def _cat(em: Emitter, *parts: Dims) -> ir.Value:
-    """The 1-D int64 concatenation of static and run-time pieces (one Constant when all static)."""
-    if all(isinstance(p, list) for p in parts):
-        return em.ints([i for p in parts for i in p])  # type: ignore[union-attr]
-    return em.Concat(*[em.ints(p) if isinstance(p, list) else p for p in parts], axis=0)
-
-
-def _vec(em: Emitter, n: int | ir.Value) -> Dims:
-    return [n] if isinstance(n, int) else em.Reshape(n, em.ints([1]))
-
-
 def _prod(em: Emitter, items: Sequence[int | ir.Value]) -> int | ir.Value:
     """The product of static and run-time (0-D int64) sizes, folded where static."""
     static = int(np.prod([i for i in items if isinstance(i, int)], dtype=np.int64))
@@ -90,102 +53,8 @@ def _prod(em: Emitter, items: Sequence[int | ir.Value]) -> int | ir.Value:
     return out
 
 
-def _zeros(em: Emitter, shape: ir.Value, like: ir.Value, fill: float = 0.0) -> ir.Value:
-    """``fill`` in a run-time shape, in like's dtype (no full-size constant in the model)."""
-    assert like.dtype is not None
-    return em.ConstantOfShape(shape, value=ir.tensor(np.full(1, fill, like.dtype.numpy()), dtype=like.dtype))
-
-
-def _zeros_like(em: Emitter, x: ir.Value, fill: float = 0.0) -> ir.Value:
-    """``fill`` shaped like x, built at run time where ConstantOfShape can (no full-size constant)."""
-    if em.opset >= 20 or (em.opset >= 9 and x.dtype != ir.DataType.BFLOAT16):
-        return _zeros(em, em.shape_of(x), x, fill)
-    return em.full_like(x, fill)
-
-
 def _as_int64(em: Emitter, v: ir.Value) -> ir.Value:
     return v if v.dtype == _INT64 else em.Cast(v, to=_INT64)
-
-
-def _wrap(em: Emitter, idx: ir.Value, m: int | ir.Value) -> ir.Value:
-    """Indices with negative entries counted from the end of an axis of length m (int64)."""
-    found = em.constant_value(idx)
-    if found is not None and isinstance(m, int):
-        found = np.asarray(found, dtype=np.int64)
-        return em.const(np.where(found < 0, found + m, found), dtype=_INT64)
-    idx = _as_int64(em, idx)
-    if em.opset < 11:  # negative indices arrived with opset 11
-        return idx
-    negative = em.Cast(em.Less(idx, em.const(np.array(0), dtype=_INT64)), to=_INT64)
-    return em.Add(idx, em.Mul(negative, _scalar(em, m)))
-
-
-def _one_hot(em: Emitter, idx: ir.Value, r: int, m: int | ir.Value, like: ir.Value) -> ir.Value:
-    """idx.shape + (m,) for idx of rank r: 1 where the last coordinate equals idx, in like's dtype."""
-    assert like.dtype is not None
-    return em.Cast(em.Equal(em.unsqueeze(idx, [r]), em.arange(m)), to=like.dtype)
-
-
-def _index_add(em: Emitter, upd: ir.Value, index: ir.Value, m: int | ir.Value, rest: Dims) -> ir.Value:
-    """out[index[n]] += upd[n]: upd (N, *rest), index (N,) in [0, m), out (m, *rest).
-
-    ScatterND with reduction='add' from opset 16; a one-hot MatMul before (exact, O(N * m * prod(rest)))."""
-    if em.opset >= 16:
-        zeros = _zeros(em, _cat(em, _vec(em, m), rest), upd)
-        return em.ScatterND(zeros, em.unsqueeze(index, [1]), upd, reduction="add")
-    hot = _one_hot(em, index, 1, m, upd)
-    out = em.MatMul(em.Transpose(hot, perm=[1, 0]), em.Reshape(upd, em.ints([0, -1])))
-    return em.Reshape(out, _cat(em, [-1], rest))
-
-
-def _swap_last(x_rank: int, a: int) -> list[int]:
-    perm = list(range(x_rank))
-    perm[a], perm[-1] = perm[-1], perm[a]
-    return perm
-
-
-def _scatter_add_elements(
-    em: Emitter, node: ir.Node, x: ir.Value, idx: ir.Value, upd: ir.Value, a: int, unique: bool
-) -> ir.Value:
-    """zeros_like(x) with upd added at idx along axis a (the adjoint of GatherElements)."""
-    if em.opset >= 16:
-        return em.ScatterElements(_zeros_like(em, x), idx, upd, axis=a, reduction="add")
-    if unique and em.opset >= 9:
-        return em.scatter_elements(_zeros_like(em, x), idx, upd, a)
-    r = _rank(node, x)
-    summed = em.reduce_sum(em.Mul(_one_hot(em, idx, r, _dim(em, x, a), upd), em.unsqueeze(upd, [r])), [a])
-    out = em.squeeze(em.Transpose(summed, perm=_swap_last(r + 1, a)), [r])
-    if _agree(x, idx, a):
-        return out
-    xd, idd = static_dims(x), static_dims(idx)
-    if xd is not None and idd is not None:  # indices smaller than x on other axes: pad the ends with zeros
-        return em.pad(out, [0] * r + [0 if i == a else xd[i] - idd[i] for i in range(r)])
-    if em.opset < 11:
-        return out
-    ends = em.Mul(em.Sub(em.shape_of(x), em.shape_of(idx)), em.ints([int(i != a) for i in range(r)]))
-    return em.Pad(out, _cat(em, [0] * r, ends))
-
-
-def _agree(x: ir.Value, idx: ir.Value, a: int) -> bool:
-    """True when x and idx are known to have the same dimensions on every axis but a."""
-    if x.shape is None or idx.shape is None or len(x.shape) != len(idx.shape):
-        return False
-    return all(same_dim(d, e) for i, (d, e) in enumerate(zip(x.shape, idx.shape, strict=True)) if i != a)
-
-
-def _gather_elements(em: Emitter, node: ir.Node, data: ir.Value, idx: ir.Value, a: int) -> ir.Value:
-    """GatherElements(data, idx, axis=a); before opset 11, a one-hot product."""
-    if em.opset >= 11:
-        return em.GatherElements(data, idx, axis=a)
-    r, m = _rank(node, data), _dim(em, data, a)
-    others = [i for i in range(r) if i != a]
-    idd = static_dims(idx)
-    if not _agree(data, idx, a) and idd is not None:  # indices smaller than data on other axes
-        data = em.slice(data, [0] * (r - 1), [idd[i] for i in others], others)
-    elif not _agree(data, idx, a) and em.opset >= 10:
-        data = em.Slice(data, em.ints([0] * (r - 1)), _cat(em, _dims(em, idx, others)), em.ints(others))
-    moved = em.unsqueeze(em.Transpose(data, perm=[*range(a), *range(a + 1, r), a]), [a])
-    return em.reduce_sum(em.Mul(_one_hot(em, idx, r, m, data), moved), [r], keepdims=False)
 
 
 def _positions(em: Emitter, x: ir.Value) -> ir.Value:
@@ -196,7 +65,7 @@ def _positions(em: Emitter, x: ir.Value) -> ir.Value:
 def _scatter_positions(em: Emitter, x: ir.Value, sel: ir.Value, g: ir.Value) -> ir.Value:
     """zeros_like(x) with g written at the (distinct) flat positions sel."""
     flat = em.ints([-1])
-    out = em.scatter_elements(em.Reshape(_zeros_like(em, x), flat), em.Reshape(sel, flat), em.Reshape(g, flat), 0)
+    out = em.scatter_elements(em.Reshape(em.zeros_like(x), flat), em.Reshape(sel, flat), em.Reshape(g, flat), 0)
     return em.reshape_like(out, x)
 
 
@@ -210,11 +79,11 @@ def _selection_adjoint(em: Emitter, node: ir.Node, g: ir.Value) -> ir.Value:
     """For ops that copy a subset of x's elements (Slice, Compress): run the op on x's positions, scatter back."""
     x = node.inputs[0]
     assert x is not None
-    if em.opset < 9:
-        raise ValueError(
-            f"{node.op_type} '{node.name}': this gradient needs static shapes and unit steps before opset 9"
-        )
-    return _scatter_positions(em, x, _same_op(em, node, _positions(em, x)), g)
+    try:
+        return _scatter_positions(em, x, _same_op(em, node, _positions(em, x)), g)
+    except ValueError as e:
+        raise ValueError(f"{node.op_type} '{node.name}': without static shapes and unit steps this gradient "
+                         f"scatters dY back by position, and {e}") from e
 
 
 # ------------------------------------------------------------------------------- reshapes, permutes
@@ -269,7 +138,7 @@ def depth_to_space(em: Emitter, node: ir.Node, dy: Grads) -> Out:
     b = int(attr(node, "blocksize"))
     if attr(node, "mode", "DCR") == "DCR":
         return [em.SpaceToDepth(g, blocksize=b)]
-    target = _cat(em, [0], _dims(em, g, [1]), _dims(em, x, [2]), [b], _dims(em, x, [3]), [b])
+    target = em.cat_ints([0], em.dims(g, [1]), em.dims(x, [2]), [b], em.dims(x, [3]), [b])
     return [em.reshape_like(em.Transpose(em.Reshape(g, target), perm=[0, 1, 3, 5, 2, 4]), x)]
 
 
@@ -301,21 +170,7 @@ def concat(em: Emitter, node: ir.Node, dy: Grads) -> Out:
     g = dy[0]
     assert g is not None
     a = _axis(node, xs[0])
-    sizes = [_dim(em, x, a) for x in xs]
-    if all(isinstance(s, int) for s in sizes):
-        return list(em.split(g, sizes, a))  # type: ignore[arg-type]
-    if em.opset >= 13:
-        pieces = em.op("Split", g, _cat(em, *[_dims(em, x, [a]) for x in xs]), axis=a, _outputs=len(xs))
-        return [pieces] if len(xs) == 1 else list(pieces)
-    if em.opset < 10:
-        raise ValueError(f"Concat '{node.name}': run-time sizes along the axis need opset >= 10")
-    out: Out = []
-    start = em.ints([0])
-    for x in xs:
-        end = em.Add(start, _cat(em, _dims(em, x, [a])))
-        out.append(em.Slice(g, start, end, em.ints([a])))
-        start = end
-    return out
+    return list(em.split(g, [em.dim(x, a, keepdims=True) for x in xs], a))
 
 
 @register("Split", dense=True)
@@ -411,7 +266,7 @@ def center_crop_pad(em: Emitter, node: ir.Node, dy: Grads) -> Out:
     x = node.inputs[0]
     assert x is not None
     axes = attr(node, "axes")
-    target = _cat(em, _dims(em, x, axes if axes is not None else range(_rank(node, x))))
+    target = em.cat_ints(em.dims(x, axes if axes is not None else range(rank(x, node))))
     return _first(node, em.CenterCropPad(dy[0], target, axes=axes))
 
 
@@ -428,13 +283,13 @@ def gather(em: Emitter, node: ir.Node, dy: Grads) -> Out:
     x, idx = node.inputs
     g = dy[0]
     assert x is not None and idx is not None and g is not None
-    r, q, a = _rank(node, x), _rank(node, idx), _axis(node, x)
+    r, q, a = rank(x, node), rank(idx, node), _axis(node, x)
     others = [i for i in range(r) if i != a]
     if a:  # indices' axes first, then x's other axes
         g = em.Transpose(g, perm=[*range(a, a + q), *range(a), *range(a + q, r + q - 1)])
-    m, rest = _dim(em, x, a), _dims(em, x, others)
-    flat = em.Reshape(g, _cat(em, [-1], rest))
-    out = _index_add(em, flat, em.Reshape(_wrap(em, idx, m), em.ints([-1])), m, rest)
+    m, rest = em.dim(x, a), em.dims(x, others)
+    flat = em.Reshape(g, em.cat_ints([-1], rest))
+    out = em.scatter_add_rows(flat, em.Reshape(em.wrap_indices(idx, m), em.ints([-1])), m, rest)
     return [out if not a else em.Transpose(out, perm=[*range(1, a + 1), 0, *range(a + 1, r)]), None]
 
 
@@ -444,7 +299,7 @@ def gather_elements(em: Emitter, node: ir.Node, dy: Grads) -> Out:
     x, idx = node.inputs
     assert x is not None and idx is not None and dy[0] is not None
     a = _axis(node, x)
-    return [_scatter_add_elements(em, node, x, _wrap(em, idx, _dim(em, x, a)), dy[0], a, unique=False), None]
+    return [em.scatter_add(x, em.wrap_indices(idx, em.dim(x, a)), dy[0], a), None]
 
 
 @register("GatherND", since=11, notes=_ONE_HOT_NOTE)
@@ -452,20 +307,20 @@ def gather_nd(em: Emitter, node: ir.Node, dy: Grads) -> Out:
     """dx = zeros_like(x) with dy added at the gathered slices (repeats accumulate)"""
     x, idx = node.inputs
     assert x is not None and idx is not None and dy[0] is not None
-    b, r, q = int(attr(node, "batch_dims", 0)), _rank(node, x), _rank(node, idx)
+    b, r, q = int(attr(node, "batch_dims", 0)), rank(x, node), rank(idx, node)
     k = idx.shape[-1] if idx.shape is not None else None
     if not isinstance(k, int):
         raise ValueError(f"GatherND '{node.name}': the gradient needs the static last dimension of the indices")
     lin = _linear_index(em, x, idx, b, k)
     if b:  # each batch element owns a block of prod(x.shape[b:b+k]) rows
-        batch = [_dim(em, x, i) for i in range(b)]
-        shape = _cat(em, _dims(em, x, range(b)), [1] * (q - 1 - b))
-        block = _prod(em, [_dim(em, x, i) for i in range(b, b + k)])
+        batch = [em.dim(x, i) for i in range(b)]
+        shape = em.cat_ints(em.dims(x, range(b)), [1] * (q - 1 - b))
+        block = _prod(em, [em.dim(x, i) for i in range(b, b + k)])
         lin = em.Add(em.Mul(em.Reshape(em.arange(_prod(em, batch)), shape), _scalar(em, block)), lin)
-    rest = _dims(em, x, range(b + k, r))
-    flat = em.Reshape(dy[0], _cat(em, [-1], rest))
-    m = _prod(em, [_dim(em, x, i) for i in range(b + k)])
-    out = _index_add(em, flat, em.Reshape(lin, em.ints([-1])), m, rest)
+    rest = em.dims(x, range(b + k, r))
+    flat = em.Reshape(dy[0], em.cat_ints([-1], rest))
+    m = _prod(em, [em.dim(x, i) for i in range(b + k)])
+    out = em.scatter_add_rows(flat, em.Reshape(lin, em.ints([-1])), m, rest)
     return [em.reshape_like(out, x), None]
 
 
@@ -473,8 +328,8 @@ def _linear_index(em: Emitter, x: ir.Value, idx: ir.Value, b: int, k: int) -> ir
     """Row-major position of each index tuple within x.shape[b:b+k] (Horner's rule)."""
     lin: ir.Value | None = None
     for j in range(k):
-        d = _dim(em, x, b + j)
-        col = _wrap(em, em.Gather(_as_int64(em, idx), _scalar(em, j), axis=-1), d)
+        d = em.dim(x, b + j)
+        col = em.wrap_indices(em.Gather(_as_int64(em, idx), _scalar(em, j), axis=-1), d)
         lin = col if lin is None else em.Add(em.Mul(lin, _scalar(em, d)), col)
     assert lin is not None
     return lin
@@ -487,7 +342,7 @@ def topk(em: Emitter, node: ir.Node, dy: Grads) -> Out:
     assert x is not None
     if g is None:
         return _first(node, None)
-    return _first(node, _scatter_add_elements(em, node, x, node.outputs[1], g, _axis(node, x, -1), unique=True))
+    return _first(node, em.scatter_add(x, node.outputs[1], g, _axis(node, x, -1), unique=True))
 
 
 # --------------------------------------------------------------------------------------- scattering
@@ -509,15 +364,15 @@ def _scatter_grads(
     assert x is not None and u is not None
     reduction = attr(node, "reduction", "none")
     if reduction == "none":
-        return [scatter(g, _zeros_like(em, u), None), None, gather(g)]
+        return [scatter(g, em.zeros_like(u), None), None, gather(g)]
     if reduction == "add":
         return [g, None, gather(g)]
     if reduction == "mul":
-        dx = em.Mul(g, scatter(_zeros_like(em, x, 1.0), u, "mul"))
+        dx = em.Mul(g, scatter(em.ones_like(x), u, "mul"))
         return [dx, None, em.Div(gather(em.Mul(g, y)), u)]
     # max / min: the gradient flows to whichever inputs equal the result
-    dx = em.Mul(g, em.mask(em.Equal(x, y), g))
-    return [dx, None, em.Mul(gather(g), em.mask(em.Equal(u, gather(y)), g))]
+    dx = em.Mul(g, em.indicator(em.Equal(x, y), g))
+    return [dx, None, em.Mul(gather(g), em.indicator(em.Equal(u, gather(y)), g))]
 
 
 @register("ScatterElements", since=11, notes=_SCATTER_NOTES)
@@ -551,7 +406,7 @@ def scatter(em: Emitter, node: ir.Node, dy: Grads) -> Out:
     return _scatter_grads(
         em, node, dy[0],
         lambda d, u, red: em.scatter_elements(d, idx, u, a),
-        lambda t: _gather_elements(em, node, t, idx, a),
+        lambda t: em.gather_elements(t, idx, a),
     )
 
 
@@ -562,15 +417,15 @@ def tensor_scatter(em: Emitter, node: ir.Node, dy: Grads) -> Out:
     w = node.inputs[2] if len(node.inputs) > 2 else None
     g = dy[0]
     assert past is not None and upd is not None and g is not None
-    r = _rank(node, past)
+    r = rank(past, node)
     a = int(attr(node, "axis", -2)) % r
     mode = attr(node, "mode", "linear")
-    dpast = em.TensorScatter(g, _zeros_like(em, upd), w, axis=a, mode=mode)
-    pos = em.Reshape(em.arange(_dim(em, upd, a)), em.ints([1] * a + [-1] + [1] * (r - a - 1)))
+    dpast = em.TensorScatter(g, em.zeros_like(upd), w, axis=a, mode=mode)
+    pos = em.Reshape(em.arange(em.dim(upd, a)), em.ints([1] * a + [-1] + [1] * (r - a - 1)))
     if w is not None:
         pos = em.Add(pos, em.Reshape(w, em.ints([-1] + [1] * (r - 1))))
     if mode == "circular":
-        pos = em.Mod(pos, _scalar(em, _dim(em, past, a)))
+        pos = em.Mod(pos, _scalar(em, em.dim(past, a)))
     return [dpast, em.GatherElements(g, em.Expand(pos, em.shape_of(upd)), axis=a), None][: len(node.inputs)]
 
 
@@ -586,7 +441,7 @@ def tile(em: Emitter, node: ir.Node, dy: Grads) -> Out:
     """dx = sum over the tiles: reshape dy to (r0, d0, r1, d1, ...) and sum the r axes"""
     x, reps = node.inputs
     assert x is not None and reps is not None and dy[0] is not None
-    r = _rank(node, x)
+    r = rank(x, node)
     rv, dims = _ints_of(em, reps), static_dims(x)
     if rv is not None and dims is not None:
         target = em.ints([v for pair in zip(rv, dims, strict=True) for v in pair])
@@ -614,7 +469,7 @@ def _pad_axis_adjoint(em: Emitter, g: ir.Value, a: int, r: int, n: int, b: int, 
         return out
     hot = np.zeros((len(border), n))
     hot[np.arange(len(border)), source[border]] = 1.0
-    perm = _swap_last(r, a)
+    perm = swap_with_last(r, a)
     taken = em.Gather(g, em.ints(border), axis=a)
     folded = em.MatMul(taken if a == r - 1 else em.Transpose(taken, perm=perm), em.const(hot, like=g))
     return em.Add(out, folded if a == r - 1 else em.Transpose(folded, perm=perm))
@@ -626,7 +481,7 @@ def _pad_grad(em: Emitter, node: ir.Node, g: ir.Value, pads: Sequence[int], mode
         return em.pad(g, [-p for p in pads])
     x = node.inputs[0]
     assert x is not None
-    r = _rank(node, x)
+    r = rank(x, node)
     for a in range(r):
         b, e = pads[a], pads[a + r]
         if not (b or e):
@@ -654,7 +509,7 @@ def pad_v11(em: Emitter, node: ir.Node, dy: Grads) -> Out:
     mode = attr(node, "mode", "constant")
     pads, axes = _ints_of(em, pads_v), _ints_of(em, axes_v) if axes_v is not None else None
     if pads is not None and axes_v is not None and axes is not None:
-        r = _rank(node, x)
+        r = rank(x, node)
         full = [0] * (2 * r)
         for i, ax in enumerate(axes):
             full[ax % r], full[ax % r + r] = pads[i], pads[i + len(axes)]

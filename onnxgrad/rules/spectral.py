@@ -25,13 +25,6 @@ Dim = int | ir.Value  # a static size, or a 1-element int64 tensor holding it
 _I64 = ir.DataType.INT64
 
 
-def _dim(em: Emitter, x: ir.Value, axis: int) -> Dim:
-    shape = x.shape
-    if shape is not None and isinstance(shape[axis], int):
-        return int(shape[axis])  # type: ignore[arg-type]
-    return em.Gather(em.Shape(x), em.ints([axis]))
-
-
 def _tensor(em: Emitter, d: Dim) -> ir.Value:
     return em.ints([d]) if isinstance(d, int) else d
 
@@ -101,7 +94,7 @@ def _dft_backward(
     if rank is None or not isinstance(channels, int):
         raise ValueError(f"DFT gradient needs the rank and last dimension of '{x.name}'")
     axis %= rank
-    size = _dim(em, x, axis)
+    size = em.dim(x, axis, keepdims=True)
     n = _length_input(em, length)
     if onesided and inverse:  # IRFFT: the real output of the Hermitian extension of the first n//2 + 1 bins
         if n is None:
@@ -122,7 +115,7 @@ def _real(em: Emitter, h: ir.Value, channels: int) -> ir.Value:
     return em.Slice(h, em.ints([0]), em.ints([1]), em.ints([-1]))
 
 
-@register("DFT", since=17)
+@register("DFT", since=17, wrt=1)
 def dft_v17(em: Emitter, node: ir.Node, dy: Grads) -> Out:
     """dx = adjoint DFT of dy (conjugate direction, scaled by n or 1/n, fitted back to x)"""
     x, length = [*node.inputs, None][:2]
@@ -132,7 +125,7 @@ def dft_v17(em: Emitter, node: ir.Node, dy: Grads) -> Out:
     return [g]
 
 
-@register("DFT", since=20)
+@register("DFT", since=20, wrt=1)
 def dft_v20(em: Emitter, node: ir.Node, dy: Grads) -> Out:
     """dx = adjoint DFT of dy (conjugate direction, scaled by n or 1/n, fitted back to x)"""
     x, length, axis_in = [*node.inputs, None, None][:3]
@@ -145,7 +138,7 @@ def dft_v20(em: Emitter, node: ir.Node, dy: Grads) -> Out:
     return [g]
 
 
-@register("STFT", since=17)
+@register("STFT", since=17, wrt=3)
 def stft(em: Emitter, node: ir.Node, dy: Grads) -> Out:
     """dframes = window * adjoint DFT(dy), overlap-added into dsignal; dwindow = sum(adjoint * frames)"""
     signal, step, window, frame_len = [*node.inputs, None, None][:4]
@@ -154,14 +147,14 @@ def stft(em: Emitter, node: ir.Node, dy: Grads) -> Out:
     channels = None if signal.shape is None else signal.shape[-1]
     if not isinstance(channels, int):
         raise ValueError(f"STFT '{node.name}': the gradient needs the last dimension of the signal")
-    fl = _dim(em, window, 0) if window is not None else _length_input(em, frame_len)
+    fl = em.dim(window, 0, keepdims=True) if window is not None else _length_input(em, frame_len)
     if fl is None:
-        fl = _dim(em, signal, 1)
+        fl = em.dim(signal, 1, keepdims=True)
     g = dy[0]
     if attr(node, "onesided", 1):
         g = _fit(em, g, 2, 4, _half_bins(em, fl), fl)
     h = _real(em, _times(em, em.dft(g, 2, inverse=True), fl, signal), channels)  # (B, F, fl, c)
-    idx = _frame_indices(em, _dim(em, y, 1), fl, step)
+    idx = _frame_indices(em, em.dim(y, 1, keepdims=True), fl, step)
     d_frames = h if window is None else em.Mul(h, em.Reshape(window, em.ints([-1, 1])))
     flat = em.Reshape(d_frames, em.ints([0, -1, channels]))
     where = em.Expand(em.Reshape(idx, em.ints([1, -1, 1])), em.Shape(flat))

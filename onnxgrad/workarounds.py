@@ -1,0 +1,80 @@
+"""What each runtime gets wrong or lacks, and what onnxgrad does about it: one place for all of them.
+
+Every entry is a section headed by the runtime, its version and the symptom, then the function (or the
+facts) the rest of onnxgrad uses. A workaround here changes how the output is spelled, never what it
+computes: the augmented model is valid ONNX with or without it. When a runtime fixes its bug, the
+section says from which version, and the workaround can go.
+
+To add one: append a section below, in the same form.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+import onnx_ir as ir
+
+# ----------------------------------------------------------------------------------------------------------
+# onnxruntime 1.31: EliminateIdentity together with DivMulFusion builds an invalid graph.
+#
+# When a forward value ``t`` feeds both the gradient part and an ``Identity`` whose output is a graph output,
+# onnxruntime's graph optimizer (EliminateIdentity, then DivMulFusion on the gradient's ``Div(1, t) * v``
+# patterns around ``t``) builds an invalid graph. Reading the Identity's output instead of ``t`` (the same
+# tensor) avoids it. The graph that found it is kept in tests/test_fuzz.py (REGRESSIONS).
+
+
+def read_through_output_identities(graph: ir.Graph, live: Iterable[ir.Node], keep: set[int]) -> None:
+    """Where a forward value also feeds an Identity that is an output of ``graph``, make the new nodes ``live``
+    (those whose ids are in ``keep``) read that Identity's output instead (the same tensor)."""
+    live = list(live)
+    alias: dict[ir.Value, ir.Value] = {}
+    for node in live:
+        for v in node.inputs:
+            if v is None or v in alias or (p := v.producer()) is None or id(p) in keep:
+                continue
+            for use in v.uses():
+                u = use.node
+                if (u.op_type == "Identity" and not u.domain and id(u) not in keep
+                        and u.outputs[0].is_graph_output() and u.graph is graph):
+                    alias[v] = u.outputs[0]
+                    break
+    if not alias:
+        return
+    for node in live:
+        for i, v in enumerate(node.inputs):
+            if v is not None and v in alias:
+                node.replace_input_with(i, alias[v])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# onnxruntime 1.31, CPU: no float64 kernel for some ops.
+#
+# A float64 model with one of these ops fails when its session is created ("Could not find an implementation
+# for Conv(11) node with name ..."). ``onnxgrad check`` computes in float64 where it can: it tries, reads the
+# gap from the error (``kernel_gap``) and falls back to float32, saying which kernel was missing. The rule
+# tests feed these ops float32 for the same reason, and onnxgrad's own gradients avoid emitting them where a
+# float64 form exists (Softplus: log(1 + exp(x)) instead). tests/test_check_info.py checks the table below
+# against the onnxruntime installed, at opset 17, so it cannot go stale silently.
+
+NO_FLOAT64_KERNELS = frozenset({
+    "Acos", "Acosh", "Asin", "Asinh", "Atan", "Atanh", "AveragePool", "Conv", "ConvTranspose", "Cosh", "Det", "Elu",
+    "Erf", "GlobalAveragePool", "GlobalLpPool", "GlobalMaxPool", "GridSample", "HardSigmoid", "HardSwish", "Hardmax",
+    "InstanceNormalization", "LRN", "LpPool", "Mean", "MeanVarianceNormalization", "Selu", "Sinh", "Softplus",
+    "Softsign", "Tan", "ThresholdedRelu",
+})
+
+
+def is_runtime_error(e: BaseException) -> bool:
+    """An error raised by onnxruntime itself (a missing kernel, a type its schema refuses)."""
+    return type(e).__module__.startswith("onnxruntime")
+
+
+def kernel_gap(e: BaseException) -> str:
+    """One line saying which kernel onnxruntime lacks, read from its error message."""
+    text = str(e)
+    m = re.search(r"implementation for (\w+)\((\d+)\) node with name '([^']*)'", text)
+    if m:
+        return f"onnxruntime has no kernel for {m.group(1)}-{m.group(2)} (node '{m.group(3)}') in this type"
+    first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+    return first[:200]
