@@ -31,7 +31,7 @@ from onnx import helper as oh
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import onnxgrad
-from onnxgrad.rules import conv as conv_rules
+from onnxgrad.plans import conv as conv_plans
 
 # (name, N, C, H, M, kernel, stride): the CNN's 3x3 layers (batch 16) and some of ResNet-50's (batch 1)
 LAYERS = [
@@ -52,7 +52,8 @@ def plan(name: str) -> Iterator[None]:
     if name == "auto":
         yield
         return
-    with mock.patch.object(conv_rules, "_prefers_gemm", lambda *args: name == "gemm"):
+    forced = "forced by --plan gemm" if name == "gemm" else None
+    with mock.patch.object(conv_plans, "gemm_is_faster", lambda *args: forced):
         yield
 
 

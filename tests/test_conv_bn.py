@@ -1,7 +1,8 @@
-"""Conv followed by an inference-mode BatchNormalization: the BN gradient then takes sum(dY * X) from the
-Conv's weight gradient instead of reading X (so onnxruntime can fuse Conv+BN in the forward part), and the
-Conv rule moves BN's per-channel factor onto its kernel. Every gradient is compared with PyTorch autograd
-on the same weights, and each case pins whether the gradient part reads the Conv output."""
+"""Conv followed by an inference-mode BatchNormalization, differentiated together (``plans/conv_fusions.py``):
+BN's sum(dY * X) comes from the Conv's weight gradient instead of reading X (so onnxruntime can fuse Conv+BN
+in the forward part), and BN's per-channel factor moves onto the Conv's kernel. Every gradient is compared with
+PyTorch autograd on the same weights, and each case pins whether the gradient part reads the Conv output (why
+the fusion does or does not apply is pinned in test_conv_plans.py)."""
 
 from __future__ import annotations
 
@@ -136,8 +137,8 @@ def test_random_conv_bn_geometries_match_torch(c: ConvBN) -> None:
 
 @pytest.mark.parametrize("scale_shape", [(4, 1, 1), (1, 4, 1, 1)], ids=["m11", "1m11"])
 def test_per_channel_scale_after_conv_moves_onto_the_kernel(scale_shape: tuple[int, ...]) -> None:
-    """Conv -> Mul by a per-channel scale (no BatchNormalization): the Conv rule sees dY = g * s and folds s
-    into its kernel and weight gradient; every gradient still matches torch, the scale's included."""
+    """Conv -> Mul by a per-channel scale (no BatchNormalization), differentiated together: s moves into the
+    Conv's kernel and weight gradient; every gradient still matches torch, the scale's included."""
     values = {"x": _r(2, 3, 6, 6), "w": _r(4, 3, 3, 3), "s": _r(*scale_shape, low=0.5, high=1.5)}
     g = Graph([N("z", "Conv", "x", "w", pads=[1, 1, 1, 1]), N("y", "Mul", "z", "s")],
               inputs={"x": values["x"]}, inits={"w": values["w"], "s": values["s"]}, opset=15)

@@ -11,20 +11,11 @@ from collections.abc import Sequence
 import numpy as np
 import onnx_ir as ir
 
-from onnxgrad.emitter import Emitter, attr, rank_of, static_dims
+from onnxgrad.emitter import Emitter, attr, rank, rank_of, static_dims
 from onnxgrad.registry import register
-from onnxgrad.rules.conv import conv_weight_grad, folds_channel_factor
 
 Grads = Sequence[ir.Value | None]
 Out = list[ir.Value | None]
-
-
-def _rank(node: ir.Node) -> int:
-    x = node.inputs[0]
-    rank = None if x is None else rank_of(x)
-    if rank is None:
-        raise ValueError(f"{node.op_type} '{node.name}': the gradient needs the rank of the input")
-    return rank
 
 
 def _as(em: Emitter, v: ir.Value, like: ir.Value) -> ir.Value:
@@ -78,12 +69,6 @@ def _stat_back(em: Emitter, x: ir.Value, axes: Sequence[int], xhat: ir.Value, in
     return out
 
 
-def _add(em: Emitter, a: ir.Value | None, b: ir.Value | None) -> ir.Value | None:
-    if a is None or b is None:
-        return a if b is None else b
-    return em.Add(a, b)
-
-
 def _scale(em: Emitter, a: ir.Value | None, k: float, like: ir.Value) -> ir.Value | None:
     return None if a is None else em.Mul(a, em.const(k, like=like))
 
@@ -91,39 +76,21 @@ def _scale(em: Emitter, a: ir.Value | None, k: float, like: ir.Value) -> ir.Valu
 # ------------------------------------------------------------------------------- BatchNormalization
 
 
-def _conv_feeding(em: Emitter, node: ir.Node) -> ir.Node | None:
-    """The Conv whose output is the (inference) BatchNormalization's X, where X feeds nothing else and the
-    Conv's weight gradient is wanted anyway (and W is no larger than X: the trade below swaps passes over X
-    for passes over W). Then sum(dY * X) over batch and space, per channel, is
-    sum(W * dW') over W's other axes, dW' the Conv's weight gradient for output gradient dY: the Conv rule
-    computes that same dW' (dY * k reaches it, and it moves k onto dW), so the BN gradient costs no pass over
-    X, and onnxruntime may fuse Conv and BatchNormalization in the forward part as it does for inference."""
-    x = node.inputs[0]
-    conv = None if x is None else x.producer()
-    if conv is None or conv.op_type != "Conv" or conv.domain not in ("", "ai.onnx") or conv.graph is None:
-        return None
-    if x is None or x.is_graph_output() or conv.inputs[1] not in em.wanted or not folds_channel_factor(conv):
-        return None
-    if [u for u in x.uses() if u.node.graph is not None] != [(node, 0)]:
-        return None
-    return conv
-
-
 def _batch_norm(em: Emitter, node: ir.Node, dy: Grads, training: bool) -> Out:
     """Inference: Y = (X - mean) * inv(var) * scale + B per channel (axis 1); training: batch statistics,
     and running_mean/var = input_mean/var * momentum + batch mean/var * (1 - momentum)."""
     x, scale, bias, mean, var = node.inputs[:5]
     assert x is not None and scale is not None and bias is not None and mean is not None and var is not None
-    rank, eps, mom = _rank(node), attr(node, "epsilon", 1e-5), attr(node, "momentum", 0.9)
+    n_axes, eps, mom = rank(x, node), attr(node, "epsilon", 1e-5), attr(node, "momentum", 0.9)
     spatial = attr(node, "spatial", 1)
-    axes = [0, *range(2, rank)] if spatial else [0]  # spatial=0 (opset 7): per activation, params (C, D...)
+    axes = [0, *range(2, n_axes)] if spatial else [0]  # spatial=0 (opset 7): per activation, params (C, D...)
 
     def chan(v: ir.Value | None) -> ir.Value | None:  # a per-channel tensor in x's dtype
         return None if v is None else _as(em, v, x)
 
     def view(v: ir.Value | None) -> ir.Value | None:  # ... broadcastable against x
         v = chan(v)
-        return v if v is None or not spatial else em.unsqueeze(v, list(range(1, rank - 1)))
+        return v if v is None or not spatial else em.unsqueeze(v, list(range(1, n_axes - 1)))
 
     def total(v: ir.Value) -> ir.Value:
         return em.reduce_sum(v, axes, keepdims=False)
@@ -135,31 +102,21 @@ def _batch_norm(em: Emitter, node: ir.Node, dy: Grads, training: bool) -> Out:
         inv = em.Reciprocal(em.Sqrt(em.Add(chan(var), em.const(eps, like=x))))
         k = em.Mul(chan(scale), inv)
         d_bias, factor = total(g), view(k)
-        # the Conv rule must see dY * k as a per-channel product (a known shape) to share the weight gradient
-        conv = _conv_feeding(em, node) if spatial and factor is not None and factor.shape is not None else None
-        if conv is not None:  # sum(dY * (X - mean)) without reading X, which the Conv may then fuse away
-            w, b = conv.inputs[1], conv.inputs[2] if len(conv.inputs) > 2 else None
-            assert w is not None
-            dy_x = em.reduce_sum(em.Mul(w, conv_weight_grad(em, conv, g)), list(range(1, rank)), keepdims=False)
-            shift = chan(mean) if b is None else em.Sub(chan(mean), chan(b))
-            centred = em.Sub(dy_x, em.Mul(shift, d_bias))
-        else:
-            centred = total(em.Mul(g, em.Sub(x, view(mean))))
-        d_scale = em.Mul(centred, inv)  # sum(dY * xhat): inv applied per channel after the sum
+        d_scale = em.Mul(total(em.Mul(g, em.Sub(x, view(mean)))), inv)  # sum(dY * xhat): inv after the sum
         d_var = em.Mul(em.Mul(d_scale, em.Mul(k, inv)), em.const(-0.5, like=x))
         return [em.Mul(g, factor), _as(em, d_scale, scale), _as(em, d_bias, bias),
                 _as(em, em.Neg(em.Mul(d_bias, k)), mean), _as(em, d_var, var)]
     _, xhat, inv = _moments(em, x, axes, eps)
     g_rm, g_rv = (dy[i] if len(dy) > i else None for i in (1, 2))
     g_sm, g_sv = (dy[i] if len(dy) > i else None for i in (3, 4))  # saved_mean/var, before opset 14
-    g_mean = _add(em, _scale(em, view(g_rm), 1.0 - mom, x), view(g_sm))
+    g_mean = em.add_all(_scale(em, view(g_rm), 1.0 - mom, x), view(g_sm))
     g_var = _scale(em, view(g_rv), 1.0 - mom, x)
     if g_sv is not None:  # onnxruntime stores inv (not the variance) in saved_var: d inv/d var = -inv^3 / 2
-        g_var = _add(em, g_var, em.Mul(view(g_sv), em.Mul(em.Mul(inv, em.Mul(inv, inv)), em.const(-0.5, like=x))))
+        g_var = em.add_all(g_var, em.Mul(view(g_sv), em.Mul(em.Mul(inv, em.Mul(inv, inv)), em.const(-0.5, like=x))))
     dx = _stat_back(em, x, axes, xhat, inv, g_mean, g_var)
     d_scale = d_bias = None
     if g is not None:
-        dx = _add(em, dx, _standardize_back(em, em.Mul(g, view(scale)), xhat, inv, axes))
+        dx = em.add_all(dx, _standardize_back(em, em.Mul(g, view(scale)), xhat, inv, axes))
         d_scale, d_bias = _as(em, total(em.Mul(g, xhat)), scale), _as(em, total(g), bias)
     d_mean = None if g_rm is None else _as(em, em.Mul(g_rm, em.const(mom, like=g_rm)), mean)
     d_var = None if g_rv is None else _as(em, em.Mul(g_rv, em.const(mom, like=g_rv)), var)
@@ -169,15 +126,16 @@ def _batch_norm(em: Emitter, node: ir.Node, dy: Grads, training: bool) -> Out:
 @register("BatchNormalization", since=7, notes="training when the node has more than one output "
           "(batch statistics, outputs mean, var, saved_mean, saved_var; saved_var read as onnxruntime "
           "writes it, 1/sqrt(var + epsilon)); spatial=0 supported. Inference mode after a Conv whose output "
-          "feeds nothing else: dscale from the Conv's weight gradient, so X is never read")
+          "feeds nothing else: differentiated together with the Conv, dscale from its weight gradient, so X "
+          "is never read (onnxgrad/plans/conv_fusions.py)")
 def batch_norm_v7(em: Emitter, node: ir.Node, dy: Grads) -> Out:
     """dX = dY * scale * inv; dscale = sum(dY * xhat); dB = sum(dY); dmean = -dB * scale * inv; dvar ..."""
     return _batch_norm(em, node, dy, training=len(node.outputs) > 1)
 
 
 @register("BatchNormalization", since=14, notes="training_mode=1: batch statistics, outputs running mean/var. "
-          "Inference mode after a Conv whose output feeds nothing else: dscale from the Conv's weight gradient, "
-          "so X is never read")
+          "Inference mode after a Conv whose output feeds nothing else: differentiated together with the Conv, "
+          "dscale from its weight gradient, so X is never read (onnxgrad/plans/conv_fusions.py)")
 def batch_norm_v14(em: Emitter, node: ir.Node, dy: Grads) -> Out:
     """dX = dY * scale * inv; dscale = sum(dY * xhat); dB = sum(dY); dmean = -dB * scale * inv; dvar ..."""
     return _batch_norm(em, node, dy, training=bool(attr(node, "training_mode", 0)))
@@ -192,10 +150,10 @@ def instance_norm(em: Emitter, node: ir.Node, dy: Grads) -> Out:
     dB = sum(dY)"""
     x, scale, bias = node.inputs
     assert x is not None and scale is not None and bias is not None and dy[0] is not None
-    rank = _rank(node)
-    axes, per_channel = list(range(2, rank)), [0, *range(2, rank)]
+    n_axes = rank(x, node)
+    axes, per_channel = list(range(2, n_axes)), [0, *range(2, n_axes)]
     _, xhat, inv = _moments(em, x, axes, attr(node, "epsilon", 1e-5))
-    g = em.Mul(dy[0], em.unsqueeze(scale, list(range(1, rank - 1))))
+    g = em.Mul(dy[0], em.unsqueeze(scale, list(range(1, n_axes - 1))))
     return [_standardize_back(em, g, xhat, inv, axes), em.reduce_sum(em.Mul(dy[0], xhat), per_channel, False),
             em.reduce_sum(dy[0], per_channel, False)]
 
@@ -207,8 +165,8 @@ def layer_norm(em: Emitter, node: ir.Node, dy: Grads) -> Out:
     (+ dMean / n - dInvStdDev * inv^2 * xhat / n)"""
     x, scale = node.inputs[0], node.inputs[1]
     assert x is not None and scale is not None
-    rank = _rank(node)
-    axes = list(range(attr(node, "axis", -1) % rank, rank))
+    n_axes = rank(x, node)
+    axes = list(range(attr(node, "axis", -1) % n_axes, n_axes))
     stats = [v if v is not None and v.name and v.dtype == x.dtype else None for v in node.outputs[1:3]]
     if len(stats) == 2 and stats[0] is not None and stats[1] is not None:
         mu, inv = stats
@@ -219,8 +177,8 @@ def layer_norm(em: Emitter, node: ir.Node, dy: Grads) -> Out:
     g_var = None if g_inv is None else em.Mul(em.Mul(g_inv, em.Mul(inv, em.Mul(inv, inv))), em.const(-0.5, like=x))
     dx = _stat_back(em, x, axes, xhat, inv, g_mean, g_var)
     if dy[0] is None:
-        return [dx]
-    dx = _add(em, dx, _standardize_back(em, em.Mul(dy[0], scale), xhat, inv, axes))
+        return [dx, None, None][: len(node.inputs)]
+    dx = em.add_all(dx, _standardize_back(em, em.Mul(dy[0], scale), xhat, inv, axes))
     return [dx, em.Mul(dy[0], xhat), dy[0]][: len(node.inputs)]
 
 
@@ -229,7 +187,7 @@ def _group_norm(em: Emitter, node: ir.Node, dy: Grads, per_group: bool) -> Out:
     (opset 18) or per channel (21)."""
     x, scale, bias = node.inputs
     assert x is not None and scale is not None and bias is not None and dy[0] is not None
-    groups, rank = int(attr(node, "num_groups")), _rank(node)
+    groups, n_axes = int(attr(node, "num_groups")), rank(x, node)
     grouped = em.ints([0, groups, -1])
     _, xhat, inv = _moments(em, em.Reshape(x, grouped), [2], attr(node, "epsilon", 1e-5))
     if per_group:
@@ -237,8 +195,8 @@ def _group_norm(em: Emitter, node: ir.Node, dy: Grads, per_group: bool) -> Out:
         g = em.Mul(dyg, em.unsqueeze(scale, [1]))
         d_scale, d_bias = em.reduce_sum(em.Mul(dyg, xhat), [0, 2], False), em.reduce_sum(dyg, [0, 2], False)
     else:
-        per_channel = [0, *range(2, rank)]
-        g = em.Reshape(em.Mul(dy[0], em.unsqueeze(scale, list(range(1, rank - 1)))), grouped)
+        per_channel = [0, *range(2, n_axes)]
+        g = em.Reshape(em.Mul(dy[0], em.unsqueeze(scale, list(range(1, n_axes - 1)))), grouped)
         d_scale = em.reduce_sum(em.Mul(dy[0], em.reshape_like(xhat, x)), per_channel, False)
         d_bias = em.reduce_sum(dy[0], per_channel, False)
     return [em.reshape_like(_standardize_back(em, g, xhat, inv, [2]), x), d_scale, d_bias]
@@ -261,8 +219,8 @@ def rms_norm(em: Emitter, node: ir.Node, dy: Grads) -> Out:
     """dX = inv * (g - xhat * mean(g * xhat)), g = dY * scale, xhat = X * inv; dscale = dY * xhat"""
     x, scale = node.inputs
     assert x is not None and scale is not None and dy[0] is not None
-    rank = _rank(node)
-    axes = list(range(attr(node, "axis", -1) % rank, rank))
+    n_axes = rank(x, node)
+    axes = list(range(attr(node, "axis", -1) % n_axes, n_axes))
     eps = em.const(attr(node, "epsilon", 1e-5), like=x)
     inv = em.Reciprocal(em.Sqrt(em.Add(_mean(em, em.Mul(x, x), axes), eps)))
     xhat = em.Mul(x, inv)
@@ -277,8 +235,8 @@ def lp_norm(em: Emitter, node: ir.Node, dy: Grads) -> Out:
     """y = x / |x|_p: dx = (dy - d|x|_p/dx * sum(dy * y)) / |x|_p, d|x|_2/dx = y, d|x|_1/dx = sign(x)"""
     x, y = node.inputs[0], node.outputs[0]
     assert x is not None and dy[0] is not None
-    p, axis, rank = attr(node, "p", 2), attr(node, "axis", -1), rank_of(x)
-    axes = [axis % rank if rank is not None else axis]
+    p, axis, n_axes = attr(node, "p", 2), attr(node, "axis", -1), rank_of(x)
+    axes = [axis % n_axes if n_axes is not None else axis]
     if p not in (1, 2):
         raise ValueError(f"LpNormalization '{node.name}': p must be 1 or 2, got {p}")
     norm = em.reduce("ReduceL2" if p == 2 else "ReduceL1", x, axes, keepdims=True)
@@ -292,7 +250,7 @@ def mean_variance_norm(em: Emitter, node: ir.Node, dy: Grads) -> Out:
     """y = (x - mean) / (std + 1e-9): dx = (dy - mean(dy)) / (std + 1e-9) - y * mean(dy * y) / std"""
     x, y = node.inputs[0], node.outputs[0]
     assert x is not None and dy[0] is not None
-    axes = [a % _rank(node) for a in attr(node, "axes", [0, 2, 3])]
+    axes = [a % rank(x, node) for a in attr(node, "axes", [0, 2, 3])]
     d = em.Sub(x, _mean(em, x, axes))
     std = em.Sqrt(_mean(em, em.Mul(d, d), axes))
     centered = em.Div(em.Sub(dy[0], _mean(em, dy[0], axes)), em.Add(std, em.const(1e-9, like=x)))

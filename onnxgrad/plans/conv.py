@@ -1,0 +1,202 @@
+"""Conv's gradient forms on onnxruntime's CPU kernels (measured with onnxruntime 1.31, ``bench/conv_grad.py``).
+
+Weight gradient dW = dY (*) X, three forms, tried in this order:
+
+- ``interleaved``: ONE batch-1 Conv of X with its channels interleaved into the last spatial axis;
+- ``gemm``: im2col of X (one Slice per kernel tap) and ONE Gemm;
+- ``grouped``: one grouped Conv of X^T with dY^T as the kernel (always applies).
+
+Input gradient dX, two forms: ``flipped`` (stride 1: a Conv of dY with W flipped and its channel axes
+swapped) and ``transpose`` (a ConvTranspose of dY with W; always applies).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxgrad.emitter import Emitter, static_dims
+from onnxgrad.geometry import Window, adjoint, crop
+from onnxgrad.plans.base import NotApplicable, Plan, choose
+
+
+# ------------------------------------------------------------------------ dW
+def weight_grad_interleaved(em: Emitter, x: ir.Value, g: ir.Value, win: Window, group: int,
+                            w: ir.Value) -> ir.Value | NotApplicable:
+    """dW as ONE batch-1 Conv: X's channels interleaved into its last spatial axis, (1, N, *S, S_last*C), with
+    dY^T (M, N, *out) as the kernel, dilated by the strides (by stride*C on the last axis); output position
+    t*C + c of the last axis is dW[:, c, ..., t]. A static batch N > 1 runs it as N groups."""
+    wd, xd = static_dims(w), x.shape
+    if group != 1:
+        return NotApplicable(f"grouped conv (group {group})")
+    if wd is None or xd is None:
+        return NotApplicable("W's shape or X's rank is not known")
+    if any(d != 1 for d in win.dilations):
+        return NotApplicable("dilated: the taps of one output position are not contiguous")
+    slower = gemm_is_faster(em, x, win, w)
+    if slower:
+        return NotApplicable(slower)
+    batch = xd[0] if isinstance(xd[0], int) else 1
+    m, c, n = wd[0], wd[1], win.rank
+    xt = em.Transpose(x, perm=[0, *range(2, n + 2), 1])  # (N, *S, C)
+    # rows no window reads would only widen the output (4x the work for a 1x1 stride-2 conv): cut them
+    *lead, last = [size - extra for size, extra in zip(win.size_in, win.extra, strict=True)]
+    if any(win.extra):
+        xt = em.slice(xt, [0] * n, [*lead, last], list(range(1, n + 1)))
+    xi = em.Reshape(xt, em.ints([1, -1, *lead, last * c]))
+    begin, end = list(win.begin), list(win.end)
+    begin[-1] *= c
+    end[-1] *= c
+    dilations = [*win.strides[:-1], win.strides[-1] * c]
+    if batch > 1:  # static batch: one group per sample, dY (N*M, 1, *out) as is; the N partial dWs summed by
+        # a MatMul with ones (2-3% faster on the CNN than transposing dY; onnxruntime's ReduceSum is slower)
+        dw = em.Conv(xi, em.Reshape(g, em.ints([-1, 1, *win.size_out])), dilations=dilations,
+                     pads=[*begin, *end], group=batch)  # (1, N*M, *k, k_last * C)
+        dw = em.MatMul(em.const(np.ones((1, batch)), like=g), em.Reshape(dw, em.ints([batch, -1])))
+    else:
+        dw = em.Conv(xi, _channels_first(em, g), dilations=dilations, pads=[*begin, *end])  # (1, M, *k, k_last * C)
+    dw = em.Reshape(dw, em.ints([m, *win.kernel, c]))
+    return em.Transpose(dw, perm=[0, n + 1, *range(1, n + 1)])
+
+
+def gemm_is_faster(em: Emitter, x: ir.Value, win: Window, w: ir.Value) -> str | None:
+    """Why im2col + Gemm beats the interleaved Conv for dW, or None: for unstrided 1x1 kernels (a plain Gemm, no
+    copies), and where the weight outweighs the activations (N * out < M), as the interleaved plan's final
+    transpose of dW then dominates."""
+    if math.prod(win.kernel) == 1 and all(s == 1 for s in win.strides):
+        return "unstrided 1x1 kernel: im2col + Gemm is a plain Gemm"
+    wd, xd = static_dims(w), x.shape
+    batch = xd[0] if xd is not None and isinstance(xd[0], int) else 1
+    # im2col copies ~2 * C * taps * N * out values, 4x slower when strided taps need phase slices (opset < 10);
+    # the interleaved plan's dW transpose costs ~2 * M * C * taps more than the Gemm plan's reshape
+    phases = 4 if not em.slice_steps and any(s != 1 for s in win.strides) else 1
+    cost = batch * math.prod(win.size_out) * phases
+    if wd is not None and cost < wd[0]:
+        return f"W outweighs the activations (N * out * phases = {cost} < M = {wd[0]}): im2col + Gemm is faster"
+    return None
+
+
+def weight_grad_gemm(em: Emitter, x: ir.Value, g: ir.Value, win: Window, group: int,
+                     w: ir.Value) -> ir.Value | NotApplicable:
+    """dW = dY_(M, N*out) @ im2col(X)_(C*K, N*out)^T, one Gemm."""
+    wd = static_dims(w)
+    if group != 1:
+        return NotApplicable(f"grouped conv (group {group})")
+    if wd is None or x.shape is None or g.shape is None:
+        return NotApplicable("W's shape or the rank of X or dY is not known")
+    if any(s != 1 for s in win.strides) and not em.slice_steps and win.rank != 2:
+        return NotApplicable("strided taps without Slice steps are cut in 2-D only")
+    m, c = wd[0], wd[1]
+    taps = _taps(em, _channels_first(em, x), win)
+    stacked = taps[0] if len(taps) == 1 else em.Concat(*[em.unsqueeze(t, [1]) for t in taps], axis=1)
+    cols = em.Reshape(stacked, em.ints([c * len(taps), -1]))
+    gm = em.Reshape(_channels_first(em, g), em.ints([m, -1]))
+    return em.Reshape(em.gemm(gm, cols, trans_b=1), em.ints(list(wd)))
+
+
+def weight_grad_grouped(em: Emitter, x: ir.Value, g: ir.Value, win: Window, group: int, w: ir.Value) -> ir.Value:
+    """dW of ``Conv(x, W)`` (W: (M, Cg, *k)) given g = dY: one grouped Conv of x with its batch and
+    channel axes swapped, using g (batch and channel swapped) as the kernel; strides and dilations trade places."""
+    n = win.rank
+    perm = [1, 0, *range(2, n + 2)]
+    xt = em.Transpose(x, perm=perm)  # (C, N, *in)
+    if group > 1:
+        wd = list(w.shape)[1] if w.shape is not None else None
+        xd = list(x.shape)[1] if x.shape is not None else None
+        cg = wd if isinstance(wd, int) else xd // group if isinstance(xd, int) else None
+        if cg is None:
+            raise ValueError(f"grouped weight gradient needs the channel count of '{x.name}' or '{w.name}'")
+        xt = em.Reshape(xt, em.ints([group, cg, -1, *win.size_in]))
+        xt = em.Transpose(xt, perm=[1, 0, *range(2, n + 3)])  # (Cg, group, N, *in)
+        xt = em.Reshape(xt, em.ints([0, -1, *win.size_in]))  # (Cg, group * N, *in)
+    dw = em.Conv(
+        xt, em.Transpose(g, perm=perm), strides=list(win.dilations), dilations=list(win.strides),
+        group=group, pads=win.pads,
+    )
+    dw = crop(em, dw, win.kernel, [e - d + 1 for e, d in zip(win.extra, win.dilations, strict=True)])
+    return em.Transpose(dw, perm=perm)
+
+
+def _channels_first(em: Emitter, v: ir.Value) -> ir.Value:
+    """(N, C, *s) -> (C, N, *s); a Reshape (no copy) when the shape is static and N is 1."""
+    dims = static_dims(v)
+    if dims is not None and dims[0] == 1:
+        return em.Reshape(v, em.ints([dims[1], 1, *dims[2:]]))
+    rank = None if v.shape is None else v.shape.rank()
+    assert rank is not None
+    return em.Transpose(v, perm=[1, 0, *range(2, rank)])
+
+
+def _taps(em: Emitter, xt: ir.Value, win: Window) -> list[ir.Value]:
+    """For each kernel tap (row-major), the input each output position reads there: (C, N, *size_out).
+
+    Strided taps use Slice steps (opset 10); before, 2-D only: whole stride blocks are cut, split by a
+    Reshape and phase 0 taken."""
+    n = win.rank
+    strided = any(s != 1 for s in win.strides)
+    phases = strided and not em.slice_steps
+    reach = [(k - 1) * d + (s * m if phases else s * (m - 1) + 1)
+             for k, d, s, m in zip(win.kernel, win.dilations, win.strides, win.size_out, strict=True)]
+    end = [max(0, r - (size + b)) for r, size, b in zip(reach, win.size_in, win.begin, strict=True)]
+    if any(win.begin) or any(end):
+        xt = em.pad(xt, [0, 0, *win.begin, 0, 0, *end])
+    axes = list(range(2, n + 2))
+    taps = []
+    for tap in np.ndindex(*win.kernel):
+        starts = [t * d for t, d in zip(tap, win.dilations, strict=True)]
+        if phases:
+            ends = [st + s * m for st, s, m in zip(starts, win.strides, win.size_out, strict=True)]
+            (sh, sw), (mh, mw) = win.strides, win.size_out
+            split = em.Reshape(em.slice(xt, starts, ends, axes), em.ints([0, 0, mh, sh, mw, sw]))
+            taps.append(em.Reshape(em.slice(split, [0, 0], [1, 1], [3, 5]), em.ints([0, 0, mh, mw])))
+        else:
+            ends = [st + s * (m - 1) + 1 for st, s, m in zip(starts, win.strides, win.size_out, strict=True)]
+            taps.append(em.slice(xt, starts, ends, axes, list(win.strides) if strided else None))
+    return taps
+
+
+WEIGHT_GRAD: dict[str, Plan] = {
+    "interleaved": weight_grad_interleaved, "gemm": weight_grad_gemm, "grouped": weight_grad_grouped,
+}
+
+
+def conv_weight_grad(em: Emitter, x: ir.Value, g: ir.Value, win: Window, group: int, w: ir.Value) -> ir.Value:
+    """dW of ``Conv(x, W)`` given g = dY, by the first plan of ``WEIGHT_GRAD`` that applies."""
+    return choose(WEIGHT_GRAD, em, x, g, win, group, w)[1]
+
+
+# ------------------------------------------------------------------------ dX
+def input_grad_flipped(em: Emitter, g: ir.Value, w: ir.Value, win: Window, group: int) -> ir.Value | NotApplicable:
+    """dX of a stride-1 conv: Conv(dY, W flipped, channels swapped)."""
+    if group != 1:
+        return NotApplicable(f"grouped conv (group {group})")
+    if any(s != 1 for s in win.strides):
+        return NotApplicable("strided: the flipped Conv would need dY dilated")
+    if w.shape is None:
+        return NotApplicable("W's rank is not known")
+    reach = [(k - 1) * d for k, d in zip(win.kernel, win.dilations, strict=True)]
+    begin = [r - b for r, b in zip(reach, win.begin, strict=True)]
+    end = [r - e for r, e in zip(reach, win.end, strict=True)]
+    if any(v < 0 for v in begin + end):
+        return NotApplicable("a pad wider than the kernel's reach (the flipped Conv's pads would be negative)")
+    n = win.rank
+    flipped = em.Transpose(w, perm=[1, 0, *range(2, n + 2)])
+    for axis, k in zip(range(2, n + 2), win.kernel, strict=True):
+        if k > 1:
+            flipped = em.Gather(flipped, em.ints(list(range(k - 1, -1, -1))), axis=axis)
+    return em.Conv(g, flipped, pads=[*begin, *end], dilations=list(win.dilations))
+
+
+def input_grad_transpose(em: Emitter, g: ir.Value, w: ir.Value, win: Window, group: int) -> ir.Value:
+    """dX = ConvTranspose(dY, W): end pads and output_padding restore the rows a strided conv drops."""
+    return adjoint(em, g, w, win, group)
+
+
+INPUT_GRAD: dict[str, Plan] = {"flipped": input_grad_flipped, "transpose": input_grad_transpose}
+
+
+def conv_input_grad(em: Emitter, g: ir.Value, w: ir.Value, win: Window, group: int) -> ir.Value:
+    """dX of ``Conv(X, w)`` given g = dY, by the first plan of ``INPUT_GRAD`` that applies."""
+    return choose(INPUT_GRAD, em, g, w, win, group)[1]
