@@ -1,19 +1,21 @@
 """The reverse walk: which values lie between xs and ys, which nodes to differentiate, and how
-contributions are gathered. It knows nothing of any op: every node goes through the registry."""
+contributions are gathered. It knows nothing of any op: every node goes through the registry (or a fusion
+that the plans name). It runs on a graph or on any node sequence in topological order: a function body
+re-emitted in the gradient part walks through the same code."""
 
 from __future__ import annotations
 
 import functools
 import gc
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import onnx_ir as ir
 
-from onnxgrad import registry
+from onnxgrad import plans, registry
 from onnxgrad.emitter import Emitter, is_float
-from onnxgrad.rules.functions import function_rule
+from onnxgrad.registry import UNDEFINED, Undefined, opset_of
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -40,27 +42,33 @@ def gc_paused(fn: F) -> F:
 
 @dataclass
 class Request:
-    """A validated ``gradients()`` call: everything here exists in the graph."""
+    """A validated walk: everything here exists in the graph (or node sequence) walked."""
 
     ys: list[ir.Value]
     xs: list[ir.Value]
     seeds: list[ir.Value]  # one per y, same dtype and shape as y
-    stop: set[ir.Value]
-    aggregation: str  # "add_n" | "tree" | "accumulate"
+    stop: set[ir.Value] = field(default_factory=set)
 
 
-def _opset_of(graph: ir.Graph, domain: str) -> int:
-    imports = graph.opset_imports
-    domain = registry.normalize_domain(domain)
-    if domain == "":
-        return imports.get("", imports.get("ai.onnx", 1))
-    return imports.get(domain, 1)
+@dataclass(frozen=True)
+class WalkContext:
+    """What plans may know of the walk in progress, handed to them explicitly."""
+
+    wanted: frozenset[ir.Value]  # values whose gradient this walk computes: between xs and ys, not stopped
+    stop: frozenset[ir.Value]
+    xs: frozenset[ir.Value]
+    ys: frozenset[ir.Value]
+    opset: int
 
 
-def _outer_nodes(graph: ir.Graph) -> dict[int, ir.Node]:
-    """For every node inside a subgraph, the top-level node of ``graph`` that holds it."""
+class UndefinedGradient(ValueError):
+    """An x whose gradient passes through an input that no rule differentiates (see ``registry.UNDEFINED``)."""
+
+
+def _subgraph_owners(nodes: Sequence[ir.Node]) -> dict[int, ir.Node]:
+    """For every node inside a subgraph of one of ``nodes``, the node of ``nodes`` that holds it."""
     outer: dict[int, ir.Node] = {}
-    for top in graph:
+    for top in nodes:
         for a in top.attributes.values():
             subs = a.as_graphs() if a.type == ir.AttributeType.GRAPHS else (
                 [a.as_graph()] if a.type == ir.AttributeType.GRAPH else []
@@ -72,11 +80,12 @@ def _outer_nodes(graph: ir.Graph) -> dict[int, ir.Node]:
 
 
 def _forward_reach(
-    graph: ir.Graph, xs: Sequence[ir.Value], stop: set[ir.Value], order: dict[int, int]
+    nodes: Sequence[ir.Node], xs: Sequence[ir.Value], stop: set[ir.Value], order: dict[int, int]
 ) -> set[ir.Value]:
-    """Float values that depend on some x through float values (stopped values pass nothing on).
+    """Float values that depend on some x through float values and ``nodes`` (stopped values pass nothing on).
 
-    A value used inside a subgraph (If, Loop, Scan) reaches the outputs of the top-level node."""
+    A value used inside a subgraph (If, Loop, Scan) reaches the outputs of the node that holds the subgraph;
+    consumers outside ``nodes`` (the forward graph around a function body, say) are not followed."""
     seen: set[ir.Value] = set(xs)
     stack = list(xs)
     outer: dict[int, ir.Node] | None = None
@@ -86,8 +95,11 @@ def _forward_reach(
             continue
         for node in v.consumers():
             if id(node) not in order:
-                outer = _outer_nodes(graph) if outer is None else outer
-                node = outer.get(id(node), node)
+                outer = _subgraph_owners(nodes) if outer is None else outer
+                holder = outer.get(id(node))
+                if holder is None:
+                    continue
+                node = holder
             for out in node.outputs:
                 if out not in seen and is_float(out):
                     seen.add(out)
@@ -131,90 +143,146 @@ def _annotate(g: ir.Value, like: ir.Value) -> None:
         g.shape = like.shape
 
 
-def no_rule_error(node: ir.Node, opset: int) -> LookupError:
-    domain = node.domain or "ai.onnx"
+def node_label(node: ir.Node) -> str:
+    """'name', or '#k (unnamed)' by the node's position in its graph."""
+    if node.name:
+        return f"'{node.name}'"
     graph = node.graph
-    label = f"'{node.name}'" if node.name else (
-        "(unnamed)" if graph is None else f"#{next(k for k, n in enumerate(graph) if n is node)} (unnamed)"
-    )
+    return "(unnamed)" if graph is None else f"#{next(k for k, n in enumerate(graph) if n is node)} (unnamed)"
+
+
+def no_rule_error(node: ir.Node, opset: int, where: str = "") -> LookupError:
+    domain = node.domain or "ai.onnx"
     return LookupError(
-        f"no gradient rule for node {label} (op_type '{node.op_type}', domain '{domain}', "
+        f"no gradient rule for node {node_label(node)}{where} (op_type '{node.op_type}', domain '{domain}', "
         f"opset {opset}): register one with "
         f"@onnxgrad.register_gradient('{node.op_type}', domain='{node.domain}') "
         f"or list its output in stop_gradients"
     )
 
 
-def backprop(em: Emitter, graph: ir.Graph, req: Request) -> list[ir.Value | None]:
-    """Emit the gradient of sum(seed_i * y_i) with respect to each x; None where unconnected."""
-    order = {id(n): i for i, n in enumerate(graph)}
-    between = _forward_reach(graph, req.xs, req.stop, order) & _backward_reach(req.ys, req.stop)
-    em.wanted = between
-    contribs: dict[ir.Value, list[ir.Value]] = {}
+def _arity_error(node: ir.Node, got: int, want: int) -> RuntimeError:
+    return RuntimeError(
+        f"the gradient rule for {node.op_type} (node {node_label(node)}) returned {got} gradients, not {want}: "
+        "a rule returns exactly one entry per input (None where not connected, UNDEFINED where it gives none), "
+        "or per input before its data inputs when registered with wrt="
+    )
+
+
+@dataclass
+class Walk:
+    """The gradients found so far: contributions per value, their totals, and where undefined ones came from."""
+
+    em: Emitter
+    contribs: dict[ir.Value, list[ir.Value | Undefined]] = field(default_factory=dict)
+    totals: dict[ir.Value, ir.Value | Undefined] = field(default_factory=dict)
+    why: dict[ir.Value, str] = field(default_factory=dict)  # value -> the input whose gradient is undefined
+
+    def add(self, v: ir.Value, g: ir.Value | Undefined, why: str = "") -> None:
+        self.contribs.setdefault(v, []).append(g)
+        if g is UNDEFINED:
+            self.why.setdefault(v, why)
+
+    def total(self, v: ir.Value) -> ir.Value | Undefined | None:
+        """The sum of v's contributions (UNDEFINED if any is); None when there are none."""
+        if v in self.totals:
+            return self.totals[v]
+        terms = self.contribs.pop(v, None)
+        if not terms:
+            return None
+        if any(t is UNDEFINED for t in terms):
+            self.totals[v] = UNDEFINED
+            return UNDEFINED
+        g = self.em.add_n(terms)  # type: ignore[arg-type]
+        _annotate(g, v)
+        self.totals[v] = g
+        return g
+
+
+def backprop(em: Emitter, nodes: Iterable[ir.Node], req: Request, opsets: Mapping[str, int],
+             where: str = "") -> tuple[list[ir.Value | Undefined | None], dict[ir.Value, str]]:
+    """Emit the gradient of sum(seed_i * y_i) with respect to each x, walking ``nodes`` (a graph, or any node
+    sequence in topological order: a function body re-emitted in the gradient part).
+
+    Returns one entry per x (None where unconnected, UNDEFINED where some path has no rule for it) and, for
+    the undefined ones, which input made them so."""
+    nodes = list(nodes)
+    order = {id(n): i for i, n in enumerate(nodes)}
+    between = _forward_reach(nodes, req.xs, req.stop, order) & _backward_reach(req.ys, req.stop)
+    walk = Walk(em)
     for y, seed in zip(req.ys, req.seeds, strict=True):
         if y in between:
-            contribs.setdefault(y, []).append(seed)
+            walk.add(y, seed)
 
-    nodes = {
+    producers = {
         id(n): n
         for v in between
         if v not in req.stop and (n := v.producer()) is not None and id(n) in order
     }
-    path = sorted(
-        (n for n in nodes.values() if _uses_any(n, between)),
-        key=lambda n: order[id(n)],
-        reverse=True,
-    )
+    path = sorted((n for n in producers.values() if _uses_any(n, between)), key=lambda n: order[id(n)])
+    ctx = WalkContext(frozenset(between - req.stop), frozenset(req.stop), frozenset(req.xs), frozenset(req.ys),
+                      opset_of(opsets))
+    fused = {id(f.nodes[-1]): f for f in plans.fusions(ctx, path)}
+    absorbed = {id(n) for f in fused.values() for n in f.nodes[:-1]}
 
-    totals: dict[ir.Value, ir.Value] = {}
     rules: dict[tuple[str, str], tuple[int, registry.Rule | None]] = {}
-
-    def total(v: ir.Value) -> ir.Value | None:
-        if v in totals:
-            return totals[v]
-        terms = contribs.pop(v, None)
-        if not terms:
-            return None
-        g = em.add_n(terms, req.aggregation)
-        _annotate(g, v)
-        totals[v] = g
-        return g
-
-    for node in path:
-        grads_out = [None if out in req.stop else total(out) for out in node.outputs]
+    for node in reversed(path):
+        if id(node) in absorbed:
+            continue
+        grads_out = [None if out in req.stop else walk.total(out) for out in node.outputs]
         if all(g is None for g in grads_out):
+            continue
+        fusion = fused.get(id(node))
+        if any(g is UNDEFINED for g in grads_out):  # undefined in, undefined out: nothing to emit
+            why = next(walk.why[o] for o, g in zip(node.outputs, grads_out, strict=True) if g is UNDEFINED)
+            for inp in (i for n in (fusion.nodes if fusion else [node]) for i in n.inputs):
+                if inp is not None and inp in between:
+                    walk.add(inp, UNDEFINED, why)
+            continue
+        if fusion is not None:
+            for inp, g in fusion.grad(em, grads_out):
+                if g is not None and inp in between:
+                    _annotate(g, inp)
+                    walk.add(inp, g)
             continue
         known = rules.get((node.domain, node.op_type))
         if known is None:  # one registry look-up per op type, not per node
-            opset = _opset_of(graph, node.domain)
-            rule = registry.lookup(node.domain, node.op_type, opset)
-            if rule is None:  # no rule of its own: differentiate the schema's function body, if it has one
-                rule = function_rule(node.domain, node.op_type, opset)
-            known = rules[node.domain, node.op_type] = (opset, rule)
+            opset = opset_of(opsets, node.domain)
+            known = rules[node.domain, node.op_type] = (opset, registry.rule_for(node.domain, node.op_type, opset))
         opset, rule = known
         if rule is None:
-            raise no_rule_error(node, opset)
-        if not rule.differentiable:
+            raise no_rule_error(node, opset, where)
+        if rule.fn is None:
+            if rule.undefined:
+                _undefined_inputs(walk, node, between, range(len(node.inputs)), where)
             continue
         if rule.dense:
-            grads_out = [
-                em.zeros_like(out) if g is None else g
-                for g, out in zip(grads_out, node.outputs, strict=True)
-            ]
-        assert rule.fn is not None
+            grads_out = [em.zeros_like(out) if g is None else g for g, out in zip(grads_out, node.outputs, strict=True)]
         grads_in = list(rule.fn(em, node, grads_out))
-        if len(grads_in) > len(node.inputs):
-            raise AssertionError(
-                f"rule for {node.op_type} returned {len(grads_in)} gradients for {len(node.inputs)} inputs"
-            )
-        for i, (inp, g) in enumerate(zip(node.inputs, grads_in, strict=False)):
-            if g is None or inp is None or inp not in between:
+        if len(grads_in) != rule.arity(node):
+            raise _arity_error(node, len(grads_in), rule.arity(node))
+        grads_in += [None] * (len(node.inputs) - len(grads_in))
+        undefined = [i for i, g in enumerate(grads_in) if g is UNDEFINED]
+        _undefined_inputs(walk, node, between, undefined, where)
+        for i, (inp, g) in enumerate(zip(node.inputs, grads_in, strict=True)):
+            if g is None or g is UNDEFINED or inp is None or inp not in between:
                 continue
             if rule.unbroadcast_input(i):
                 if g.shape is None:  # a broadcasting rule's gradients are shaped like its output
                     g.shape = node.outputs[0].shape
                 g = em.unbroadcast(g, inp)
             _annotate(g, inp)
-            contribs.setdefault(inp, []).append(g)
+            walk.add(inp, g)
 
-    return [total(x) if x in between else None for x in req.xs]
+    results = [walk.total(x) if x in between else None for x in req.xs]
+    return results, {x: walk.why[x] for x, g in zip(req.xs, results, strict=True) if g is UNDEFINED}
+
+
+def _undefined_inputs(walk: Walk, node: ir.Node, between: set[ir.Value], indices: Iterable[int], where: str) -> None:
+    """Give the inputs at ``indices`` that lie on the path an undefined gradient, saying where it came from."""
+    for i in indices:
+        inp = node.inputs[i]
+        if inp is not None and inp in between:
+            why = (f"input {i} ('{inp.name}') of {node.op_type} node {node_label(node)}{where}, whose gradient "
+                   "onnxgrad does not define")
+            walk.add(inp, UNDEFINED, why)

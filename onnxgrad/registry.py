@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import dataclasses
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -17,6 +18,26 @@ else:
     RuleFn = Callable
 
 DEFAULT_DOMAIN = ""
+
+
+class Undefined:
+    """The gradient of an input that does affect the output, but that no rule gives (PyTensor's NullType).
+
+    Apart from ``None`` ("not connected": the input does not affect the output, or only piecewise-constantly):
+    the walk carries it to the xs and never turns it into zeros."""
+
+    _instance: Undefined | None = None
+
+    def __new__(cls) -> Undefined:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "UNDEFINED"
+
+
+UNDEFINED = Undefined()
 
 
 def normalize_domain(domain: str) -> str:
@@ -43,6 +64,13 @@ class Rule:
     dense: bool = False
     notes: str = ""
     until: int | None = field(default=None, compare=False)
+    undefined: bool = False  # a non-differentiable declaration whose float inputs do affect the outputs
+    wrt: int | None = None  # the rule answers for the first ``wrt`` inputs only: the later ones are data (axes...)
+
+    def arity(self, node: ir.Node) -> int:
+        """How many gradients the rule returns for ``node``: one per input, or per input before the data ones."""
+        n = len(node.inputs)
+        return n if self.wrt is None else min(n, self.wrt)
 
     @property
     def differentiable(self) -> bool:
@@ -74,28 +102,34 @@ def register(
     broadcast: Sequence[int] | bool = (),
     dense: bool = False,
     notes: str = "",
+    wrt: int | None = None,
 ) -> Callable[[RuleFn], RuleFn]:
     """Register ``fn(em, node, grads) -> grads_of_inputs`` for ``op_type`` from opset ``since`` on.
 
     ``broadcast``: the inputs (indices, or True for all) whose gradients the walk reduces back to
     the input's shape. ``dense``: the walk hands the rule zeros instead of ``None`` for outputs that
-    receive no gradient.
+    receive no gradient. ``wrt``: the rule returns gradients for the first ``wrt`` inputs only, the later
+    inputs being data that no gradient reaches (axes, lengths, indices); otherwise exactly one per input.
     """
 
     def deco(fn: RuleFn) -> RuleFn:
         bc = broadcast if isinstance(broadcast, bool) else tuple(broadcast)
-        _add(Rule(op_type, normalize_domain(domain), since, fn, bc, dense, notes))
+        _add(Rule(op_type, normalize_domain(domain), since, fn, bc, dense, notes, wrt=wrt))
         return fn
 
     return deco
 
 
 def register_nondifferentiable(
-    *op_types: str, domain: str = DEFAULT_DOMAIN, since: int = 1, notes: str = ""
+    *op_types: str, domain: str = DEFAULT_DOMAIN, since: int = 1, notes: str = "", undefined: bool = False
 ) -> None:
-    """Declare ops whose outputs are constant with respect to their inputs (Floor, ArgMax, Shape...)."""
+    """Declare ops whose outputs are constant with respect to their inputs (Floor, ArgMax, Shape...).
+
+    ``undefined``: the float inputs do affect the outputs, but onnxgrad gives no gradient for them (OneHot's
+    values, DequantizeLinear's scale): a gradient through them is undefined, never zero."""
     for op_type in op_types:
-        _add(Rule(op_type, normalize_domain(domain), since, None, (), False, notes or "not differentiable"))
+        _add(Rule(op_type, normalize_domain(domain), since, None, (), False, notes or "not differentiable",
+                  undefined=undefined))
 
 
 def lookup(domain: str, op_type: str, opset: int) -> Rule | None:
@@ -107,12 +141,27 @@ def lookup(domain: str, op_type: str, opset: int) -> Rule | None:
     return table[i - 1] if i else None
 
 
+Fallback = Callable[[str, str, int], "Rule | None"]
+_FALLBACKS: list[Fallback] = []
+
+
+def register_fallback(fallback: Fallback) -> Fallback:
+    """Add a source of rules for ops without a registered one (the schema's function body, say)."""
+    _FALLBACKS.append(fallback)
+    return fallback
+
+
+def rule_for(domain: str, op_type: str, opset: int) -> Rule | None:
+    """The rule the walk uses: the registered one, else the first fallback's (None when there is neither)."""
+    rule = lookup(domain, op_type, opset)
+    if rule is None:
+        rule = next((r for f in _FALLBACKS if (r := f(domain, op_type, opset)) is not None), None)
+    return rule
+
+
 def all_rules() -> Iterator[Rule]:
     """Every registered rule in a stable order, each with ``until`` filled in."""
     for key in sorted(_RULES):
         table = _RULES[key]
         for rule, nxt in zip(table, [*table[1:], None], strict=True):
-            yield Rule(
-                rule.op_type, rule.domain, rule.since, rule.fn, rule.broadcast, rule.dense, rule.notes,
-                None if nxt is None else nxt.since - 1,
-            )
+            yield dataclasses.replace(rule, until=None if nxt is None else nxt.since - 1)

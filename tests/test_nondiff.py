@@ -23,6 +23,8 @@ from onnx import TensorProto as TP
 from onnx import helper as oh
 
 from onnxgrad import add_gradients, registry
+from onnxgrad.api import GradientNote
+from onnxgrad.backprop import UndefinedGradient
 from onnxgrad.runtime import run
 from tests.gradcheck import IR_VERSION
 
@@ -364,11 +366,18 @@ def _param(p: Probe) -> Any:
     return pytest.param(p, id=p.name)
 
 
+def _undefined(p: Probe) -> bool:
+    rule = registry.lookup("", p.op, p.opset)
+    return rule is not None and rule.undefined
+
+
 @pytest.mark.parametrize("p", [_param(p) for p in PROBES])
 def test_declared_constant(p: Probe) -> None:
     model, x, w = probe_model(p)
     onnx.checker.check_model(model, full_check=True)
-    aug = add_gradients(model, ["y"], ["x"])
+    # an undefined declaration's float inputs do change its output: the walk is told to treat it as constant
+    stop = [o for n in model.graph.node if n.name == "probe" for o in n.output if o] if _undefined(p) else None
+    aug = add_gradients(model, ["y"], ["x"], stop_gradients=stop)
     onnx.checker.check_model(aug.model, full_check=True)
     grad = aug.gradients["x"]
     assert grad is not None
@@ -377,6 +386,17 @@ def test_declared_constant(p: Probe) -> None:
     np.testing.assert_allclose(run(pruned, {"x": x})[grad], w, rtol=1e-6)
     if p.runs:
         np.testing.assert_allclose(run(aug.model, {"x": x})[grad], w, rtol=1e-6)
+
+
+@pytest.mark.parametrize("p", [_param(p) for p in PROBES if _undefined(p)])
+def test_undefined_declaration_is_never_zero(p: Probe) -> None:
+    """Where x reaches y through the op's float input too, x's gradient is undefined: None with a note, and an
+    error (not zeros, not the partial w) under 'zero'."""
+    model, _, _ = probe_model(p)
+    with pytest.warns(GradientNote, match=f"undefined: it reaches the ys through input .* of {p.op}"):
+        assert add_gradients(model, ["y"], ["x"]).gradients["x"] is None
+    with pytest.raises(UndefinedGradient, match="never given as zeros"):
+        add_gradients(model, ["y"], ["x"], unconnected_gradients="zero")
 
 
 def test_every_declaration_is_probed() -> None:
@@ -399,7 +419,7 @@ def test_float_output_probe_uses_the_declaration(p: Probe, monkeypatch: pytest.M
     model, _, _ = probe_model(p)
     # without the declaration, ops with a schema function body (Bernoulli, DynamicQuantizeLinear) would be
     # differentiated through that body instead: switch the fallback off to see the walk consult the table
-    monkeypatch.setattr("onnxgrad.backprop.function_rule", lambda *args: None)
+    monkeypatch.setattr(registry, "_FALLBACKS", [])
     saved = registry._RULES.pop(("", p.op))
     try:
         with pytest.raises(LookupError, match=p.op):

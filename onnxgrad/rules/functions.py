@@ -14,15 +14,17 @@ import numpy as np
 import onnx
 import onnx.defs
 import onnx_ir as ir
-from onnx import helper as oh
 
 from onnxgrad import registry
-from onnxgrad.emitter import Emitter, is_float
+from onnxgrad.backprop import Request, backprop
+from onnxgrad.emitter import Emitter
 from onnxgrad.registry import register
+from onnxgrad.shapes import infer_function_body, infer_node, type_proto
 
 NOTES = "gradient of the schema's function body"
 
 Env = dict[str, "ir.Value | None"]
+Grad = "ir.Value | registry.Undefined | None"
 
 
 def _schema(domain: str, op_type: str, opset: int) -> onnx.defs.OpSchema | None:
@@ -34,21 +36,13 @@ def _schema(domain: str, op_type: str, opset: int) -> onnx.defs.OpSchema | None:
         return None
 
 
+@registry.register_fallback
 def function_rule(domain: str, op_type: str, opset: int) -> registry.Rule | None:
     """A rule for an op without a registered one whose ai.onnx schema has a function body, else None."""
     schema = _schema(domain, op_type, opset)
     if schema is None or not (schema.has_function or schema.has_context_dependent_function):
         return None
     return registry.Rule(op_type, "", schema.since_version, function_body_gradient, notes=NOTES)
-
-
-def _type_proto(v: ir.Value | None) -> onnx.TypeProto:
-    if v is None or v.dtype is None:
-        return onnx.TypeProto()
-    dims: list[Any] | None = None
-    if v.shape is not None:
-        dims = [d if isinstance(d, int) else (d.value if isinstance(d, ir.SymbolicDim) else None) for d in v.shape]
-    return oh.make_tensor_type_proto(int(v.dtype), dims)
 
 
 def function_body(node: ir.Node, opset: int) -> onnx.FunctionProto:
@@ -59,7 +53,7 @@ def function_body(node: ir.Node, opset: int) -> onnx.FunctionProto:
     if schema.has_context_dependent_function:
         version = max(v for v in schema.context_dependent_function_opset_versions if v <= opset)
         proto = ir.serde.serialize_node(node)
-        types = [_type_proto(v).SerializeToString() for v in node.inputs]
+        types = [type_proto(v).SerializeToString() for v in node.inputs]
         data = schema.get_context_dependent_function_with_opset_version(version, proto.SerializeToString(), types)
     elif schema.has_function:
         version = max(v for v in schema.function_opset_versions if v <= opset)
@@ -72,71 +66,9 @@ def function_body(node: ir.Node, opset: int) -> onnx.FunctionProto:
 
 
 # ------------------------------------------------------------------------------------------- shapes
-def _shape_from(t: onnx.TypeProto) -> ir.Shape | None:
-    if not t.HasField("tensor_type") or not t.tensor_type.HasField("shape"):
-        return None
-    dims: list[Any] = []
-    for d in t.tensor_type.shape.dim:
-        if d.HasField("dim_value"):
-            dims.append(d.dim_value)
-        else:
-            dims.append(ir.SymbolicDim(d.dim_param) if d.dim_param else None)
-    return ir.Shape(dims)
-
-
 def _sharpness(shape: ir.Shape) -> int:
     return sum(isinstance(d, int) for d in shape) * 2 + sum(isinstance(d, ir.SymbolicDim) and d.value is not None
                                                              for d in shape)
-
-
-def _collect(graph: onnx.GraphProto, out: dict[str, ir.Shape]) -> None:
-    for vi in [*graph.input, *graph.value_info, *graph.output]:
-        shape = _shape_from(vi.type)
-        if shape is not None:
-            out.setdefault(vi.name, shape)
-    for n in graph.node:
-        for a in n.attribute:
-            if a.type == onnx.AttributeProto.GRAPH:
-                _collect(a.g, out)
-            for g in a.graphs:
-                _collect(g, out)
-
-
-def _body_shapes(body: onnx.FunctionProto, node: ir.Node) -> dict[str, ir.Shape]:
-    """Shapes of the body's values (Scan bodies included) by onnx shape inference on the node's input types."""
-    inputs = [oh.make_value_info(name, _type_proto(v))
-              for name, v in zip(body.input, node.inputs, strict=False) if v is not None]
-    outputs = [oh.make_value_info(name, onnx.TypeProto()) for name in body.output if name]
-    graph = oh.make_graph(list(body.node), "body", inputs, outputs)
-    model = oh.make_model(graph, opset_imports=list(body.opset_import), ir_version=10)
-    shapes: dict[str, ir.Shape] = {}
-    try:
-        _collect(onnx.shape_inference.infer_shapes(model, data_prop=True).graph, shapes)
-    except Exception:  # shapes are a help for the rules, not a requirement
-        pass
-    return shapes
-
-
-def _infer_node(node: ir.Node, opset: int) -> None:
-    """Output types and shapes of one emitted node by onnx's per-node inference (constant inputs as data)."""
-    if all(o.shape is not None and o.dtype is not None for o in node.outputs):
-        return
-    try:
-        schema = onnx.defs.get_schema(node.op_type, opset, node.domain)
-        types = {v.name: _type_proto(v) for v in node.inputs if v is not None and v.name}
-        data = {v.name: onnx.numpy_helper.from_array(a, v.name) for v in node.inputs
-                if v is not None and v.name and (a := Emitter.constant_value(v)) is not None}
-        inferred = onnx.shape_inference.infer_node_outputs(schema, ir.serde.serialize_node(node), types, data)
-    except Exception:  # shapes help the rules: a node that inference cannot type keeps what it has
-        return
-    for o in node.outputs:
-        t = inferred.get(o.name or "")
-        if t is None:
-            continue
-        if o.dtype is None and t.tensor_type.elem_type:
-            o.dtype = ir.DataType(t.tensor_type.elem_type)
-        if o.shape is None:
-            o.shape = _shape_from(t)
 
 
 # ------------------------------------------------------------------------------------ re-emission
@@ -173,7 +105,7 @@ class _Expansion:
         """Record the nodes emitted since ``before`` and give their outputs types and shapes."""
         for m in self.em.nodes[before:]:
             self.mine.add(id(m))
-            _infer_node(m, self.em.opset)
+            infer_node(m, self.em.opset)
 
     def _emitted(self, value: ir.Value, name: str) -> None:
         producer = value.producer()
@@ -253,85 +185,22 @@ class _Expansion:
 
 
 # ----------------------------------------------------------------------------------- reverse walk
-def _walk(em: Emitter, outs: Sequence[ir.Value | None], grads_out: Sequence[ir.Value | None],
-          inputs: Sequence[ir.Value | None], mine: set[int], where: ir.Node) -> list[ir.Value | None]:
-    """Gradients of the inputs from the gradients of the re-emitted outputs, rule by rule."""
-    sources = {v for v in inputs if v is not None}
-    index = {id(n): i for i, n in enumerate(em.nodes) if id(n) in mine}
-    found: dict[int, ir.Node] = {}
-    stack, seen = [o for o in outs if o is not None], set()
-    while stack:
-        v = stack.pop()
-        if v in sources or v in seen:
-            continue
-        seen.add(v)
-        p = v.producer()
-        if p is not None and id(p) in index and id(p) not in found:
-            found[id(p)] = p
-            stack.extend(i for i in p.inputs if i is not None)
-    order = sorted(found.values(), key=lambda n: index[id(n)])
-    reach = {v for v in sources if is_float(v)}
-    for n in order:
-        if any(i in reach for i in n.inputs if i is not None):
-            reach.update(o for o in n.outputs if is_float(o))
-    contribs: dict[ir.Value, list[ir.Value]] = {}
-    for o, g in zip(outs, grads_out, strict=True):
-        if o is not None and g is not None and o in reach:
-            contribs.setdefault(o, []).append(g)
-
-    def total(v: ir.Value) -> ir.Value | None:
-        terms = contribs.pop(v, None)
-        if not terms:
-            return None
-        g = em.add_n(terms, "add_n")
-        contribs[v] = [g]
-        return g
-
-    for n in reversed(order):
-        if not any(i in reach for i in n.inputs if i is not None):
-            continue
-        g_out = [total(o) for o in n.outputs]
-        if all(g is None for g in g_out):
-            continue
-        rule = registry.lookup(n.domain, n.op_type, em.opset) or function_rule(n.domain, n.op_type, em.opset)
-        if rule is None:
-            raise LookupError(f"no gradient rule for '{n.op_type}' (domain '{n.domain or 'ai.onnx'}', opset "
-                              f"{em.opset}) in the function body of {where.op_type} '{where.name}': register one "
-                              f"with @onnxgrad.register_gradient('{n.op_type}')")
-        if rule.fn is None:
-            continue
-        if rule.dense:
-            g_out = [em.zeros_like(o) if g is None else g for g, o in zip(g_out, n.outputs, strict=True)]
-        for i, (inp, g) in enumerate(zip(n.inputs, rule.fn(em, n, g_out), strict=False)):
-            if g is None or inp is None or inp not in reach:
-                continue
-            if rule.unbroadcast_input(i):
-                if g.shape is None:
-                    g.shape = n.outputs[0].shape
-                g = em.unbroadcast(g, inp)
-            if g.dtype is None:
-                g.dtype = inp.dtype
-            if g.shape is None and inp.shape is not None:
-                g.shape = inp.shape
-            contribs.setdefault(inp, []).append(g)
-
-    result: list[ir.Value | None] = []
-    done: set[ir.Value] = set()
-    for v in inputs:  # an input used twice gets its total once: the outer walk adds per input slot
-        result.append(None if v is None or v in done else total(v))
-        if v is not None:
-            done.add(v)
-    return result
-
-
-def function_body_gradient(em: Emitter, node: ir.Node, grads: Sequence[ir.Value | None]) -> list[ir.Value | None]:
-    """d(inputs) = the reverse walk over the schema's function body, re-emitted (Scan loops unrolled)"""
+def function_body_gradient(em: Emitter, node: ir.Node, grads: Sequence[ir.Value | None]) -> list[Grad]:
+    """d(inputs) = the one reverse walk over the schema's function body, re-emitted (Scan loops unrolled)"""
     body = function_body(node, em.opset)
-    expansion = _Expansion(em, node, _body_shapes(body, node))
+    expansion = _Expansion(em, node, infer_function_body(body, node))
     env: Env = {name: (node.inputs[i] if i < len(node.inputs) else None) for i, name in enumerate(body.input)}
     expansion.nodes(body.node, env)
     outs = [env.get(name) if name else None for name in body.output[:len(grads)]]
-    return _walk(em, outs, list(grads), list(node.inputs), expansion.mine, node)
+    seeded = [(o, g) for o, g in zip(outs, grads, strict=True) if o is not None and g is not None]
+    inputs = list(dict.fromkeys(v for v in node.inputs if v is not None))
+    body_nodes = [n for n in em.nodes if id(n) in expansion.mine]
+    where = f" in the function body of {node.op_type} '{node.name}'"
+    found, _ = backprop(em, body_nodes, Request([o for o, _ in seeded], inputs, [g for _, g in seeded]),
+                        {"": em.opset}, where)
+    totals = dict(zip(inputs, found, strict=True))
+    # an input read twice gets its total once: the outer walk adds one contribution per input slot
+    return [None if v is None or v in node.inputs[:i] else totals[v] for i, v in enumerate(node.inputs)]
 
 
 register("LinearAttention", since=27, notes=NOTES)(function_body_gradient)

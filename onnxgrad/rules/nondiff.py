@@ -2,9 +2,11 @@
 
 Most of these already have integer, bool or string outputs, which the walk prunes by dtype; declaring
 them says so explicitly (and covers values whose dtype is unknown). The rest have float outputs that
-are piecewise constant (Floor, Hardmax), random, or are treated as constant by convention (as
-TensorFlow does for Range and OneHot). Every ai.onnx schema of onnx 1.23 was reviewed; differentiable
-ops live in the other rule modules.
+are piecewise constant (Floor, Hardmax) or random. A few (``undefined=True``: Range, OneHot, MelWeightMatrix,
+DequantizeLinear's scale) have float inputs that do change the output but get no rule here: a gradient
+through them is undefined, which the walk keeps apart from "not connected" and never turns into zeros
+(TensorFlow silently treats Range and OneHot as constants; stop_gradients does that here on request).
+Every ai.onnx schema of onnx 1.23 was reviewed; differentiable ops live in the other rule modules.
 """
 
 from __future__ import annotations
@@ -31,13 +33,14 @@ register_nondifferentiable("ArgMax", "ArgMin", "NonZero", "NonMaxSuppression", n
 register_nondifferentiable("Shape", "Size", notes="integer output: depends on the input's shape only")
 register_nondifferentiable("EyeLike", notes="depends on the input's shape only")
 register_nondifferentiable(
-    "ConstantOfShape", "Constant", "Range", "SequenceEmpty",
-    "BlackmanWindow", "HammingWindow", "HannWindow", "MelWeightMatrix",
-    notes="generated constants (Range treated as constant as in TensorFlow; MelWeightMatrix's float "
-    "edge frequencies get no gradient)",
+    "ConstantOfShape", "Constant", "SequenceEmpty", "BlackmanWindow", "HammingWindow", "HannWindow",
+    notes="generated constants",
 )
 register_nondifferentiable(
-    "OneHot", notes="treated as constant as in TensorFlow (its 'values' input gets no gradient)"
+    "Range", "MelWeightMatrix", "OneHot", undefined=True,
+    notes="no gradient for its float inputs (Range's start and delta, MelWeightMatrix's edge frequencies, "
+    "OneHot's values), which do change the output: a gradient through them is undefined (None with a note, "
+    "an error under 'zero'); list the output in stop_gradients to treat it as a constant, as TensorFlow does",
 )
 register_nondifferentiable(
     "RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli",
@@ -45,9 +48,13 @@ register_nondifferentiable(
     "(reparameterise: mean + std * RandomNormalLike(x) differentiates through the Mul and Add)",
 )
 register_nondifferentiable(
-    "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear",
-    "ConvInteger", "MatMulInteger", "QLinearConv", "QLinearMatMul",
-    notes="quantisation: integer data and rounding; scales and zero points get no gradient. For a "
+    "QuantizeLinear", "ConvInteger", "MatMulInteger", "QLinearConv", "QLinearMatMul",
+    notes="quantisation: integer data and rounding; scales and zero points get no gradient",
+)
+register_nondifferentiable(
+    "DequantizeLinear", "DynamicQuantizeLinear", undefined=True,
+    notes="undefined for the float scale (DequantizeLinear) and y_scale (DynamicQuantizeLinear), which do change "
+    "the output. For a "
     "straight-through estimator (fake quantisation), write y = x + stop_gradient(DQ(Q(x)) - x), or put "
     "the Q/DQ output in stop_gradients and add the float bypass yourself",
 )
