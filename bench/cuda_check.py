@@ -28,8 +28,10 @@ import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 
 from onnxgrad import add_gradients  # noqa: E402
-from onnxgrad.check import complete_feeds, convert_floats, kernel_gap  # noqa: E402
-from onnxgrad.inspect import INPUTS, WEIGHTS, expand_xs  # noqa: E402
+from onnxgrad.check import convert_floats  # noqa: E402
+from onnxgrad.runtime import complete_feeds  # noqa: E402
+from onnxgrad.shorthands import INPUTS, WEIGHTS, expand_xs  # noqa: E402
+from onnxgrad.workarounds import kernel_gap  # noqa: E402
 
 EXAMPLES = {
     "mlp_classifier.onnx": "loss",

@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import click
-from onnxgrad.cli import ModelError, cli
-from onnxgrad.cli.run_cmd import provider_option
+from onnxgrad.cli.common import ModelError, cli, feed_options, parse_dims, parse_inputs, provider_option
 
 from onnxgrad import runtime
+from onnxgrad.check import CHECK_DIM, MISMATCH, check_model
 from onnxgrad.io import ModelFileError, load_model, one_line
+from onnxgrad.shorthands import expand_xs
 
 PROGRESS_AFTER_S = 2.0  # show a progress bar once the check has run this long
 
@@ -53,9 +54,7 @@ class LazyProgress:
 @click.option("--xs", multiple=True, required=True, metavar="NAME",
               help="A value to check the gradient for (repeatable); '@weights' = every float weight, "
                    "'@inputs' = every float graph input.")
-@click.option("--inputs", "feeds_file", type=click.Path(dir_okay=False, path_type=Path), metavar="FEEDS.npz",
-              help="Feed inputs from the arrays of a .npz file (keys are input names).")
-@click.option("--input", "input_files", multiple=True, metavar="NAME=FILE.npy", help="Feed an input from a .npy file.")
+@feed_options
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of the random inputs, directions and output weights.")
 @click.option("--precision", type=click.Choice(["auto", "float64", "float32", "model"]), default="auto",
@@ -68,8 +67,9 @@ def check(
     model: Path,
     ys: tuple[str, ...],
     xs: tuple[str, ...],
-    feeds_file: Path | None,
     input_files: tuple[str, ...],
+    feeds_file: Path | None,
+    dim_items: tuple[str, ...],
     seed: int,
     precision: str,
     rtol: float | None,
@@ -78,12 +78,9 @@ def check(
 ) -> None:
     """Compare the gradients of sum(u * ys) (u random) with central differences, one row per x.
 
-    Inputs not given are drawn at random (seeded; symbolic dimensions become 2)."""
-    from onnxgrad.cli.run_cmd import given_feeds
-
-    from onnxgrad.check import MISMATCH, check_model
-    from onnxgrad.inspect import expand_xs
-
+    Inputs not given are drawn at random as in run (seeded), but symbolic dimensions default to 2, not 1."""
+    dims = {"*": CHECK_DIM, **parse_dims(dim_items)}
+    files = parse_inputs(input_files)
     try:
         runtime.provider_label(provider)  # raises where the provider is not available
         proto = load_model(model)
@@ -92,12 +89,14 @@ def check(
         raise ModelError(one_line(e)) from None
     except (ValueError, RuntimeError) as e:
         raise ModelError(one_line(e)) from None
-    init = {i.name for i in proto.graph.initializer}
-    names = [i.name for i in proto.graph.input if i.name not in init]
-    feeds = given_feeds(input_files, feeds_file, names)
+    try:
+        feeds = runtime.make_feeds(runtime.model_inputs(proto), runtime.read_feeds(feeds_file, files), seed=seed,
+                                   dims=dims)
+    except runtime.FeedError as e:
+        raise ModelError(str(e)) from None
     progress = LazyProgress(f"checking {len(x_names)} gradients")
     try:
-        report = check_model(proto, list(ys), x_names, feeds, seed=seed, precision=precision, provider=provider,
+        report = check_model(proto, list(ys), x_names, feeds.arrays, seed=seed, precision=precision, provider=provider,
                              rtol=rtol, progress=progress)
     except click.ClickException:
         raise

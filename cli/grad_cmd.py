@@ -10,11 +10,11 @@ from typing import Any
 import click
 import numpy as np
 import onnx
-from onnxgrad.cli import ModelError, cli
+from onnxgrad.cli.common import ModelError, cli
 
-from onnxgrad.api import NEW_INPUT, GradY, add_gradients
-from onnxgrad.inspect import add_gradients_lazy, expand_xs, has_external_data
-from onnxgrad.io import PROTOBUF_LIMIT, ModelFileError, load_model, one_line, save_model
+from onnxgrad.api import NEW_INPUT, GradY
+from onnxgrad.augment import add_gradients
+from onnxgrad.io import ModelFileError, load_model, one_line
 
 AGGREGATION_CHOICES = ("add_n", "default", "experimental_tree", "experimental_accumulate_n")
 
@@ -32,11 +32,10 @@ def fail(e: BaseException) -> ModelError:
     return ModelError(message)
 
 
-def blame(proto: onnx.ModelProto, path: Path, e: Exception) -> ModelError:
+def blame(path: Path, e: Exception) -> ModelError:
     """The output failed onnx.checker: the input's fault when the input fails it too, else onnxgrad's."""
     try:
-        big = proto.ByteSize() >= PROTOBUF_LIMIT
-        onnx.checker.check_model(os.fspath(path) if big else proto, full_check=True)
+        onnx.checker.check_model(os.fspath(path), full_check=True)  # by path: models of any size
     except Exception as own:
         return ModelError(f"'{path}' is not a valid ONNX model (onnx.checker: {one_line(own)})")
     return ModelError(f"the gradient model fails onnx.checker, a bug in onnxgrad (please report it): {one_line(e)}")
@@ -152,26 +151,18 @@ def grad(
         stop_gradients=list(stop_gradients), unconnected_gradients=unconnected_gradients,
     )
     try:
-        if model.is_file() and has_external_data(model):
-            # weights stay on disk: load lazily, save OUT with its own external data file
-            before = len(onnx.load(os.fspath(model), load_external_data=False).graph.node)
-            found, new_inputs = add_gradients_lazy(model, out, list(ys), list(xs), seeds, **options)
-            written = onnx.load(os.fspath(out), load_external_data=False)
-            report(written, out, found, new_inputs, before, as_json)
-            return
-        proto = load_model(model)
-        aug = add_gradients(proto, list(ys), expand_xs(proto, xs), seeds, order=order, **options)
-        try:
-            save_model(aug.model, out)
-        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
-            raise blame(proto, model, e) from None
+        before = len(load_model(model, load_external_data=False).graph.node)  # the graph only: weights stay put
+        # add_gradients decides how to read MODEL (weights in external data stay on disk) and writes OUT
+        aug = add_gradients(model, list(ys), list(xs), seeds, order=order, output=out, **options)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        raise blame(model, e) from None
     except (ModelError, ModelFileError) as e:
         raise ModelError(one_line(e)) from None
     except click.ClickException:
         raise
     except Exception as e:
         raise fail(e) from None
-    report(aug.model, out, aug.gradients, aug.new_inputs, len(proto.graph.node), as_json, aug.higher)
+    report(aug.model, out, aug.gradients, aug.new_inputs, before, as_json, aug.higher)
 
 
 def report(

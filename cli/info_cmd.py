@@ -8,9 +8,10 @@ import json
 from pathlib import Path
 
 import click
-from onnxgrad.cli import ModelError, cli
+from onnxgrad.cli.common import ModelError, cli
 
-from onnxgrad.io import ModelFileError, one_line
+from onnxgrad.info import describe, format_description
+from onnxgrad.io import ModelFileError, load_lazy, one_line
 
 
 @cli.command("info")
@@ -20,8 +21,6 @@ def info(model: Path, as_json: bool) -> None:
     """Describe MODEL: inputs, outputs, weights, opsets, op histogram and differentiable values.
 
     In --xs, '@weights' stands for every float weight and '@inputs' for every float graph input."""
-    from onnxgrad.inspect import describe, format_description, load_lazy
-
     try:
         description = describe(load_lazy(model))
     except ModelFileError as e:

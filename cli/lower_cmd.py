@@ -6,11 +6,11 @@ from pathlib import Path
 
 import click
 import onnx_ir as ir
-from onnxgrad.cli import ModelError, cli
+from onnxgrad.cli.common import ModelError, cli
 
-from onnxgrad.api import upgrade
 from onnxgrad.higher import lower_gradient_ops
 from onnxgrad.io import load_model, one_line, save_model
+from onnxgrad.upgrade import upgrade
 
 
 @cli.command("lower")

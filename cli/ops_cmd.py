@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 import click
-from onnxgrad.cli import cli
+from onnxgrad.cli.common import cli
 
 import onnxgrad.rules  # noqa: F401  (registers every rule)
 from onnxgrad.registry import Rule, all_rules

@@ -1,112 +1,21 @@
 """``onnxgrad run``: evaluate a model in onnxruntime and summarise every output.
 
 Inputs come from ``--input NAME=FILE.npy`` and ``--inputs FEEDS.npz``; the rest are drawn at random
-(seeded) with symbolic dimensions set by ``--dim NAME=SIZE`` (default 1)."""
+(seeded) with symbolic dimensions set by ``--dim NAME=SIZE`` (``onnxgrad.runtime.make_feeds``)."""
 
 from __future__ import annotations
 
-import difflib
 import json
 import math
-import re
 from pathlib import Path
 from typing import Any
 
 import click
 import numpy as np
-from onnxgrad.cli import ModelError, cli
+from onnxgrad.cli.common import ModelError, cli, feed_options, parse_dims, parse_inputs, provider_option
 
 from onnxgrad import runtime
 from onnxgrad.io import atomic_write, load_model, one_line
-
-DEFAULT_DIM = 1
-INT_RANGE = (0, 4)  # random integer inputs: small non-negative values, valid as indices into most axes
-ORT_TYPES = {"float": "float32", "double": "float64", "bool": "bool"}
-
-
-# what runs the model: `run` and `check` take the same choices
-provider_option = click.option(
-    "--provider", type=click.Choice(runtime.CHOICES), default="cpu", show_default=True,
-    help="cpu or cuda (onnxruntime), or reference (onnx's reference evaluator: every opset, slow).",
-)
-
-
-def numpy_dtype(ort_type: str) -> np.dtype[Any] | None:
-    """numpy dtype for onnxruntime's ``tensor(float)`` style type names (None for non-tensors, bfloat16...)."""
-    m = re.fullmatch(r"tensor\((\w+)\)", ort_type)
-    if m is None:
-        return None
-    try:
-        dtype = np.dtype(ORT_TYPES.get(m.group(1), m.group(1)))
-    except TypeError:
-        return None
-    return dtype if dtype.kind in "fiub" else None
-
-
-def parse_dims(items: tuple[str, ...]) -> dict[str, int]:
-    """``NAME=SIZE`` options as a dict (``*`` sets the size of every dimension not named)."""
-    dims: dict[str, int] = {}
-    for item in items:
-        name, sep, size = item.partition("=")
-        if not sep or not name or not size.isdigit():
-            raise click.BadParameter(f"expected NAME=SIZE with SIZE >= 0, got {item!r}", param_hint="'--dim'")
-        dims[name] = int(size)
-    return dims
-
-
-def close_hint(name: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(name, choices, n=3)
-    return f"; did you mean {', '.join(repr(c) for c in close)}?" if close else f"; inputs: {', '.join(choices)}"
-
-
-def given_feeds(input_files: tuple[str, ...], feeds_file: Path | None, names: list[str]) -> dict[str, np.ndarray]:
-    """Arrays from ``--inputs`` then ``--input`` (which wins), checked against the model's input names."""
-    feeds: dict[str, np.ndarray] = {}
-    if feeds_file is not None:
-        try:
-            with np.load(feeds_file, allow_pickle=False) as npz:
-                feeds.update({k: npz[k] for k in npz.files})
-        except FileNotFoundError:
-            raise ModelError(f"--inputs: file '{feeds_file}' not found") from None
-        except (OSError, ValueError) as e:
-            raise ModelError(f"--inputs: cannot read '{feeds_file}' as .npz ({one_line(e)})") from None
-    for item in input_files:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise click.BadParameter(f"expected NAME=FILE.npy, got {item!r}", param_hint="'--input'")
-        try:
-            feeds[name] = np.load(path, allow_pickle=False)
-        except FileNotFoundError:
-            raise ModelError(f"--input {name}: file '{path}' not found") from None
-        except (OSError, ValueError) as e:
-            raise ModelError(f"--input {name}: cannot read '{path}' as .npy ({one_line(e)})") from None
-    for name in feeds:
-        if name not in names:
-            raise ModelError(f"the model has no input named {name!r}{close_hint(name, names)}")
-    return feeds
-
-
-def random_input(
-    name: str, ort_type: str, shape: list[Any], dims: dict[str, int], used: dict[str, int], rng: np.random.Generator
-) -> tuple[np.ndarray, str]:
-    """A seeded random array for an input not given, and how it was made."""
-    dtype = numpy_dtype(ort_type)
-    if dtype is None:
-        raise ModelError(f"cannot make random values for input {name!r} of type {ort_type}; pass it with --input")
-    sizes = []
-    for d in shape:
-        if isinstance(d, int) and d >= 0:
-            sizes.append(d)
-            continue
-        key = d if isinstance(d, str) and d else "?"
-        size = dims.get(key, dims.get("*", DEFAULT_DIM))
-        used[key] = size
-        sizes.append(size)
-    if dtype.kind == "f":
-        return rng.standard_normal(sizes).astype(dtype), "random normal"
-    if dtype.kind == "b":
-        return rng.random(sizes) < 0.5, "random bool"
-    return rng.integers(*INT_RANGE, size=sizes).astype(dtype), f"random integers in [{INT_RANGE[0]}, {INT_RANGE[1]})"
 
 
 def stats(value: Any) -> dict[str, Any]:
@@ -145,11 +54,7 @@ def fmt(x: Any) -> str:
 
 @cli.command("run")
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--input", "input_files", multiple=True, metavar="NAME=FILE.npy", help="Feed an input from a .npy file.")
-@click.option("--inputs", "feeds_file", type=click.Path(dir_okay=False, path_type=Path), metavar="FEEDS.npz",
-              help="Feed inputs from the arrays of a .npz file (keys are input names).")
-@click.option("--dim", "dim_items", multiple=True, metavar="NAME=SIZE",
-              help=f"Size of a symbolic dimension for random inputs (default {DEFAULT_DIM}; '*=SIZE' for all).")
+@feed_options
 @provider_option
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random inputs.")
 @click.option("-o", "--output", "results", type=click.Path(dir_okay=False, path_type=Path), metavar="RESULTS.npz",
@@ -167,6 +72,7 @@ def run(
 ) -> None:
     """Evaluate MODEL in onnxruntime and summarise each output (shape, dtype, norm, min/max, values)."""
     dims = parse_dims(dim_items)
+    files = parse_inputs(input_files)
     try:
         label = runtime.provider_label(provider)  # no silent fallback to the CPU
         load_model(model, load_external_data=False)  # clear errors for missing or corrupt files
@@ -178,36 +84,24 @@ def run(
         sess = runtime.session(str(model), provider)
     except Exception as e:
         raise ModelError(f"{runner(label)} cannot load '{model}': {runtime.explain(e)}") from None
-    inputs = sess.get_inputs()
-    names = [i.name for i in inputs]
-    feeds = given_feeds(input_files, feeds_file, names)
-    rng = np.random.default_rng(seed)
-    used: dict[str, int] = {}
-    sources: dict[str, str] = {}
-    for inp in inputs:
-        if inp.name in feeds:
-            want = numpy_dtype(inp.type)
-            have = feeds[inp.name]
-            sources[inp.name] = "given"
-            if want is not None and have.dtype != want:
-                feeds[inp.name] = have.astype(want)
-                sources[inp.name] = f"given (cast from {have.dtype.name})"
-            continue
-        feeds[inp.name], sources[inp.name] = random_input(inp.name, inp.type, list(inp.shape), dims, used, rng)
-        sources[inp.name] += f", seed {seed}"
     try:
-        outputs = runtime.run(sess, feeds)
+        feeds = runtime.make_feeds(sess.get_inputs(), runtime.read_feeds(feeds_file, files), seed=seed, dims=dims)
+    except runtime.FeedError as e:
+        raise ModelError(str(e)) from None
+    try:
+        outputs = runtime.run(sess, feeds.arrays)
     except Exception as e:
         raise ModelError(f"{runner(label)} failed: {runtime.explain(e)}") from None
     if results is not None:
         save_results(results, outputs)
-    in_rows = {n: {"shape": list(feeds[n].shape), "dtype": feeds[n].dtype.name, "source": sources[n]} for n in names}
+    in_rows = {n: {"shape": list(a.shape), "dtype": a.dtype.name, "source": feeds.sources[n]}
+               for n, a in feeds.arrays.items()}
     out_rows = {n: stats(v) for n, v in outputs.items()}
     if as_json:
-        payload = {"provider": label, "inputs": in_rows, "dims": used, "outputs": out_rows}
+        payload = {"provider": label, "inputs": in_rows, "dims": feeds.dims, "outputs": out_rows}
         click.echo(json.dumps(payload))
         return
-    show(model, label, in_rows, used, out_rows, results)
+    show(model, label, in_rows, feeds.dims, out_rows, results)
 
 
 def runner(label: str) -> str:

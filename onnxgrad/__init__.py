@@ -2,27 +2,23 @@
 
 import os as _os
 
-from onnxgrad.api import (
-    NEW_INPUT,
-    AggregationMethod,
-    Augmented,
-    GradInput,
-    UnconnectedGradients,
-    add_gradients,
-    gradients,
-    stop_gradient,
-)
+from onnxgrad.api import NEW_INPUT, AggregationMethod, GradientNote, GradInput, UnconnectedGradients, gradients
+from onnxgrad.augment import Augmented, add_gradients
 from onnxgrad.higher import hessian_vector_product, higher_order_gradients, jacobian, lower_gradient_ops
+from onnxgrad.markers import stop_gradient
 from onnxgrad.registry import register as register_gradient
 from onnxgrad.registry import register_nondifferentiable
+from onnxgrad.values import expose
 
 __all__ = [
     "NEW_INPUT",
     "AggregationMethod",
     "Augmented",
     "GradInput",
+    "GradientNote",
     "UnconnectedGradients",
     "add_gradients",
+    "expose",
     "gradients",
     "hessian_vector_product",
     "higher_order_gradients",

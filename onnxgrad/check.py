@@ -12,7 +12,6 @@ Constant values, Cast targets, input and output types), else in float32 with a l
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -21,10 +20,15 @@ import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common
 
-from onnxgrad.api import NEW_INPUT, add_gradients, upgrade
-from onnxgrad.runtime import run, session
+from onnxgrad.api import NEW_INPUT
+from onnxgrad.augment import add_gradients
+from onnxgrad.runtime import complete_feeds, run, session
+from onnxgrad.upgrade import upgrade
+from onnxgrad.workarounds import is_runtime_error, kernel_gap
 
 OK, KINK, MISMATCH = "ok", "kink", "mismatch"
+
+CHECK_DIM = 2  # symbolic dimensions of random inputs in a check (run's default is 1)
 
 
 @dataclass
@@ -70,25 +74,6 @@ def cut_at(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
         g.inputs.append(fresh)
     ir.passes.common.RemoveUnusedNodesPass()(m)
     return ir.serde.serialize_model(m)
-
-
-def random_feeds(model: onnx.ModelProto, rng: np.random.Generator, dims: int = 2) -> dict[str, np.ndarray]:
-    """Random values for every graph input (symbolic dimensions become ``dims``)."""
-    init = {i.name for i in model.graph.initializer}
-    feeds = {}
-    for inp in model.graph.input:
-        if inp.name in init:
-            continue
-        t = inp.type.tensor_type
-        shape = [d.dim_value if d.HasField("dim_value") else dims for d in t.shape.dim]
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)
-        if np.issubdtype(dtype, np.floating):
-            feeds[inp.name] = rng.standard_normal(shape).astype(dtype)
-        elif dtype == np.bool_:
-            feeds[inp.name] = rng.random(shape) > 0.5
-        else:
-            feeds[inp.name] = rng.integers(0, 3, shape).astype(dtype)
-    return feeds
 
 
 def _values(
@@ -333,22 +318,6 @@ def elem_name(elem: int) -> str:
         return onnx.TensorProto.DataType.Name(elem).lower()
 
 
-def complete_feeds(
-    model: onnx.ModelProto, feeds: Mapping[str, np.ndarray] | None, seed: int = 0, dims: int = 2
-) -> dict[str, np.ndarray]:
-    """``feeds`` plus seeded random values for every graph input they leave out, each cast to the
-    input's dtype (symbolic dimensions of random inputs become ``dims``)."""
-    given = dict(feeds or {})
-    init = {i.name for i in model.graph.initializer}
-    names = [i.name for i in model.graph.input if i.name not in init]
-    unknown = [n for n in given if n not in names]
-    if unknown:
-        raise ValueError(f"the model has no input named {unknown[0]!r}; inputs: {', '.join(names)}")
-    out = random_feeds(model, np.random.default_rng(seed), dims)
-    out.update(given)
-    return cast_feeds(model, out)
-
-
 def cast_feeds(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Float feeds cast to the float type of the model input they feed (after ``convert_floats``)."""
     types = {i.name: i.type.tensor_type.elem_type for i in model.graph.input}
@@ -379,21 +348,6 @@ class CheckReport:
         return all(r.status != MISMATCH for r in self.rows)
 
 
-def _runtime_error(e: BaseException) -> bool:
-    """An error raised by onnxruntime itself (a missing kernel, a type its schema refuses)."""
-    return type(e).__module__.startswith("onnxruntime")
-
-
-def kernel_gap(e: BaseException) -> str:
-    """One line saying which kernel onnxruntime lacks, from its error message."""
-    text = str(e)
-    m = re.search(r"implementation for (\w+)\((\d+)\) node with name '([^']*)'", text)
-    if m:
-        return f"onnxruntime has no kernel for {m.group(1)}-{m.group(2)} (node '{m.group(3)}') in this type"
-    first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
-    return first[:200]
-
-
 def check_model(
     model: onnx.ModelProto,
     ys: Sequence[str],
@@ -406,12 +360,14 @@ def check_model(
     rtol: float | None = None,
     directions: int = DIRECTIONS,
     progress: Progress | None = None,
+    dims: int | Mapping[str, int] = CHECK_DIM,
 ) -> CheckReport:
     """``check_gradients`` in the best precision onnxruntime allows.
 
     ``precision``: ``auto`` tries float64 (the model converted), then float32; ``float64`` /
     ``float32`` ask for one; ``model`` keeps the model's own types. Inputs that ``feeds`` leaves out
-    get seeded random values."""
+    get seeded random values (``onnxgrad.runtime.make_feeds``: symbolic dimensions of size ``dims``, 2 by default
+    where ``run`` uses 1: a gradient that misses its sum over a broadcast batch axis then shows)."""
     if precision not in ("auto", "float64", "float32", "model"):
         raise ValueError(f"precision must be 'auto', 'float64', 'float32' or 'model', got {precision!r}")
     source = sorted(float_elem_types(model))
@@ -421,7 +377,7 @@ def check_model(
         "float32": [onnx.TensorProto.FLOAT],
         "model": [None],
     }[precision]
-    feeds = complete_feeds(model, feeds, seed)
+    feeds = complete_feeds(model, feeds, seed, dims)
     fallback: str | None = None
     for k, to in enumerate(targets):
         converted = to is not None and any(s != to for s in source)
@@ -430,7 +386,7 @@ def check_model(
             rows = check_gradients(m, ys, xs, cast_feeds(m, feeds), seed=seed, rtol=rtol, provider=provider,
                                    directions=directions, progress=progress)
         except Exception as e:
-            if k + 1 < len(targets) and _runtime_error(e):
+            if k + 1 < len(targets) and is_runtime_error(e):
                 fallback = kernel_gap(e)
                 continue
             raise

@@ -11,8 +11,10 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from onnxgrad.api import NEW_INPUT, GradInput, _as_list, _opset, gradients, unique_scope, value_table
+from onnxgrad.api import NEW_INPUT, GradInput, gradients
 from onnxgrad.emitter import Emitter, static_dims
+from onnxgrad.registry import opset_of
+from onnxgrad.values import as_list, unique_scope, value_table
 
 TRAINING_DOMAIN = "ai.onnx.preview.training"
 
@@ -31,7 +33,7 @@ def hessian_vector_product(
     (named ``<name>_v/<x>``; the results are ``<name>/<x>_grad``).
 
     Returns one name per x (None where the second derivative is unconnected)."""
-    x_list = _as_list(xs)
+    x_list = as_list(xs)
     vs: list[Tangent] = list(v) if isinstance(v, list | tuple) else [v] * len(x_list)
     if len(vs) != len(x_list):
         raise ValueError(f"Length mismatch. Passed {len(vs)} vectors for {len(x_list)} xs")
@@ -67,7 +69,7 @@ def jacobian(model: ir.Model, y: str, x: str, name: str = "jacobian") -> str:
         (g,) = gradients(model, y, x, grad_ys=[seed.reshape(ydims)], name=f"{name}/row",
                          unconnected_gradients="zero")
         rows.append(value_table(graph)[g])  # type: ignore[index]
-    em = Emitter(graph, _opset(model), unique_scope(graph, name), model.ir_version or 8)
+    em = Emitter(graph, opset_of(model.opset_imports), unique_scope(graph, name), model.ir_version or 8)
     stacked = em.Concat(*[em.unsqueeze(r, [0]) for r in rows], axis=0)
     out = em.Reshape(stacked, em.Concat(em.ints(list(ydims)), em.shape_of(xv), axis=0))
     out.name = f"{em.scope}/{y}_by_{x}"
@@ -123,7 +125,7 @@ def higher_order_gradients(
     Returns one list of names per order (None where unconnected)."""
     if order < 1:
         raise ValueError(f"order must be 1 or more, got {order}")
-    x_list = _as_list(xs)
+    x_list = as_list(xs)
     orders = [gradients(model, ys, x_list, grad_ys, name=name, **kwargs)]
     for k in range(2, order + 1):
         prev = orders[-1]

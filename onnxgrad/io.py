@@ -1,5 +1,6 @@
 """Model files: loading with clear errors, and atomic saving (a temp file in the same folder, then
-``os.replace``), checked by ``onnx.checker`` before anything lands at the destination."""
+``os.replace``), checked by ``onnx.checker`` before anything lands at the destination. Models whose weights
+live in external data (over 2 GB) are loaded lazily with onnx_ir and saved by streaming their tensors."""
 
 from __future__ import annotations
 
@@ -8,11 +9,12 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO
 
 import onnx
+import onnx_ir as ir
 
 # protobuf cannot serialise one message of 2 GiB or more: above this, tensors go to an external data file
 PROTOBUF_LIMIT = 2**31 - 1
@@ -166,3 +168,67 @@ def staged_with_data(dest: Path, check: bool = True) -> Iterator[Path]:
         os.replace(staging / dest.name, dest)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------- large models
+def has_external_data(path: str | os.PathLike[str]) -> bool:
+    """Whether the model file keeps some tensor in external data (reads the graph, not the data)."""
+    try:
+        proto = onnx.load(os.fspath(path), load_external_data=False)
+    except Exception:  # not a model: the loader proper says why
+        return False
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in _all_tensors(proto.graph))
+
+
+def _all_tensors(graph: onnx.GraphProto) -> Iterable[onnx.TensorProto]:
+    yield from graph.initializer
+    for node in graph.node:
+        for a in node.attribute:
+            if a.HasField("t"):
+                yield a.t
+            yield from a.tensors
+            if a.HasField("g"):
+                yield from _all_tensors(a.g)
+            for g in a.graphs:
+                yield from _all_tensors(g)
+
+
+def load_lazy(path: str | os.PathLike[str]) -> ir.Model:
+    """Load a model with onnx_ir, leaving external tensors on disk (read on use, memory-mapped).
+
+    Raises ``ModelFileError`` with one clear line when the file cannot be had."""
+    load_model(path, load_external_data=False)  # the graph alone: its errors, in the loader's words
+    try:
+        return ir.load(os.fspath(path))
+    except Exception as e:  # e.g. unreadable external data
+        raise ModelFileError(f"'{path}' is not a valid ONNX model ({one_line(e)})") from None
+
+
+def external_locations(model: ir.Model) -> set[Path]:
+    """Absolute paths of the external data files the model's tensors point into."""
+    out: set[Path] = set()
+    for g in model.graphs():
+        for v in g.initializers.values():
+            t = v.const_value
+            if isinstance(t, ir.ExternalTensor):
+                out.add((Path(t.base_dir) / t.location).resolve())
+    return out
+
+
+def save_external(model: ir.Model, path: str | os.PathLike[str], check: bool = True) -> Path:
+    """Save ``model`` to ``path`` with every tensor over 1 kB in ``<name>.data`` beside it.
+
+    Tensors are streamed from wherever they live (an external file of the source model is read one
+    tensor at a time). Both files are built in a private folder beside ``path``, checked with
+    ``onnx.checker`` (by path, as it must for large models), then moved into place; on error nothing
+    at the destination changes. Returns the data file's path."""
+    dest = Path(path)
+    location = f"{dest.name}.data"
+    data = (dest.parent / location).resolve()
+    if data in external_locations(model):
+        raise ValueError(
+            f"'{data}' holds the source model's weights; saving there would overwrite them: choose another output name"
+        )
+    with staged_with_data(dest, check) as staged:
+        ir.save(model, os.fspath(staged), external_data=location, size_threshold_bytes=1024)
+    return dest.parent / location

@@ -17,7 +17,9 @@ from onnx import helper as oh
 
 from onnxgrad import registry
 from onnxgrad.check import KINK, MISMATCH, OK, check_gradients, check_model, convert_floats
-from onnxgrad.inspect import INPUTS, WEIGHTS, describe, expand_xs
+from onnxgrad.info import describe
+from onnxgrad.shorthands import INPUTS, WEIGHTS, expand_xs
+from onnxgrad.workarounds import NO_FLOAT64_KERNELS, is_runtime_error, kernel_gap
 from tests.conftest import Cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,6 +92,18 @@ def test_check_table_and_feeds(cli: Cli, tmp_path: Path) -> None:
     assert lines[3].split()[:2] == ["W1", "[4,8]"] and lines[3].split()[-1] == "ok"
     assert lines[4].split()[:2] == ["x", "[5,4]"]
     assert lines[-1] == "2 ok, 0 kink, 0 mismatch"
+
+
+@pytest.mark.parametrize(("args", "batch"), [([], 2), (["--dim", "batch=3"], 3), (["--dim", "*=1"], 1)],
+                         ids=["default", "named", "star"])
+def test_check_random_inputs_as_run_draws_them(cli: Cli, args: list[str], batch: int) -> None:
+    """check takes run's --dim, and draws as run draws (onnxgrad.runtime.make_feeds), but symbolic dimensions
+    default to 2 (a missing sum over a broadcast batch axis shows)."""
+    r = cli("check", MLP, "--ys", "loss", "--xs", "x", "--xs", "target", "--json", *args)
+    assert r.code == 0, r.err
+    rows = json.loads(r.out)["rows"]
+    assert [row["shape"] for row in rows] == [[batch, 4], [batch, 3]]
+    assert all(row["status"] == OK for row in rows)
 
 
 def test_check_intermediate_value_and_float32(cli: Cli) -> None:
@@ -252,6 +266,46 @@ def test_convert_floats_runs_in_float64() -> None:
     c, w = float(np.float32(0.1)), float(np.float32(1 / 3))  # the float32 values, now computed in float64
     np.testing.assert_allclose(y, (x * c + [1.0, 2.0, 3.0] + 0.5) * 3.0 * w, rtol=1e-14)
     assert model.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT  # the original is untouched
+
+
+# ---------------------------------------------------------------------------- onnxruntime's float64 gaps
+def _one_node(op: str, elem: int) -> onnx.ModelProto:
+    """``op`` on float inputs of shapes that every op of the table accepts (at opset 17)."""
+    shapes, attrs = FLOAT64_PROBES.get(op, ([[2, 3]], {}))
+    inputs = [oh.make_tensor_value_info(f"i{k}", elem, s) for k, s in enumerate(shapes)]
+    node = oh.make_node(op, [i.name for i in inputs], ["o"], **attrs)
+    graph = oh.make_graph([node], "g", inputs, [oh.make_tensor_value_info("o", elem, None)])
+    return oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)], ir_version=8)
+
+
+X4 = [1, 2, 5, 5]
+FLOAT64_PROBES: dict[str, tuple[list[list[int]], dict[str, Any]]] = {
+    "Conv": ([X4, [3, 2, 3, 3]], {}), "ConvTranspose": ([X4, [2, 3, 3, 3]], {}), "Det": ([[3, 3]], {}),
+    "AveragePool": ([X4], {"kernel_shape": [2, 2]}), "LpPool": ([X4], {"kernel_shape": [2, 2]}),
+    "GlobalAveragePool": ([X4], {}), "GlobalLpPool": ([X4], {}), "GlobalMaxPool": ([X4], {}),
+    "LRN": ([X4], {"size": 3}),
+    "GridSample": ([X4, [1, 3, 3, 2]], {}), "InstanceNormalization": ([X4, [2], [2]], {}),
+    "MeanVarianceNormalization": ([X4], {}), "Mean": ([[2, 3], [2, 3]], {}),
+    "Tanh": ([[2, 3]], {}), "MatMul": ([[2, 3], [3, 2]], {}), "MaxPool": ([X4], {"kernel_shape": [2, 2]}),
+}
+
+
+@pytest.mark.parametrize("op", [*sorted(NO_FLOAT64_KERNELS), "Tanh", "MatMul", "MaxPool", "Sin", "Exp", "Relu"])
+def test_no_float64_kernels_table_matches_onnxruntime(op: str) -> None:
+    """The ops of ``workarounds.NO_FLOAT64_KERNELS`` fail in float64 for want of a kernel and run in float32; a few
+    ops outside it run in float64 (so the probe itself works)."""
+    f32 = _one_node(op, TensorProto.FLOAT)
+    ort.InferenceSession(f32.SerializeToString(), providers=["CPUExecutionProvider"])
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 4
+    try:
+        ort.InferenceSession(_one_node(op, TensorProto.DOUBLE).SerializeToString(), opts,
+                             providers=["CPUExecutionProvider"])
+    except Exception as e:
+        assert op in NO_FLOAT64_KERNELS, f"{op} has no float64 kernel: add it to the table ({kernel_gap(e)})"
+        assert is_runtime_error(e) and kernel_gap(e).startswith("onnxruntime has no kernel for "), kernel_gap(e)
+        return
+    assert op not in NO_FLOAT64_KERNELS, f"onnxruntime {ort.__version__} runs {op} in float64: drop it from the table"
 
 
 # ---------------------------------------------------------------------------- info

@@ -7,6 +7,8 @@ documented values (float32, as in the documentation)."""
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -18,9 +20,9 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
+from onnxgrad.cli import main as cli_main
 
 import onnxgrad
-from onnxgrad.cli import main as cli_main
 from tests.graphs import Graph, N, build, run, with_outputs
 
 f32 = np.float32
@@ -163,3 +165,22 @@ def test_cli_entry_point_end_to_end(ex: Example, tmp_path: Path) -> None:
     proc = subprocess.run([str(exe), *cli_args(ex, src, out)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert_documented(ex, cli_results(ex, proc.stdout, out))
+
+
+# ---------------------------------------------------------------------------- the README's expose example
+def test_readme_expose_example(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README shows one way to make what gradients / hessian_vector_product / jacobian return into outputs."""
+    root = Path(__file__).resolve().parents[1]
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", (root / "README.md").read_text(), re.S)
+              if "onnxgrad.expose(" in b]
+    assert len(blocks) == 1, "the README's API text shows onnxgrad.expose in one example"
+    (tmp_path / "models").mkdir()
+    shutil.copy(root / "models" / "mlp.onnx", tmp_path / "models" / "mlp.onnx")
+    monkeypatch.chdir(tmp_path)
+    scope: dict[str, Any] = {"__name__": "readme"}
+    exec(compile(blocks[0], "README.md", "exec"), scope)
+    model, results = scope["model"], scope["results"]
+    assert [v.name for v in model.graph.outputs] == ["loss", "pred", "hvp/W1_grad", "hvp/b1_grad"]
+    assert list(results) == ["loss", "pred", "hvp/W1_grad", "hvp/b1_grad"]
+    assert onnxgrad.expose(model, scope["hv"]) == scope["hv"]  # exposing again adds nothing
+    assert len(model.graph.outputs) == 4

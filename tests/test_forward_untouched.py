@@ -15,9 +15,8 @@ import onnxruntime as ort
 import pytest
 
 from onnxgrad import add_gradients
-from onnxgrad.check import random_feeds
-from onnxgrad.inspect import expand_xs
-from onnxgrad.runtime import ReferenceSession, run, session
+from onnxgrad.runtime import ReferenceSession, random_feeds, run, session
+from onnxgrad.shorthands import expand_xs
 from tests.cases import ALL
 from tests.gradcheck import Case, build, provider_for
 

@@ -28,6 +28,7 @@ from onnx import helper as oh
 from onnxgrad.cli import grad_cmd, main
 
 import onnxgrad
+from onnxgrad import augment
 from onnxgrad.runtime import run
 from tests.test_cli import ERROR_CASES, MLP, ROOT, console_script
 
@@ -173,10 +174,6 @@ HOSTILE = [
             f"the model has IR version 99, newer than onnx {onnx.__version__} knows (up to {onnx.IR_VERSION})"),
     Hostile("no-ai-onnx-opset", proto(only_custom_domain()), X_Y, 1, "the model imports no ai.onnx opset"),
     # what to differentiate
-    Hostile("bool-xs", proto(model([node("Cast", ["b"], ["bf"], to=TP.FLOAT), node("Mul", ["x", "bf"], ["y"])],
-                                   [f32("x"), oh.make_tensor_value_info("b", TP.BOOL, [2])], [f32("y")])),
-            ["--ys", "y", "--xs", "b"], 1,
-            "xs: 'b' is BOOL; only float values (float16, bfloat16, float32, float64) carry gradients"),
     Hostile("no-rule-on-path-unnamed-node", proto(with_foo()), ["--ys", "f", "--xs", "x"], 1,
             "no gradient rule for node #1 (unnamed) (op_type 'Foo', domain 'my.ops', opset 1)"),
     # where OUT goes
@@ -285,6 +282,7 @@ class Fine:
     args: list[str]
     feeds: dict[str, np.ndarray]
     check: Callable[[dict[str, np.ndarray]], None]
+    note: str = ""  # what the one line ``onnxgrad: note: ...`` on stderr says (nothing on stderr when empty)
 
 
 def zero_sized(batch: int | str) -> onnx.ModelProto:
@@ -298,7 +296,14 @@ def empty_x_gradients(r: dict[str, np.ndarray]) -> None:
     np.testing.assert_array_equal(r["gradients/W_grad"], np.zeros((4, 3), np.float32))  # a sum over no rows
 
 
+def times_cast(kind: int, name: str) -> onnx.ModelProto:
+    """y = x * Cast(n) with n an integer or bool graph input: n carries no gradient."""
+    return model([node("Cast", [name], ["nf"], to=TP.FLOAT), node("Mul", ["x", "nf"], ["y"])],
+                 [f32("x"), oh.make_tensor_value_info(name, kind, [2])], [f32("y")])
+
+
 X2 = {"x": np.array([0.5, -2.0], np.float32)}
+N2 = {"n": np.array([3, -1], np.int64)}
 EMPTY = {"x": np.zeros((0, 4), np.float32)}
 FINE = [
     Fine("zero-sized-input-static", zero_sized(0), ["--ys", "s", "--xs", "x", "--xs", "W"], EMPTY,
@@ -309,6 +314,14 @@ FINE = [
          lambda r: np.testing.assert_allclose(r["gradients/x_grad"], 2 * X2["x"])),
     Fine("graph-without-nodes", model([], [f32("x")], [f32("x")]), ["--ys", "x", "--xs", "x"], X2,
          lambda r: np.testing.assert_array_equal(r["gradients/x_grad"], np.ones(2, np.float32))),
+    # an integer or bool x is unconnected (as in tf.gradients), with a note
+    Fine("integer-xs", times_cast(TP.INT64, "n"), ["--ys", "y", "--xs", "x", "--xs", "n"], X2 | N2,
+         lambda r: (np.testing.assert_array_equal(r["gradients/x_grad"], N2["n"].astype(np.float32)),
+                    None if "gradients/n_grad" not in r else pytest.fail("n has a gradient")),
+         note="xs: 'n' is INT64 (only float values carry gradients): unconnected, so None"),
+    Fine("bool-xs", times_cast(TP.BOOL, "b"), ["--ys", "y", "--xs", "b"], X2 | {"b": np.array([True, False])},
+         lambda r: None if not any(k.startswith("gradients/") for k in r) else pytest.fail("b has a gradient"),
+         note="xs: 'b' is BOOL (only float values carry gradients): unconnected, so None"),
 ]
 
 
@@ -318,10 +331,22 @@ def test_hostile_looking_input_works(case: Fine, tmp_path: Path, capsys: pytest.
     onnx.save(case.model, path)
     before = path.read_bytes()
     code, _, err = call(["grad", str(path), "-o", str(out), *case.args], capsys)
-    assert code == 0 and err == "", err
+    assert code == 0, err
+    assert err.splitlines() == ([f"onnxgrad: note: {case.note}"] if case.note else []), err
     assert path.read_bytes() == before
     onnx.checker.check_model(str(out), full_check=True)
     case.check(run(onnx.load(out), case.feeds))
+
+
+def test_a_note_is_one_line_in_a_real_process(tmp_path: Path) -> None:
+    """The installed command shows onnxgrad's warnings as one line each, never Python's two-line warning."""
+    case = next(c for c in FINE if c.id == "integer-xs")
+    path = tmp_path / "model.onnx"
+    onnx.save(case.model, path)
+    p = subprocess.run([*console_script(), "grad", str(path), "-o", str(tmp_path / "out.onnx"), *case.args],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert p.stderr.splitlines() == [f"onnxgrad: note: {case.note}"]
 
 
 # ---------------------------------------------------------------------------- the README's table
@@ -347,10 +372,11 @@ def test_readme_hostile_table_is_backed_by_tests() -> None:
     assert rows, "no hostile-input table in README.md"
     errors = {f"test_hostile.py::{c.id}": (c.code, c.message) for c in HOSTILE}
     errors |= {f"test_cli.py::{c.id}": (c.code, c.message) for c in ERROR_CASES}
-    fine = {f"test_hostile.py::{c.id}" for c in FINE}
+    fine = {f"test_hostile.py::{c.id}": c.note for c in FINE}
     for what, seen, code, test in rows:
         if test in fine:
             assert code == "0", what
+            assert loose(fine[test]) in loose(seen), f"{what}: the README's {seen} lacks the note {fine[test]!r}"
             continue
         assert test in errors, f"README row {what!r} names {test!r}, which is no test case"
         want, message = errors[test]
@@ -388,7 +414,7 @@ def test_an_invalid_gradient_model_is_blamed_on_onnxgrad(tmp_path: Path, capsys:
     def broken_save(*args: object, **kwargs: object) -> None:
         raise onnx.checker.ValidationError("Nodes in a graph must be topologically sorted,\nhowever ...")
 
-    monkeypatch.setattr(grad_cmd, "save_model", broken_save)
+    monkeypatch.setattr(augment, "save_model", broken_save)
     code, out, err = call(["grad", str(MLP), "-o", str(tmp_path / "o.onnx"), *LOSS_W2], capsys)
     assert code == 1 and out == "" and len(err.splitlines()) == 1
     assert "the gradient model fails onnx.checker, a bug in onnxgrad (please report it): Nodes in a graph" in err

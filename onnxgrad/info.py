@@ -1,16 +1,14 @@
-"""Model inspection: what a model takes and gives, its weights and ops, which of its values can be
-differentiated (and which ops on the way lack a rule), the ``@weights`` / ``@inputs`` shorthands for
-``xs``, and the lazy path for models whose weights live in external data (over 2 GB).
+"""What ``onnxgrad info`` shows: what a model takes and gives, its weights and ops, which of its values can be
+differentiated, and which ops on the way lack a rule.
 
 Everything here reads a model through ``onnx_ir``, which keeps external tensors on disk until asked:
-describing or differentiating a large model never pulls all of its weights into Python memory."""
+describing a large model never pulls its weights into Python memory."""
 
 from __future__ import annotations
 
 import os
 from collections import Counter
-from collections.abc import Iterable, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -18,16 +16,14 @@ import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common
 
+import onnxgrad.rules  # noqa: F401  (registers every rule: the report looks each op up)
 from onnxgrad import registry
+from onnxgrad.backprop import _backward_reach, _forward_reach
 from onnxgrad.emitter import FLOAT_TYPES
-from onnxgrad.io import ModelFileError, load_model, one_line, staged_with_data
+from onnxgrad.io import load_lazy
+from onnxgrad.shorthands import INPUTS, WEIGHTS, ModelLike, dtype_of
 
-WEIGHTS = "@weights"
-INPUTS = "@inputs"
-SHORTHANDS = {WEIGHTS: "every float initializer", INPUTS: "every float graph input that is not an initializer"}
 FIRST_FEW = 8
-
-ModelLike = onnx.ModelProto | ir.Model
 
 
 def as_ir(model: ModelLike | str | os.PathLike[str]) -> ir.Model:
@@ -37,56 +33,6 @@ def as_ir(model: ModelLike | str | os.PathLike[str]) -> ir.Model:
     if isinstance(model, onnx.ModelProto):
         return ir.serde.deserialize_model(model)
     return load_lazy(model)
-
-
-# ---------------------------------------------------------------------------- xs shorthands
-def float_weights(model: ModelLike) -> list[str]:
-    """Names of the float initializers of the main graph, in file order."""
-    if isinstance(model, onnx.ModelProto):
-        floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
-        return [t.name for t in model.graph.initializer if t.data_type in floats]
-    return [name for name, v in model.graph.initializers.items() if _dtype(v) in FLOAT_TYPES]
-
-
-def float_inputs(model: ModelLike) -> list[str]:
-    """Names of the float graph inputs that are not initializers (what a caller feeds)."""
-    if isinstance(model, onnx.ModelProto):
-        init = {t.name for t in model.graph.initializer}
-        floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
-        return [i.name for i in model.graph.input
-                if i.name not in init and i.type.tensor_type.elem_type in floats]
-    return [v.name or "" for v in model.graph.inputs if not v.is_initializer() and _dtype(v) in FLOAT_TYPES]
-
-
-def expand_xs(model_proto: ModelLike, names: Iterable[str]) -> list[str]:
-    """``names`` with ``@weights`` (every float initializer) and ``@inputs`` (every float graph input
-    that is not an initializer) replaced by the names they stand for; duplicates dropped, order kept.
-
-    Other names pass through unchanged (``gradients`` checks them). A shorthand that stands for nothing,
-    or an unknown ``@word``, is a ``ValueError``."""
-    out: list[str] = []
-    for name in names:
-        if name == WEIGHTS:
-            found = float_weights(model_proto)
-        elif name == INPUTS:
-            found = float_inputs(model_proto)
-        elif name.startswith("@"):
-            known = ", ".join(f"{k} ({v})" for k, v in SHORTHANDS.items())
-            raise ValueError(f"unknown shorthand {name!r} in xs; known: {known}")
-        else:
-            found = [name]
-        if not found:
-            what = "float initializers (weights)" if name == WEIGHTS else "float graph inputs"
-            raise ValueError(f"{name}: the model has no {what}")
-        out.extend(found)
-    return list(dict.fromkeys(out))
-
-
-# ---------------------------------------------------------------------------- description
-def _dtype(v: ir.Value) -> ir.DataType | None:
-    if v.dtype is not None:
-        return v.dtype
-    return v.const_value.dtype if v.const_value is not None else None
 
 
 def dtype_name(dtype: ir.DataType | None) -> str:
@@ -114,7 +60,7 @@ def type_string(dtype: ir.DataType | None, shape: ir.Shape | None) -> str:
 
 def _value_row(v: ir.Value) -> dict[str, Any]:
     shape = v.shape if v.shape is not None or v.const_value is None else ir.Shape(v.const_value.shape)
-    return {"name": v.name, "dtype": dtype_name(_dtype(v)), "shape": dims_of(shape)}
+    return {"name": v.name, "dtype": dtype_name(dtype_of(v)), "shape": dims_of(shape)}
 
 
 def _nbytes(v: ir.Value) -> int:
@@ -135,14 +81,7 @@ def _op_label(node: ir.Node) -> str:
     return node.op_type if domain == "" else f"{domain}::{node.op_type}"
 
 
-def _opset(model: ir.Model, domain: str) -> int:
-    imports = model.opset_imports
-    if registry.normalize_domain(domain) == "":
-        return int(imports.get("", imports.get("ai.onnx", 1)))
-    return int(imports.get(domain, 1))
-
-
-def ensure_types(model: ir.Model) -> None:
+def _ensure_types(model: ir.Model) -> None:
     """Fill in dtypes and shapes of intermediate values with onnx shape inference when some are missing
     (large initializers are left out of the call, so external data is not read)."""
     if all(v.dtype is not None for n in model.graph for v in n.outputs):
@@ -153,19 +92,17 @@ def ensure_types(model: ir.Model) -> None:
 def differentiability(model: ir.Model) -> dict[str, Any]:
     """Which float outputs depend on which float inputs and weights, and the ops on those paths that
     have no gradient rule at the model's opset (these block ``gradients``; a stop gradient cures them)."""
-    from onnxgrad.backprop import _backward_reach, _forward_reach
-
-    ensure_types(model)
+    _ensure_types(model)
     graph = model.graph
     order = {id(n): i for i, n in enumerate(graph)}
-    inputs = [v for v in graph.inputs if not v.is_initializer() and _dtype(v) in FLOAT_TYPES]
-    weights = [v for v in graph.initializers.values() if _dtype(v) in FLOAT_TYPES]
+    inputs = [v for v in graph.inputs if not v.is_initializer() and dtype_of(v) in FLOAT_TYPES]
+    weights = [v for v in graph.initializers.values() if dtype_of(v) in FLOAT_TYPES]
     leaves = [*inputs, *weights]
     reach = _forward_reach(graph, leaves, set(), order) if leaves else set()
     outputs: list[dict[str, Any]] = []
     missing: dict[tuple[str, str, int], list[str]] = {}
     for out in graph.outputs:
-        row: dict[str, Any] = {"name": out.name, "float": _dtype(out) in FLOAT_TYPES or _dtype(out) is None}
+        row: dict[str, Any] = {"name": out.name, "float": dtype_of(out) in FLOAT_TYPES or dtype_of(out) is None}
         if not row["float"]:
             row.update(inputs=[], weights=0, missing_rules=[])
             outputs.append(row)
@@ -178,7 +115,7 @@ def differentiability(model: ir.Model) -> dict[str, Any]:
         for node in graph:
             if not any(o in between for o in node.outputs) or not any(i in between for i in node.inputs):
                 continue
-            opset = _opset(model, node.domain)
+            opset = registry.opset_of(model.opset_imports, node.domain)
             if registry.lookup(node.domain, node.op_type, opset) is None:
                 key = (registry.normalize_domain(node.domain) or "ai.onnx", node.op_type, opset)
                 names = missing.setdefault(key, [])
@@ -305,97 +242,3 @@ def format_description(info: dict[str, Any], path: str | os.PathLike[str] | None
 def _type(row: dict[str, Any]) -> str:
     dims = row["shape"]
     return row["dtype"] if dims is None else f"{row['dtype']}[{','.join(str(d) for d in dims)}]"
-
-
-# ---------------------------------------------------------------------------- large models
-def has_external_data(path: str | os.PathLike[str]) -> bool:
-    """Whether the model file keeps some tensor in external data (reads the graph, not the data)."""
-    try:
-        proto = onnx.load(os.fspath(path), load_external_data=False)
-    except Exception:  # not a model: the loader proper says why
-        return False
-    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in _all_tensors(proto.graph))
-
-
-def _all_tensors(graph: onnx.GraphProto) -> Iterable[onnx.TensorProto]:
-    yield from graph.initializer
-    for node in graph.node:
-        for a in node.attribute:
-            if a.HasField("t"):
-                yield a.t
-            yield from a.tensors
-            if a.HasField("g"):
-                yield from _all_tensors(a.g)
-            for g in a.graphs:
-                yield from _all_tensors(g)
-
-
-def load_lazy(path: str | os.PathLike[str]) -> ir.Model:
-    """Load a model with onnx_ir, leaving external tensors on disk (read on use, memory-mapped).
-
-    Raises ``onnxgrad.io.ModelFileError`` with one clear line when the file cannot be had."""
-    load_model(path, load_external_data=False)  # the graph alone: its errors, in the loader's words
-    try:
-        return ir.load(os.fspath(path))
-    except Exception as e:  # e.g. unreadable external data
-        raise ModelFileError(f"'{path}' is not a valid ONNX model ({one_line(e)})") from None
-
-
-def external_locations(model: ir.Model) -> set[Path]:
-    """Absolute paths of the external data files the model's tensors point into."""
-    out: set[Path] = set()
-    for g in model.graphs():
-        for v in g.initializers.values():
-            t = v.const_value
-            if isinstance(t, ir.ExternalTensor):
-                out.add((Path(t.base_dir) / t.location).resolve())
-    return out
-
-
-def save_external(model: ir.Model, path: str | os.PathLike[str], check: bool = True) -> Path:
-    """Save ``model`` to ``path`` with every tensor over 1 kB in ``<name>.data`` beside it.
-
-    Tensors are streamed from wherever they live (an external file of the source model is read one
-    tensor at a time). Both files are built in a private folder beside ``path``, checked with
-    ``onnx.checker`` (by path, as it must for large models), then moved into place; on error nothing
-    at the destination changes. Returns the data file's path."""
-    dest = Path(path)
-    location = f"{dest.name}.data"
-    data = (dest.parent / location).resolve()
-    if data in external_locations(model):
-        raise ValueError(
-            f"'{data}' holds the source model's weights; saving there would overwrite them: choose another output name"
-        )
-    with staged_with_data(dest, check) as staged:
-        ir.save(model, os.fspath(staged), external_data=location, size_threshold_bytes=1024)
-    return dest.parent / location
-
-
-def add_gradients_lazy(
-    src: str | os.PathLike[str],
-    dst: str | os.PathLike[str],
-    ys: Sequence[str],
-    xs: Sequence[str],
-    grad_ys: Sequence[Any] | None = None,
-    **kwargs: Any,
-) -> tuple[dict[str, str | None], list[str]]:
-    """``add_gradients`` for a model file whose weights stay on disk: load lazily, differentiate,
-    save ``dst`` with external data ``<dst>.data``. Returns (x -> gradient output, new input names).
-
-    ``xs`` may use ``@weights`` / ``@inputs``. The model must already be at opset 7 or later
-    (``add_gradients`` upgrades older ones in memory; this path does not)."""
-    from onnxgrad.api import gradients, value_table
-
-    model = load_lazy(src)
-    x_names = expand_xs(model, xs)
-    before = {v.name for v in model.graph.inputs}
-    names = gradients(model, list(ys), x_names, list(grad_ys) if grad_ys is not None else None, **kwargs)
-    have = {v.name for v in model.graph.outputs}
-    table = value_table(model.graph)
-    for n in names:
-        if n is not None and n not in have:
-            model.graph.outputs.append(table[n])
-            have.add(n)
-    save_external(model, dst)
-    new_inputs = [v.name or "" for v in model.graph.inputs if v.name not in before and not v.is_initializer()]
-    return dict(zip(x_names, names, strict=True)), new_inputs
