@@ -36,7 +36,7 @@ def sigmoid(em: Emitter, node: ir.Node, dy: Grads) -> Out:
 
 
 def _softmax_axes(node: ir.Node, default: int) -> tuple[int, bool]:
-    """The softmax axis (made non-negative when the rank is known) and whether it flattens (opset < 13)."""
+    """The softmax axis (made non-negative when the rank is known) and whether it flattens (older schemas)."""
     x = node.inputs[0]
     assert x is not None
     axis = attr(node, "axis", default)
@@ -47,7 +47,7 @@ def _softmax_axes(node: ir.Node, default: int) -> tuple[int, bool]:
 
 
 def _sum_over_softmax_axes(em: Emitter, node: ir.Node, t: ir.Value, default: int) -> ir.Value:
-    """sum(t) over the softmax axis (opset >= 13) or over every axis from ``axis`` on (before)."""
+    """sum(t) over the softmax axis (from opset 13 on) or over every axis from ``axis`` on (the older schemas)."""
     axis, flattens = _softmax_axes(node, default)
     x = node.inputs[0]
     assert x is not None

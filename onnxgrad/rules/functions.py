@@ -19,7 +19,8 @@ from onnxgrad import registry
 from onnxgrad.backprop import Request, backprop
 from onnxgrad.emitter import Emitter
 from onnxgrad.registry import register
-from onnxgrad.shapes import infer_function_body, infer_node, type_proto
+from onnxgrad.schemas import function_body, schema
+from onnxgrad.shapes import infer_function_body, infer_node
 
 NOTES = "gradient of the schema's function body"
 
@@ -27,42 +28,13 @@ Env = dict[str, "ir.Value | None"]
 Grad = "ir.Value | registry.Undefined | None"
 
 
-def _schema(domain: str, op_type: str, opset: int) -> onnx.defs.OpSchema | None:
-    if registry.normalize_domain(domain) != "":
-        return None
-    try:
-        return onnx.defs.get_schema(op_type, max_inclusive_version=opset, domain="")
-    except onnx.defs.SchemaError:
-        return None
-
-
 @registry.register_fallback
 def function_rule(domain: str, op_type: str, opset: int) -> registry.Rule | None:
     """A rule for an op without a registered one whose ai.onnx schema has a function body, else None."""
-    schema = _schema(domain, op_type, opset)
-    if schema is None or not (schema.has_function or schema.has_context_dependent_function):
+    found = schema(domain, op_type, opset)
+    if found is None or not (found.has_function or found.has_context_dependent_function):
         return None
-    return registry.Rule(op_type, "", schema.since_version, function_body_gradient, notes=NOTES)
-
-
-def function_body(node: ir.Node, opset: int) -> onnx.FunctionProto:
-    """The schema's function body for ``node`` at ``opset`` (context-dependent bodies built for this node)."""
-    schema = _schema(node.domain, node.op_type, opset)
-    if schema is None:
-        raise LookupError(f"{node.op_type}: no ai.onnx schema at opset {opset}")
-    if schema.has_context_dependent_function:
-        version = max(v for v in schema.context_dependent_function_opset_versions if v <= opset)
-        proto = ir.serde.serialize_node(node)
-        types = [type_proto(v).SerializeToString() for v in node.inputs]
-        data = schema.get_context_dependent_function_with_opset_version(version, proto.SerializeToString(), types)
-    elif schema.has_function:
-        version = max(v for v in schema.function_opset_versions if v <= opset)
-        data = schema.get_function_with_opset_version(version)  # serialized FunctionProto (bytes) in onnx 1.23
-    else:
-        raise LookupError(f"{node.op_type}: the schema at opset {opset} has no function body")
-    body = onnx.FunctionProto()
-    body.ParseFromString(data)
-    return body
+    return registry.Rule(op_type, "", found.since_version, function_body_gradient, notes=NOTES)
 
 
 # ------------------------------------------------------------------------------------------- shapes
@@ -96,9 +68,9 @@ class _Expansion:
     def __init__(self, em: Emitter, node: ir.Node, shapes: dict[str, ir.Shape]) -> None:
         self.em, self.node, self.shapes = em, node, shapes
         self.mine: set[int] = set()
-        schema = _schema(node.domain, node.op_type, em.opset)
-        self.defaults = {} if schema is None else {
-            k: a.default_value for k, a in schema.attributes.items() if a.default_value.name
+        found = schema(node.domain, node.op_type, em.opset)
+        self.defaults = {} if found is None else {
+            k: a.default_value for k, a in found.attributes.items() if a.default_value.name
         }
 
     def _new_nodes(self, before: int) -> None:

@@ -58,7 +58,7 @@ def _as_int64(em: Emitter, v: ir.Value) -> ir.Value:
 
 
 def _positions(em: Emitter, x: ir.Value) -> ir.Value:
-    """An int64 tensor shaped like x holding each element's flat (row-major) position (opset >= 9)."""
+    """An int64 tensor shaped like x holding each element's flat (row-major) position (needs opset 9)."""
     return em.Reshape(em.arange(em.Size(x)), em.shape_of(x))
 
 
