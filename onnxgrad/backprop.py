@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 import onnx_ir as ir
 
 from onnxgrad import plans, registry
-from onnxgrad.emitter import Emitter, is_float
+from onnxgrad.emitter import Emitter, implicit_inputs, is_float
 from onnxgrad.registry import UNDEFINED, Undefined, opset_of
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -118,7 +118,7 @@ def _backward_reach(ys: Sequence[ir.Value], stop: set[ir.Value]) -> set[ir.Value
         node = v.producer()
         if node is None:
             continue
-        for inp in node.inputs:
+        for inp in [*node.inputs, *implicit_inputs(node)]:
             if inp is not None and inp not in seen:
                 seen.add(inp)
                 stack.append(inp)
@@ -193,10 +193,26 @@ class Walk:
         if any(t is UNDEFINED for t in terms):
             self.totals[v] = UNDEFINED
             return UNDEFINED
-        g = self.em.add_n(terms)  # type: ignore[arg-type]
+        g = add_terms(self.em, terms, v)  # type: ignore[arg-type]
         _annotate(g, v)
         self.totals[v] = g
         return g
+
+
+def add_terms(em: Emitter, terms: Sequence[ir.Value], like: ir.Value) -> ir.Value:
+    """The sum of the gradient terms of ``like``: the emitter's add_n for tensors; for a sequence (of equally shaped
+    tensors) its terms stacked, added and split again; for an optional, the sum of its elements wrapped again."""
+    if len(terms) < 2 or isinstance(like.type, ir.TensorType) or like.type is None:
+        return em.add_n(terms)
+    assert like.dtype is not None
+    if isinstance(like.type, ir.SequenceType):
+        total = em.add_n([em.ConcatFromSequence(t, axis=0, new_axis=1) for t in terms])
+        out = em.SplitToSequence(total, axis=0, keepdims=0)
+        out.type, out.shape = ir.SequenceType(ir.TensorType(like.dtype)), None
+        return out
+    out = em.Optional(em.add_n([em.OptionalGetElement(t) for t in terms]))
+    out.type, out.shape = ir.OptionalType(ir.TensorType(like.dtype)), None
+    return out
 
 
 def backprop(em: Emitter, nodes: Iterable[ir.Node], req: Request, opsets: Mapping[str, int],
@@ -259,8 +275,19 @@ def backprop(em: Emitter, nodes: Iterable[ir.Node], req: Request, opsets: Mappin
         if rule.dense:
             grads_out = [em.zeros_like(out) if g is None else g for g, out in zip(grads_out, node.outputs, strict=True)]
         grads_in = list(rule.fn(em, node, grads_out))
-        if len(grads_in) != rule.arity(node):
-            raise _arity_error(node, len(grads_in), rule.arity(node))
+        captured = implicit_inputs(node) if rule.captures else []
+        if len(grads_in) != rule.arity(node) + len(captured):
+            raise _arity_error(node, len(grads_in), rule.arity(node) + len(captured))
+        if captured:  # the outer-scope values the subgraphs read: after the inputs, in implicit_inputs' order
+            grads_in, grads_captured = grads_in[:rule.arity(node)], grads_in[rule.arity(node):]
+            for c, g in zip(captured, grads_captured, strict=True):
+                if g is not None and c in between:
+                    if g is UNDEFINED:
+                        walk.add(c, UNDEFINED, f"'{c.name}', read inside {node.op_type} node {node_label(node)}"
+                                 f"{where}, whose gradient onnxgrad does not define")
+                    else:
+                        _annotate(g, c)
+                        walk.add(c, g)
         grads_in += [None] * (len(node.inputs) - len(grads_in))
         undefined = [i for i, g in enumerate(grads_in) if g is UNDEFINED]
         _undefined_inputs(walk, node, between, undefined, where)

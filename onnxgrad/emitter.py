@@ -47,6 +47,39 @@ def static_dims(value: ir.Value) -> tuple[int, ...] | None:
     return tuple(int(d) for d in shape)  # type: ignore[arg-type]
 
 
+def subgraphs(node: ir.Node) -> list[ir.Graph]:
+    """The graphs held by node's attributes (If branches, Loop and Scan bodies), in attribute order."""
+    found: list[ir.Graph] = []
+    for a in node.attributes.values():
+        if a.type == ir.AttributeType.GRAPH:
+            found.append(a.as_graph())
+        elif a.type == ir.AttributeType.GRAPHS:
+            found.extend(a.as_graphs())
+    return found
+
+
+def implicit_inputs(node: ir.Node) -> list[ir.Value]:
+    """The outer-scope values that node's subgraphs (at any depth) read, in order of first use in a depth-first
+    walk of the bodies (attributes in node order); [] for a node without subgraphs."""
+    subs = subgraphs(node)
+    if not subs:
+        return []
+    inner: set[int] = set()
+    for sub in subs:
+        inner.add(id(sub))
+        inner.update(id(g) for g in sub.subgraphs())
+    found: dict[ir.Value, None] = {}
+    for sub in subs:
+        for n in ir.traversal.RecursiveGraphIterator(sub):
+            for v in n.inputs:
+                if v is not None and v not in found and id(v.graph) not in inner:
+                    found[v] = None
+        for v in sub.outputs:  # a body may pass an outer value straight out
+            if v not in found and id(v.graph) not in inner:
+                found[v] = None
+    return list(found)
+
+
 def rank_of(value: ir.Value) -> int | None:
     """The rank of ``value``, or None when unknown."""
     return None if value.shape is None else value.shape.rank()
@@ -748,6 +781,7 @@ class Emitter:
                 continue
             live.add(id(node))
             stack.extend(v.producer() for v in node.inputs if v is not None)
+            stack.extend(v.producer() for v in implicit_inputs(node))  # what its subgraphs read from outside
         return [n for n in self.nodes if id(n) in live]
 
     def rollback(self, nodes: Iterable[ir.Node] | None = None) -> None:
@@ -764,7 +798,7 @@ class Emitter:
         self.rollback(n for n in self.nodes if id(n) not in keep)
         workarounds.read_through_output_identities(self.graph, live, keep)  # onnxruntime 1.31's optimizer
         self.graph.extend(live)
-        roots = set(roots)
+        roots = set(roots) | {v for n in live for v in implicit_inputs(n)}  # subgraphs' reads count as uses
         for init in self.initializers:
             if init in roots or any(id(u.node) in keep for u in init.uses()):
                 self.graph.register_initializer(init)

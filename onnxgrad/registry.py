@@ -66,6 +66,7 @@ class Rule:
     until: int | None = field(default=None, compare=False)
     undefined: bool = False  # a non-differentiable declaration whose float inputs do affect the outputs
     wrt: int | None = None  # the rule answers for the first ``wrt`` inputs only: the later ones are data (axes...)
+    captures: bool = False  # the rule also answers for the outer-scope values its node's subgraphs read
 
     def arity(self, node: ir.Node) -> int:
         """How many gradients the rule returns for ``node``: one per input, or per input before the data ones."""
@@ -103,6 +104,7 @@ def register(
     dense: bool = False,
     notes: str = "",
     wrt: int | None = None,
+    captures: bool = False,
 ) -> Callable[[RuleFn], RuleFn]:
     """Register ``fn(em, node, grads) -> grads_of_inputs`` for ``op_type`` from opset ``since`` on.
 
@@ -110,11 +112,14 @@ def register(
     the input's shape. ``dense``: the walk hands the rule zeros instead of ``None`` for outputs that
     receive no gradient. ``wrt``: the rule returns gradients for the first ``wrt`` inputs only, the later
     inputs being data that no gradient reaches (axes, lengths, indices); otherwise exactly one per input.
+    ``captures``: for ops with subgraphs (If, Loop, Scan): after the entries for the inputs, the rule returns
+    one entry per implicit input, the outer-scope values that the node's subgraphs read, in the order of
+    ``emitter.implicit_inputs`` (first use in a depth-first walk of the bodies, attributes in node order).
     """
 
     def deco(fn: RuleFn) -> RuleFn:
         bc = broadcast if isinstance(broadcast, bool) else tuple(broadcast)
-        _add(Rule(op_type, normalize_domain(domain), since, fn, bc, dense, notes, wrt=wrt))
+        _add(Rule(op_type, normalize_domain(domain), since, fn, bc, dense, notes, wrt=wrt, captures=captures))
         return fn
 
     return deco

@@ -26,6 +26,7 @@ Shape = tuple[int, ...]
 UNARY = ["Tanh", "Sigmoid", "Neg", "Relu", "Abs", "Sin", "Cos", "Identity", "ExpT", "LogP", "SqrtP", "IntPath"]
 BINARY = ["Add", "Sub", "Mul", "Max", "Min", "DivP", "WhereGt"]
 OTHER = ["MatMul", "ReduceSum", "ReduceMean", "Softmax", "Transpose", "Reshape", "Concat"]
+CONTROL = ["If", "Loop", "Scan"]  # If: sin(a * b) or tanh(a) + b; Loop: k trips of tanh(h * b); Scan over axis 0
 OPSETS = [11, 13, 17, 18]
 KINKS = {"Relu", "Abs", "Max", "Min", "WhereGt", "IntPath"}
 
@@ -65,7 +66,7 @@ def graph_specs(draw: st.DrawFn, max_nodes: int = 8) -> GraphSpec:
     shapes: list[Shape] = list(inputs)
     spec = GraphSpec(opset, inputs, seed=draw(st.integers(0, 2**16)))
     for _ in range(draw(st.integers(1, max_nodes))):
-        kind = draw(st.sampled_from(["u", "u", "b", "b", "o"]))
+        kind = draw(st.sampled_from(["u", "u", "b", "b", "o", "c"]))
         a = draw(st.integers(0, len(shapes) - 1))
         sa = shapes[a]
         if kind == "u":
@@ -79,6 +80,22 @@ def graph_specs(draw: st.DrawFn, max_nodes: int = 8) -> GraphSpec:
             b = draw(st.sampled_from(partners))
             spec.nodes.append((op, (a, b), {}))
             shapes.append(broadcast(sa, shapes[b]))  # type: ignore[arg-type]
+            continue
+        if kind == "c":
+            op = draw(st.sampled_from(CONTROL))
+            if op == "Scan":
+                if not sa or sa[0] < 1:
+                    continue
+                spec.nodes.append(("Scan", (a,), {"reverse": draw(st.integers(0, 1)), "shape": list(sa)}))
+                shapes.append(sa)
+                continue
+            partners = [i for i, s in enumerate(shapes) if broadcast(sa, s) == sa]  # b read inside the body
+            b = draw(st.sampled_from(partners))
+            attrs: dict[str, Any] = {"shape": list(sa)}
+            if op == "Loop":
+                attrs["trips"] = draw(st.integers(0, 3))
+            spec.nodes.append((op, (a, b), attrs))
+            shapes.append(sa)
             continue
         op = draw(st.sampled_from(OTHER))
         rank = len(sa)
@@ -211,16 +228,70 @@ def to_onnx(spec: GraphSpec) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
             nodes.append(oh.make_node(op, [ins[0], const(attrs["shape"], np.int64)], [out]))
         elif op == "Concat":
             nodes.append(oh.make_node(op, ins, [out], axis=attrs["axis"]))
+        elif op in CONTROL:
+            nodes += _control_nodes(op, ins, out, attrs, const)
         else:  # pragma: no cover
             raise AssertionError(op)
+    # onnx's inference gives Loop outputs no shape (as exporters do, the model states them)
+    control = {k + i: attrs["shape"] for i, (op, _, attrs) in enumerate(spec.nodes) if op in CONTROL}
     graph = oh.make_graph(
         nodes, "fuzz", [oh.make_tensor_value_info(value_name(i), TP.DOUBLE, list(s)) for i, s in
                         enumerate(spec.inputs)],
-        [oh.make_value_info(value_name(y), onnx.TypeProto()) for y in spec.ys], inits)
+        [oh.make_value_info(value_name(y), onnx.TypeProto()) if y not in control else
+         oh.make_tensor_value_info(value_name(y), TP.DOUBLE, control[y]) for y in spec.ys], inits,
+        value_info=[oh.make_tensor_value_info(value_name(v), TP.DOUBLE, d) for v, d in control.items()
+                    if v not in spec.ys])
     model = onnx.shape_inference.infer_shapes(
         oh.make_model(graph, opset_imports=[oh.make_opsetid("", spec.opset)], ir_version=8), strict_mode=True)
     feeds = {value_name(i): rng.standard_normal(s) for i, s in enumerate(spec.inputs)}
     return model, feeds
+
+
+def _control_nodes(op: str, ins: list[str], out: str, attrs: dict[str, Any], const: Any) -> list[onnx.NodeProto]:
+    """An If, Loop or Scan node (and what feeds it) whose bodies read outer values; ``shape``: the first input's."""
+    shape = list(attrs["shape"])
+    typed = lambda name, dims: oh.make_tensor_value_info(name, TP.DOUBLE, dims)  # noqa: E731
+    p = f"{out}_"
+    if op == "If":
+        s, c = p + "s", p + "c"
+        then = oh.make_graph([oh.make_node("Mul", ins, [p + "m"]), oh.make_node("Sin", [p + "m"], [p + "t"])],
+                             p + "then", [], [typed(p + "t", shape)])
+        other = oh.make_graph([oh.make_node("Tanh", [ins[0]], [p + "e"]), oh.make_node("Add", [p + "e", ins[1]],
+                               [p + "f"])], p + "else", [], [typed(p + "f", shape)])
+        return [oh.make_node("ReduceSum", [ins[0]], [s], keepdims=0), oh.make_node("Greater", [s, const(0.0)], [c]),
+                oh.make_node("If", [c], [out], then_branch=then, else_branch=other)]
+    if op == "Loop":
+        body = oh.make_graph([oh.make_node("Mul", [p + "h", ins[1]], [p + "m"]),
+                              oh.make_node("Tanh", [p + "m"], [p + "hn"]),
+                              oh.make_node("Identity", [p + "c"], [p + "co"])], p + "body",
+                             [oh.make_tensor_value_info(p + "i", TP.INT64, []),
+                              oh.make_tensor_value_info(p + "c", TP.BOOL, []), typed(p + "h", shape)],
+                             [oh.make_tensor_value_info(p + "co", TP.BOOL, []), typed(p + "hn", shape)])
+        return [oh.make_node("Loop", [const(attrs["trips"], np.int64), "", ins[0]], [out], body=body)]
+    body = oh.make_graph([oh.make_node("Mul", [p + "s", p + "x"], [p + "m"]), oh.make_node("Add", [p + "m", p + "x"],
+                          [p + "a"]), oh.make_node("Tanh", [p + "a"], [p + "sn"]),
+                          oh.make_node("Identity", [p + "sn"], [p + "y"])], p + "body",
+                         [typed(p + "s", shape[1:]), typed(p + "x", shape[1:])],
+                         [typed(p + "sn", shape[1:]), typed(p + "y", shape[1:])])
+    return [oh.make_node("Scan", [const(np.ones(shape[1:])), ins[0]], [p + "last", out], body=body,
+                         num_scan_inputs=1, scan_input_directions=[attrs["reverse"]])]
+
+
+def _torch_control(op: str, xs: list[torch.Tensor], attrs: dict[str, Any]) -> torch.Tensor:
+    if op == "If":
+        return torch.sin(xs[0] * xs[1]) if float(xs[0].detach().sum()) > 0 else torch.tanh(xs[0]) + xs[1]
+    if op == "Loop":
+        h = xs[0]
+        for _ in range(attrs["trips"]):
+            h = torch.tanh(h * xs[1])
+        return h * 1
+    s = torch.ones(xs[0].shape[1:], dtype=xs[0].dtype)
+    steps = range(xs[0].shape[0] - 1, -1, -1) if attrs["reverse"] else range(xs[0].shape[0])
+    outs = []
+    for t in steps:
+        s = torch.tanh(s * xs[0][t] + xs[0][t])
+        outs.append(s)
+    return torch.stack(outs)
 
 
 def torch_eval(spec: GraphSpec, feeds: dict[str, np.ndarray], weights: list[np.ndarray]) -> list[torch.Tensor]:
@@ -264,6 +335,8 @@ def torch_eval(spec: GraphSpec, feeds: dict[str, np.ndarray], weights: list[np.n
             out = xs[0].reshape(-1)
         elif op == "Concat":
             out = torch.cat([xs[0], xs[1]], dim=0)
+        elif op in CONTROL:
+            out = _torch_control(op, xs, attrs)
         else:  # pragma: no cover
             raise AssertionError(op)
         put(len(spec.inputs) + idx, out)

@@ -24,6 +24,13 @@ class Const:
     value: np.ndarray
 
 
+@dataclass(frozen=True)
+class Seq:
+    """A sequence input: SequenceConstruct of these float arrays (each a graph input, differentiated)."""
+
+    items: tuple[np.ndarray, ...]
+
+
 @dataclass
 class Case:
     """One gradient rule test: a single node ``op`` on ``inputs`` at ``opset``.
@@ -45,6 +52,8 @@ class Case:
     seed: int = 0
     second_order: bool = True  # False (with a comment why) where the first derivative has kinks at the inputs
     checker: bool = True  # False where onnx's checker rejects the schema as deprecated (GroupNormalization-18)
+    captured: dict[str, Any] = field(default_factory=dict)  # graph inputs read only inside subgraphs (If, Loop)
+    finish: dict[str, Any] | None = None  # a node ({"op": ..., attributes}) turning each output into a tensor
 
     @property
     def name(self) -> str:
@@ -63,12 +72,22 @@ def rng_array(*shape: int, seed: int = 0, low: float | None = None, high: float 
 def build(case: Case, dynamic: bool = False) -> tuple[onnx.ModelProto, list[str], list[str], dict[str, np.ndarray]]:
     """The one-node model of a case: (model, ys, xs, feeds)."""
     graph_inputs, inits, names, feeds, xs = [], [], [], {}, []
+    before: list[onnx.NodeProto] = []
     for i, v in enumerate(case.inputs):
         name = f"in{i}"
         if v is None:
             names.append("")
             continue
         names.append(name)
+        if isinstance(v, Seq):  # a sequence built from graph inputs
+            items = [f"{name}_{j}" for j in range(len(v.items))]
+            for item, a in zip(items, v.items, strict=True):
+                dims: list[Any] = [f"N_{item}" if dynamic and k == 0 and d != 1 else d for k, d in enumerate(a.shape)]
+                graph_inputs.append(oh.make_tensor_value_info(item, oh.np_dtype_to_tensor_dtype(a.dtype), dims))
+                feeds[item] = a
+                xs.append(item)
+            before.append(oh.make_node("SequenceConstruct", items, [name]))
+            continue
         if isinstance(v, Const):
             inits.append(onnx.numpy_helper.from_array(np.asarray(v.value), name))
             continue
@@ -80,9 +99,20 @@ def build(case: Case, dynamic: bool = False) -> tuple[onnx.ModelProto, list[str]
         feeds[name] = arr
         if np.issubdtype(arr.dtype, np.floating):
             xs.append(name)
+    for name, v in case.captured.items():  # outer values that the node's subgraphs read
+        arr = np.asarray(v)
+        dims: list[Any] = [f"N_{name}" if dynamic and i == 0 and d != 1 else d for i, d in enumerate(arr.shape)]
+        graph_inputs.append(oh.make_tensor_value_info(name, oh.np_dtype_to_tensor_dtype(arr.dtype), dims))
+        feeds[name] = arr
+        if np.issubdtype(arr.dtype, np.floating):
+            xs.append(name)
     outs = [f"out{k}" for k in range(case.n_outputs)]
-    node = oh.make_node(case.op, names, outs, domain=case.domain, **case.attrs)
-    graph = oh.make_graph([node], case.name, graph_inputs,
+    raw = outs if case.finish is None else [f"raw{k}" for k in range(case.n_outputs)]
+    node = oh.make_node(case.op, names, raw, domain=case.domain, **case.attrs)
+    after = [] if case.finish is None else [
+        oh.make_node(case.finish["op"], [r], [o], **{k: a for k, a in case.finish.items() if k != "op"})
+        for r, o in zip(raw, outs, strict=True)]
+    graph = oh.make_graph([*before, node, *after], case.name, graph_inputs,
                           [oh.make_value_info(o, onnx.TypeProto()) for o in outs], inits)
     opsets = [oh.make_opsetid("", case.opset)]
     if case.domain:

@@ -1,0 +1,613 @@
+"""Gradients of If, Loop and Scan.
+
+Every body is differentiated by the one walk (``backprop``) over a renamed copy of itself, inside a new body
+of the same kind, so the forward values a gradient needs are recomputed where the gradient runs and the
+forward nodes stay untouched. Outer-scope values that a body reads are the node's implicit inputs
+(``emitter.implicit_inputs``): the rules are registered with ``captures=True`` and answer for them too.
+
+- If: an If on the same condition, each branch the walk over that branch, zeros for the captured values the
+  branch does not read. A constant condition is inlined (the taken branch's copy joins the gradient part).
+- Loop: a saving Loop (a copy of the forward one that counts its iterations and emits each iteration's
+  loop-carried values as scan outputs), then a Loop that runs that count backwards, recomputes one body
+  from the saved values and carries the gradients of the loop-carried values and of the captured values.
+  A captured value that the body reads only as ``Gather(c, iteration)`` (a sequence the loop walks through)
+  gets its gradient as one slice per iteration (a scan output, reversed and zero-padded after the loop) instead
+  of a full-size sum carried through every iteration.
+- Scan (opset 9+): a saving Scan as above, then a Scan over the reversed sequences (every direction flipped,
+  the axes kept) that carries the same gradients and emits the gradients of the scan inputs as its outputs.
+- Scan (opset 8: batch axis 0, sequence axis 1, ragged ``sequence_lens``): the same with the opset 8 form, the
+  captured gradients carried per batch element (then summed), and the scan inputs' gradients put back in order
+  by a Scan that reverses each element's valid prefix (opset 8 has no output directions).
+
+Why recompute rather than save more: the saving node emits only the loop-carried values (O(T x |state|)), never
+the body's intermediates, and the forward node itself is left alone (bit-identical outputs); the backward body
+recomputes one step from its saved state, so memory stays O(T x |state| + |captured|).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir import _cloner
+
+from onnxgrad.backprop import Request, backprop, node_label
+from onnxgrad.emitter import Emitter, attr, implicit_inputs, is_float, rank, static_dims, subgraphs
+from onnxgrad.registry import UNDEFINED, Undefined, register
+from onnxgrad.shapes import infer_node
+
+Grad = ir.Value | Undefined | None
+
+BOOL, INT64 = ir.DataType.BOOL, ir.DataType.INT64
+
+
+# ------------------------------------------------------------------------------------------- bodies
+def _clone(body: ir.Graph) -> ir.Graph:
+    """A copy of body reading the same outer values; an output that is an outer value becomes an Identity's
+    (``Graph.clone`` cannot hold an outer value as an output)."""
+    value_map: dict[ir.Value, ir.Value | None] = {}
+    for v in [*body.inputs, *body.initializers.values()]:
+        value_map[v] = ir.Value(name=v.name, type=v.type, shape=None if v.shape is None else v.shape.copy(),
+                                const_value=v.const_value)
+    cloner = _cloner.Cloner(attr_map={}, value_map=value_map, metadata_props={}, allow_outer_scope_values=True)
+    nodes = [cloner.clone_node(n) for n in body]
+    outputs = []
+    for k, v in enumerate(body.outputs):
+        mine = value_map.get(v)
+        if mine is None or mine in outputs or mine.is_graph_input():
+            node = ir.Node("", "Identity", [v if mine is None else mine], name=f"{body.name}/output_{k}")
+            node.outputs[0].name, node.outputs[0].type, node.outputs[0].shape = f"{v.name}/output_{k}", v.type, v.shape
+            nodes.append(node)
+            mine = node.outputs[0]
+        outputs.append(mine)
+    inits = [value_map[v] for v in body.initializers.values()]
+    return ir.Graph([value_map[v] for v in body.inputs], outputs, nodes=nodes,  # type: ignore[misc]
+                    initializers=inits, opset_imports=dict(body.opset_imports), name=body.name)
+
+
+def _copy(body: ir.Graph, tag: str, opset: int) -> ir.Graph:
+    """A copy of ``body`` that reads the same outer-scope values, every value and node inside renamed under tag."""
+    g = _clone(body)
+    _infer(g, opset)
+    for s, sub in enumerate([g, *g.subgraphs()]):
+        for v in sub.inputs:
+            v.name = f"{tag}/{v.name}"
+        for k, n in enumerate(sub):
+            n.name = f"{tag}/{n.name or f'#{s}.{k}'}"
+            for v in n.outputs:
+                if v.name:
+                    v.name = f"{tag}/{v.name}"
+    return g
+
+
+def _infer(g: ir.Graph, opset: int) -> None:
+    """Types and shapes for the values of body g that have none (a model's inference may skip bodies):
+    onnx's per-node inference, and for If, Loop and Scan nodes what their bodies say."""
+    for n in g:
+        for sub in subgraphs(n):
+            _infer(sub, opset)
+        if all(o.dtype is not None and o.shape is not None for o in n.outputs):
+            continue
+        infer_node(n, opset)
+        _from_bodies(n)
+
+
+def _merged(a: ir.Shape | None, b: ir.Shape | None) -> ir.Shape | None:
+    """The dims two shapes agree on (None elsewhere), or None when the ranks differ or one is unknown."""
+    if a is None or b is None or a.rank() != b.rank():
+        return None
+    return ir.Shape([d if isinstance(d, int) and d == e else None for d, e in zip(a, b, strict=True)])
+
+
+def _from_bodies(n: ir.Node) -> None:
+    """Fill in missing dtypes and shapes of an If, Loop or Scan node's outputs from its bodies' outputs
+    (onnx's inference gives none when the bodies read outer values it was not shown)."""
+    if n.domain or n.op_type not in ("If", "Loop", "Scan"):
+        return
+    body = subgraphs(n)
+    if n.op_type == "If":
+        found = [(t.dtype, _merged(t.shape, e.shape)) for t, e in zip(*(b.outputs for b in body), strict=False)]
+    elif n.op_type == "Loop":
+        n_state = len(n.inputs) - 2
+        outs = list(body[0].outputs)[1:]
+        found = [(o.dtype, _merged(o.shape, n.inputs[2 + k].shape) if k < n_state else
+                  None if o.shape is None else ir.Shape([None, *o.shape])) for k, o in enumerate(outs)]
+    else:
+        n_state = len(n.inputs) - int(attr(n, "num_scan_inputs"))
+        outs = list(body[0].outputs)
+        axes = attr(n, "scan_output_axes") or [0] * (len(outs) - n_state)
+        found = []
+        for k, o in enumerate(outs):
+            shape = o.shape
+            if k >= n_state and shape is not None:
+                dims = list(shape)
+                dims.insert(int(axes[k - n_state]) % (len(dims) + 1), None)
+                shape = ir.Shape(dims)
+            found.append((o.dtype, shape))
+    for o, (dtype, shape) in zip(n.outputs, found, strict=False):
+        if o.dtype is None and dtype is not None:
+            o.dtype = dtype
+        if o.shape is None and shape is not None:
+            o.shape = shape
+
+
+def _outer_shapes(caps: Sequence[ir.Value]) -> None:
+    """Shapes for captured values made by other control-flow nodes (a body's rules may need their ranks)."""
+    for c in caps:
+        p = c.producer()
+        if c.shape is None and p is not None:
+            _from_bodies(p)
+
+
+def _typed(v: ir.Value, like: ir.Value) -> ir.Value:
+    """v with like's type and shape (where v has none): bodies of Loop and Scan need typed inputs and outputs."""
+    if v.type is None and like.type is not None:
+        v.type = like.type
+    if v.shape is None and like.shape is not None:
+        v.shape = like.shape
+    return v
+
+
+def _value(name: str, like: ir.Value | None = None, dtype: ir.DataType | None = None,
+           shape: ir.Shape | None = None) -> ir.Value:
+    """A new body input named ``name``, typed like ``like`` (or by ``dtype`` and ``shape``)."""
+    if like is not None:
+        return ir.Value(name=name, type=like.type, shape=like.shape)
+    return ir.Value(name=name, type=ir.TensorType(dtype), shape=shape)  # type: ignore[arg-type]
+
+
+def _close(emb: Emitter, g: ir.Graph, outs: Sequence[ir.Value], likes: Sequence[ir.Value]) -> None:
+    """Make ``outs`` the outputs of body ``g``: the emitted nodes committed, each output made by its own node
+    of g (an Identity where it is an input, an outer value or already an output), the nodes sorted, and the
+    copied forward nodes that no output needs dropped."""
+    read = [v for n in g for v in [*n.inputs, *implicit_inputs(n)] if v is not None]  # the copied nodes' reads
+    emb.commit([*outs, *read])
+    final: list[ir.Value] = []
+    for o, like in zip(outs, likes, strict=True):
+        p = o.producer()
+        if p is None or p.graph is not g or o in final:
+            node = ir.Node("", "Identity", [o], name=emb.fresh_name("Identity"))
+            node.outputs[0].name = node.name
+            g.append(node)
+            o = node.outputs[0]
+        final.append(_typed(o, like))
+    g.outputs.clear()
+    g.outputs.extend(final)
+    live: set[int] = set()
+    stack = [o.producer() for o in final]
+    while stack:
+        n = stack.pop()
+        if n is None or n.graph is not g or id(n) in live:
+            continue
+        live.add(id(n))
+        stack.extend(v.producer() for v in [*n.inputs, *implicit_inputs(n)] if v is not None)
+    g.remove([n for n in g if id(n) not in live], safe=True)
+    g.sort()
+
+
+def _walk(emb: Emitter, nodes: Sequence[ir.Node], ys: Sequence[ir.Value], seeds: Sequence[ir.Value],
+          xs: Sequence[ir.Value], where: str) -> list[Grad]:
+    """The one walk over a body copy: the gradient of sum(seed * y) for each x."""
+    pairs = [(y, s) for y, s in zip(ys, seeds, strict=True) if s is not None]
+    if not pairs or not xs:
+        return [None] * len(xs)
+    found, _ = backprop(emb, nodes, Request([y for y, _ in pairs], list(xs), [s for _, s in pairs]),
+                        {"": emb.opset}, where)
+    return found
+
+
+def _body_emitter(em: Emitter, g: ir.Graph, tag: str) -> Emitter:
+    return Emitter(g, em.opset, tag, em.ir_version, em.aggregation)
+
+
+def _fix_outputs(outs: Sequence[ir.Value], likes: Sequence[ir.Value]) -> None:
+    for o, like in zip(outs, likes, strict=True):
+        o.type, o.shape = like.type, like.shape
+
+
+# ----------------------------------------------------------------------------------------------- If
+def _branch(em: Emitter, node: ir.Node, key: str, grads: Sequence[ir.Value | None],
+            xs: Sequence[ir.Value]) -> tuple[ir.Graph, Emitter, list[Grad]]:
+    """A copy of one branch with the walk over it: the gradients of the captured values xs."""
+    branch = node.attributes[key].as_graph()
+    tag = em.fresh_name(f"If_{key}")
+    g = _copy(branch, tag, em.opset)
+    emb = _body_emitter(em, g, f"{tag}/grad")
+    found = _walk(emb, list(g), list(g.outputs), grads, xs, f" in the {key} of If node {node_label(node)}")
+    return g, emb, found
+
+
+@register("If", since=1, captures=True,
+          notes="an If on the same condition; constant conditions inlined; outer values get zeros from the "
+                "branch that does not read them")
+def if_grad(em: Emitter, node: ir.Node, grads: Sequence[ir.Value | None]) -> list[Grad]:
+    """d(captured) = If(cond, walk(then_branch), walk(else_branch))"""
+    caps = implicit_inputs(node)
+    _outer_shapes(caps)
+    xs = [c for c in caps if is_float(c)]
+    fixed = em.constant_value(node.inputs[0])
+    if fixed is not None:
+        key = "then_branch" if bool(np.asarray(fixed).reshape(-1)[0]) else "else_branch"
+        g = _copy(node.attributes[key].as_graph(), em.fresh_name(f"If_{key}"), em.opset)
+        outs, nodes = list(g.outputs), list(g)
+        g.outputs.clear()
+        g.remove(nodes)
+        em.nodes.extend(nodes)  # the taken branch joins the gradient part (kept where the gradient reads it)
+        found = _walk(em, nodes, outs, grads, xs, f" in the {key} of If node {node_label(node)}")
+        by_cap = dict(zip(xs, found, strict=True))
+        return [None, *(by_cap.get(c) for c in caps)]
+    branches = [_branch(em, node, key, grads, xs) for key in ("then_branch", "else_branch")]
+    result: dict[ir.Value, Grad] = {}
+    for k, c in enumerate(xs):
+        got = [b[2][k] for b in branches]
+        result[c] = UNDEFINED if UNDEFINED in got else (None if all(t is None for t in got) else c)
+    kept = [c for c in xs if result[c] is c]
+    if kept:
+        for g, emb, found in branches:
+            by_cap = dict(zip(xs, found, strict=True))
+            outs = [emb.zeros_like(c) if by_cap[c] is None else by_cap[c] for c in kept]
+            _close(emb, g, outs, kept)  # type: ignore[arg-type]
+        made = em.op("If", node.inputs[0], _outputs=len(kept), then_branch=branches[0][0],
+                     else_branch=branches[1][0])
+        made = (made,) if len(kept) == 1 else made
+        _fix_outputs(made, kept)
+        result.update(zip(kept, made, strict=True))
+    return [None, *(result.get(c) for c in caps)]
+
+
+# --------------------------------------------------------------------------------------------- Loop
+def _scalar(name: str, dtype: ir.DataType) -> ir.Value:
+    return ir.Value(name=name, type=ir.TensorType(dtype), shape=ir.Shape([]))
+
+
+def _stacked(like: ir.Value) -> ir.Shape | None:
+    """The shape of a stack of values shaped like ``like`` along a new leading axis of unknown length."""
+    return None if like.shape is None else ir.Shape([None, *like.shape])
+
+
+def _saving_loop(em: Emitter, node: ir.Node, body: ir.Graph, n_state: int) -> tuple[ir.Value, list[ir.Value]]:
+    """A copy of the Loop that also counts its iterations and emits each iteration's loop-carried inputs as
+    scan outputs: (the count, one stack per loop-carried value)."""
+    tag = em.fresh_name("Loop_save")
+    g = _copy(body, tag, em.opset)
+    ems = _body_emitter(em, g, f"{tag}/save")
+    count_in = _scalar(f"{tag}/count_in", INT64)
+    g.inputs.append(count_in)
+    count_out = ems.Add(count_in, ems.const(np.array(1), dtype=INT64))
+    states = list(g.inputs)[2:2 + n_state]
+    outs = [g.outputs[0], *g.outputs[1:1 + n_state], count_out, *states]
+    _close(ems, g, outs, [g.outputs[0], *g.outputs[1:1 + n_state], count_in, *states])
+    zero = em.const(np.array(0), dtype=INT64)
+    made = em.op("Loop", *node.inputs[:2], *node.inputs[2:], zero, _outputs=2 * n_state + 1, body=g)
+    count, stacks = made[n_state], list(made[n_state + 1:])
+    _fix_outputs(made[:n_state], node.outputs[:n_state])
+    count.type, count.shape = ir.TensorType(INT64), ir.Shape([])
+    for s, v in zip(stacks, states, strict=True):
+        s.type, s.shape = v.type, _stacked(v)
+    return count, stacks
+
+
+@register("Loop", since=1, captures=True,
+          notes="a saving Loop (iteration count and loop-carried values), then a reverse Loop over that count "
+                "recomputing each body; captured weights' gradients accumulate in the carry")
+def loop_grad(em: Emitter, node: ir.Node, grads: Sequence[ir.Value | None]) -> list[Grad]:
+    """d(v_initial), d(captured) = reverse Loop of walk(body) over the iterations the forward ran"""
+    body = node.attributes["body"].as_graph()
+    n_state = len(node.inputs) - 2
+    n_scan = len(node.outputs) - n_state
+    caps = implicit_inputs(node)
+    _outer_shapes([*caps, *node.inputs[2:]])
+    finals = list(node.outputs[:n_state])
+    carried = [k for k in range(n_state) if is_float(finals[k])]
+    cap_x = [c for c in caps if is_float(c)]
+    if not carried and not cap_x:
+        return [None] * (len(node.inputs) + len(caps))
+    odd = [v.name for v in node.inputs[2:] if v is not None and v.type is not None
+           and not isinstance(v.type, ir.TensorType)]
+    if odd:
+        raise ValueError(f"Loop node {node_label(node)}: the loop-carried values {odd} are sequences or optionals, "
+                         "which the saving Loop cannot stack for the backward pass; list the Loop's outputs in "
+                         "stop_gradients, or carry tensors")
+    count, stacks = _saving_loop(em, node, body, n_state)
+
+    tag = em.fresh_name("Loop_grad")
+    g = _copy(body, tag, em.opset)
+    emb = _body_emitter(em, g, f"{tag}/grad")
+    old = list(g.inputs)
+    sliced = {c: reads for c in cap_x if (reads := _step_slices(g, c, old[0])) and em.opset >= 11}
+    cap_x = [c for c in cap_x if c not in sliced]  # the rest accumulate their gradients in the carry
+    step = _scalar(f"{tag}/i", INT64)
+    go_on = _scalar(f"{tag}/cond", BOOL)
+    dv_in = [_value(f"{tag}/d_{k}", like=old[2 + k]) for k in carried]
+    dc_in = [_value(f"{tag}/dc_{j}", like=c) for j, c in enumerate(cap_x)]
+    one = emb.const(np.array(1), dtype=INT64)
+    t = emb.Sub(emb.Sub(count, one), step)  # the forward iteration this one undoes
+    t.type, t.shape = ir.TensorType(INT64), ir.Shape([])
+    at_t = [emb.Gather(s, t, axis=0) for s in stacks]
+    for v, like in zip(at_t, old[2:], strict=True):
+        v.type, v.shape = like.type, like.shape
+    old[0].replace_all_uses_with(t, replace_graph_outputs=True)
+    old[1].replace_all_uses_with(emb.const(np.array(True), dtype=BOOL), replace_graph_outputs=True)
+    for v, new in zip(old[2:], at_t, strict=True):
+        v.replace_all_uses_with(new, replace_graph_outputs=True)
+    g.inputs.clear()
+    g.inputs.extend([step, go_on, *dv_in, *dc_in])
+    ys = [g.outputs[1 + k] for k in carried]
+    seeds: list[ir.Value | None] = list(dv_in)
+    for s in range(n_scan):
+        y = g.outputs[1 + n_state + s]
+        gs = grads[n_state + s]
+        if gs is not None and is_float(y):
+            ys.append(y)
+            seeds.append(_typed(emb.Gather(gs, t, axis=0), y))
+    reads = [r for rs in sliced.values() for r in rs]
+    xs = [at_t[k] for k in carried] + cap_x + reads
+    found = _walk(emb, list(g), ys, seeds, xs, f" in the body of Loop node {node_label(node)}")
+    if UNDEFINED in found:
+        return [None, None, *(UNDEFINED if k in carried else None for k in range(n_state)),
+                *(UNDEFINED if is_float(c) else None for c in caps)]
+    n_c = len(carried) + len(cap_x)
+    dv_out = [emb.zeros_like(at_t[k]) if d is None else d for k, d in zip(carried, found, strict=False)]
+    dc_out = [dc if d is None else emb.Add(dc, d) for dc, d in zip(dc_in, found[len(carried):n_c], strict=True)]
+    by_read = dict(zip(reads, found[n_c:], strict=True))
+    ds_out = []  # per iteration, the gradient of the slice it read: a scan output (no full-size carry)
+    for rs in sliced.values():
+        d = emb.add_all(*(by_read[r] for r in rs if isinstance(by_read[r], ir.Value)))  # type: ignore[arg-type]
+        ds_out.append(emb.zeros_like(rs[0]) if d is None else d)
+    true = emb.const(np.array(True), dtype=BOOL)
+    _close(emb, g, [true, *dv_out, *dc_out, *ds_out], [go_on, *dv_in, *dc_in, *(rs[0] for rs in sliced.values())])
+
+    seeds_in = [em.zeros_like(finals[k]) if grads[k] is None else grads[k] for k in carried]
+    n_made = n_c + len(sliced)
+    made = em.op("Loop", count, None, *seeds_in, *(em.zeros_like(c) for c in cap_x), _outputs=n_made, body=g)
+    made = (made,) if n_made == 1 else made
+    _fix_outputs(made[:n_c], [*(node.inputs[2 + k] for k in carried), *cap_x])  # type: ignore[misc]
+    by_state = dict(zip(carried, made[:len(carried)], strict=True))
+    by_cap: dict[ir.Value, Grad] = dict(zip(cap_x, made[len(carried):n_c], strict=True))
+    for c, stacked in zip(sliced, made[n_c:], strict=True):
+        by_cap[c] = _unstack(em, stacked, c, count)
+    return [None, None, *(by_state.get(k) for k in range(n_state)), *(by_cap.get(c) for c in caps)]
+
+
+def _step_slices(g: ir.Graph, c: ir.Value, step: ir.Value) -> list[ir.Value]:
+    """The values Gather(c, iteration number) when that is the only way body g reads the captured c, else [].
+
+    Such a capture (a sequence the loop walks through: TorchScript's ``x[t]``) gets its gradient one slice per
+    iteration, as a scan output of the backward Loop, rather than as a full-size sum carried through every
+    iteration (which costs O(T x |c|) time)."""
+    inner = {id(sub) for sub in g.subgraphs()}
+    reads = []
+    for use in c.uses():
+        n = use.node
+        if id(n.graph) in inner:
+            return []
+        if n.graph is not g:
+            continue
+        if n.op_type != "Gather" or n.domain or use.idx != 0 or n.inputs[1] is not step or attr(n, "axis", 0) != 0:
+            return []
+        reads.append(n.outputs[0])
+    return reads
+
+
+def _unstack(em: Emitter, stacked: ir.Value, c: ir.Value, count: ir.Value) -> ir.Value:
+    """The gradient of c from the slices' gradients, stacked last iteration first: reversed along axis 0 and
+    padded with zeros where the loop stopped before c's end."""
+    r = rank(c)
+    stacked.type, stacked.shape = c.type, None
+    back = em.Slice(stacked, em.ints([-1]), em.ints([-(2**63)]), em.ints([0]), em.ints([-1]))
+    length = em.dim(c, 0)
+    length = em.const(np.array(length), dtype=INT64) if isinstance(length, int) else length
+    short = em.Reshape(em.Sub(length, count), em.ints([1]))
+    out = em.Pad(back, em.cat_ints([0] * r, short, [0] * (r - 1)))
+    out.type, out.shape = c.type, c.shape
+    return out
+
+
+# --------------------------------------------------------------------------------------------- Scan
+def _ints_attr(node: ir.Node, name: str, n: int, default: int = 0) -> list[int]:
+    found = attr(node, name)
+    return [default] * n if found is None else [int(v) for v in found]
+
+
+@register("Scan", since=9, captures=True,
+          notes="a saving Scan (each step's state), then a Scan over the reversed sequences (directions flipped, "
+                "axes kept) recomputing each body; captured weights' gradients accumulate in the carry")
+def scan_grad(em: Emitter, node: ir.Node, grads: Sequence[ir.Value | None]) -> list[Grad]:
+    """d(initial states), d(scan inputs), d(captured) = Scan over the reversed sequences of walk(body)"""
+    body = node.attributes["body"].as_graph()
+    n_in = int(attr(node, "num_scan_inputs"))
+    n_state = len(node.inputs) - n_in
+    n_out = len(node.outputs) - n_state
+    in_axes = _ints_attr(node, "scan_input_axes", n_in)
+    in_dirs = _ints_attr(node, "scan_input_directions", n_in)
+    out_axes = _ints_attr(node, "scan_output_axes", n_out)
+    out_dirs = _ints_attr(node, "scan_output_directions", n_out)
+    caps = implicit_inputs(node)
+    _outer_shapes([*caps, *node.inputs])
+    carried = [k for k in range(n_state) if is_float(node.outputs[k])]
+    scanned = [k for k in range(n_in) if is_float(node.inputs[n_state + k])]
+    cap_x = [c for c in caps if is_float(c)]
+    if not carried and not scanned and not cap_x:
+        return [None] * (len(node.inputs) + len(caps))
+
+    # the saving Scan: the same steps, emitting each step's incoming states
+    tag = em.fresh_name("Scan_save")
+    g = _copy(body, tag, em.opset)
+    ems = _body_emitter(em, g, f"{tag}/save")
+    states = list(g.inputs)[:n_state]
+    _close(ems, g, [*g.outputs[:n_state], *states], [*g.outputs[:n_state], *states])
+    saved = () if not n_state else em.op("Scan", *node.inputs, _outputs=2 * n_state, body=g, num_scan_inputs=n_in,
+                                          scan_input_axes=in_axes, scan_input_directions=in_dirs)
+    _fix_outputs(saved[:n_state], node.outputs[:n_state])
+    stacks = list(saved[n_state:])
+    for st, v in zip(stacks, states, strict=True):
+        st.type, st.shape = v.type, _stacked(v)
+
+    # the backward Scan: states (d states, d captured), scan inputs (saved states, x, dy) all read in reverse
+    tag = em.fresh_name("Scan_grad")
+    g = _copy(body, tag, em.opset)
+    emb = _body_emitter(em, g, f"{tag}/grad")
+    old = list(g.inputs)
+    dv_in = [_value(f"{tag}/d_{k}", like=old[k]) for k in carried]
+    dc_in = [_value(f"{tag}/dc_{j}", like=c) for j, c in enumerate(cap_x)]
+    s_t = [_value(f"{tag}/s_{k}", like=old[k]) for k in range(n_state)]
+    x_t = [_value(f"{tag}/x_{k}", like=old[n_state + k]) for k in range(n_in)]
+    for v, new in zip(old, [*s_t, *x_t], strict=True):
+        v.replace_all_uses_with(new, replace_graph_outputs=True)
+    ys: list[ir.Value] = [g.outputs[k] for k in carried]
+    seeds: list[ir.Value | None] = list(dv_in)
+    dy_in, dy_outer, dy_axes, dy_dirs = [], [], [], []
+    for s in range(n_out):
+        y, gs = g.outputs[n_state + s], grads[n_state + s]
+        if gs is None or not is_float(y):
+            continue
+        d = _value(f"{tag}/dy_{s}", like=y)
+        ys.append(y)
+        seeds.append(d)
+        dy_in.append(d)
+        dy_outer.append(gs)
+        dy_axes.append(out_axes[s])
+        dy_dirs.append(1 - out_dirs[s])
+    xs = [s_t[k] for k in carried] + [x_t[k] for k in scanned] + cap_x
+    found = _walk(emb, list(g), ys, seeds, xs, f" in the body of Scan node {node_label(node)}")
+    if UNDEFINED in found:
+        return [*(UNDEFINED if k in carried else None for k in range(n_state)),
+                *(UNDEFINED if k in scanned else None for k in range(n_in)),
+                *(UNDEFINED if is_float(c) else None for c in caps)]
+    f_state, f_x, f_cap = (found[:len(carried)], found[len(carried):len(carried) + len(scanned)],
+                           found[len(carried) + len(scanned):])
+    dv_out = [emb.zeros_like(s_t[k]) if d is None else d for k, d in zip(carried, f_state, strict=True)]
+    dc_out = [dc if d is None else emb.Add(dc, d) for dc, d in zip(dc_in, f_cap, strict=True)]
+    dx_out = [emb.zeros_like(x_t[k]) if d is None else d for k, d in zip(scanned, f_x, strict=True)]
+    _close(emb, g, [*dv_out, *dc_out, *dx_out], [*dv_in, *dc_in, *(x_t[k] for k in scanned)])  # type: ignore[list-item]
+    g.inputs.clear()
+    g.inputs.extend([*dv_in, *dc_in, *s_t, *x_t, *dy_in])
+
+    seeds_in = [em.zeros_like(node.outputs[k]) if grads[k] is None else grads[k] for k in carried]
+    n_made = len(carried) + len(cap_x) + len(scanned)
+    made = em.op("Scan", *seeds_in, *(em.zeros_like(c) for c in cap_x), *stacks, *node.inputs[n_state:],
+                 *dy_outer, _outputs=n_made, body=g, num_scan_inputs=n_state + n_in + len(dy_in),
+                 scan_input_axes=[0] * n_state + in_axes + dy_axes,
+                 scan_input_directions=[1] * n_state + [1 - d for d in in_dirs] + dy_dirs,
+                 scan_output_axes=[in_axes[k] for k in scanned],
+                 scan_output_directions=[1 - in_dirs[k] for k in scanned])
+    made = (made,) if n_made == 1 else made
+    likes = [*(node.inputs[k] for k in carried), *cap_x, *(node.inputs[n_state + k] for k in scanned)]
+    _fix_outputs(made, likes)  # type: ignore[arg-type]
+    by_state = dict(zip(carried, made[:len(carried)], strict=True))
+    by_cap = dict(zip(cap_x, made[len(carried):len(carried) + len(cap_x)], strict=True))
+    by_x = dict(zip(scanned, made[len(carried) + len(cap_x):], strict=True))
+    return [*(by_state.get(k) for k in range(n_state)), *(by_x.get(k) for k in range(n_in)),
+            *(by_cap.get(c) for c in caps)]
+
+
+@register("Scan", since=8, captures=True,
+          notes="opset 8 form (batch axis 0, sequence axis 1, ragged sequence_lens): a saving Scan, a Scan over the "
+                "reversed sequences, and a reversing Scan that puts the scan inputs' gradients back in order")
+def scan8_grad(em: Emitter, node: ir.Node, grads: Sequence[ir.Value | None]) -> list[Grad]:
+    """d(initial states), d(scan inputs), d(captured) = Scan-8 over the reversed (valid) sequences of walk(body)"""
+    body = node.attributes["body"].as_graph()
+    lens = node.inputs[0]
+    n_in = int(attr(node, "num_scan_inputs"))
+    n_state = len(node.inputs) - 1 - n_in
+    n_out = len(node.outputs) - n_state
+    in_dirs = _ints_attr(node, "directions", n_in)
+    caps = implicit_inputs(node)
+    _outer_shapes([*caps, *node.inputs[1:]])
+    carried = [k for k in range(n_state) if is_float(node.outputs[k])]
+    scanned = [k for k in range(n_in) if is_float(node.inputs[1 + n_state + k])]
+    cap_x = [c for c in caps if is_float(c)]
+    if not carried and not scanned and not cap_x:
+        return [None] * (len(node.inputs) + len(caps))
+
+    tag = em.fresh_name("Scan_save")
+    g = _copy(body, tag, em.opset)
+    states = list(g.inputs)[:n_state]
+    _close(_body_emitter(em, g, f"{tag}/save"), g, [*g.outputs[:n_state], *states], [*g.outputs[:n_state], *states])
+    saved = () if not n_state else em.op("Scan", *node.inputs, _outputs=2 * n_state, body=g, num_scan_inputs=n_in,
+                                          directions=in_dirs)
+    _fix_outputs(saved[:n_state], node.outputs[:n_state])
+    stacks = list(saved[n_state:])
+    for st, v in zip(stacks, node.inputs[1:1 + n_state], strict=True):
+        st.type = v.type  # type: ignore[union-attr]
+
+    tag = em.fresh_name("Scan_grad")
+    g = _copy(body, tag, em.opset)
+    emb = _body_emitter(em, g, f"{tag}/grad")
+    old = list(g.inputs)
+    dv_in = [_value(f"{tag}/d_{k}", like=old[k]) for k in carried]
+    dc_in = [_value(f"{tag}/dc_{j}", like=c) for j, c in enumerate(cap_x)]
+    s_t = [_value(f"{tag}/s_{k}", like=old[k]) for k in range(n_state)]
+    x_t = [_value(f"{tag}/x_{k}", like=old[n_state + k]) for k in range(n_in)]
+    for v, new in zip(old, [*s_t, *x_t], strict=True):
+        v.replace_all_uses_with(new, replace_graph_outputs=True)
+    ys: list[ir.Value] = [g.outputs[k] for k in carried]
+    seeds: list[ir.Value | None] = list(dv_in)
+    dy_in, dy_outer = [], []
+    for s in range(n_out):
+        y, gs = g.outputs[n_state + s], grads[n_state + s]
+        if gs is not None and is_float(y):
+            d = _value(f"{tag}/dy_{s}", like=y)
+            ys.append(y)
+            seeds.append(d)
+            dy_in.append(d)
+            dy_outer.append(gs)
+    xs = [s_t[k] for k in carried] + [x_t[k] for k in scanned] + cap_x
+    found = _walk(emb, list(g), ys, seeds, xs, f" in the body of Scan node {node_label(node)}")
+    if UNDEFINED in found:
+        return [None, *(UNDEFINED if k in carried else None for k in range(n_state)),
+                *(UNDEFINED if k in scanned else None for k in range(n_in)),
+                *(UNDEFINED if is_float(c) else None for c in caps)]
+    f_state, f_x, f_cap = (found[:len(carried)], found[len(carried):len(carried) + len(scanned)],
+                           found[len(carried) + len(scanned):])
+    dv_out = [emb.zeros_like(s_t[k]) if d is None else d for k, d in zip(carried, f_state, strict=True)]
+    dc_out = [dc if d is None else emb.Add(dc, d) for dc, d in zip(dc_in, f_cap, strict=True)]
+    dx_out = [emb.zeros_like(x_t[k]) if d is None else d for k, d in zip(scanned, f_x, strict=True)]
+    _close(emb, g, [*dv_out, *dc_out, *dx_out], [*dv_in, *dc_in, *(x_t[k] for k in scanned)])  # type: ignore[list-item]
+    g.inputs.clear()
+    g.inputs.extend([*dv_in, *dc_in, *s_t, *x_t, *dy_in])
+
+    # the accumulated captured gradients are per batch element here (states carry a batch axis): summed after
+    seeds_in = [em.zeros_like(node.outputs[k]) if grads[k] is None else grads[k] for k in carried]
+    per_batch = [_batched_zeros(em, c, node.inputs[1 + n_state]) for c in cap_x]  # type: ignore[arg-type]
+    n_made = len(carried) + len(cap_x) + len(scanned)
+    made = em.op("Scan", lens, *seeds_in, *per_batch, *stacks, *node.inputs[1 + n_state:], *dy_outer,
+                 _outputs=n_made, body=g, num_scan_inputs=n_state + n_in + len(dy_in),
+                 directions=[1] * n_state + [1 - d for d in in_dirs] + [1] * len(dy_in))
+    made = (made,) if n_made == 1 else made
+    d_caps = [em.reduce_sum(m, [0], keepdims=False) for m in made[len(carried):len(carried) + len(cap_x)]]
+    d_xs = list(made[len(carried) + len(cap_x):])
+    for k, m in zip(scanned, d_xs, strict=True):
+        m.type = node.inputs[1 + n_state + k].type  # type: ignore[union-attr]
+    d_xs = [m if in_dirs[k] else _reverse8(em, m, lens, tag) for k, m in zip(scanned, d_xs, strict=True)]
+    _fix_outputs([*made[:len(carried)], *d_caps, *d_xs],
+                 [*(node.inputs[1 + k] for k in carried), *cap_x, *(node.inputs[1 + n_state + k] for k in scanned)])
+    by_state = dict(zip(carried, made[:len(carried)], strict=True))
+    by_cap = dict(zip(cap_x, d_caps, strict=True))
+    by_x = dict(zip(scanned, d_xs, strict=True))
+    return [None, *(by_state.get(k) for k in range(n_state)), *(by_x.get(k) for k in range(n_in)),
+            *(by_cap.get(c) for c in caps)]
+
+
+def _batched_zeros(em: Emitter, c: ir.Value, batched: ir.Value) -> ir.Value:
+    """Zeros of shape (batch, *c.shape): batch read from axis 0 of ``batched``."""
+    shape = em.cat_ints(em._as_vector(em.dim(batched, 0)), em.shape_of(c) if static_dims(c) is None
+                        else [int(d) for d in static_dims(c)])  # type: ignore[union-attr]
+    return em.zeros(shape, like=c)
+
+
+def _reverse8(em: Emitter, x: ir.Value, lens: ir.Value | None, tag: str) -> ir.Value:
+    """x (batch, time, ...) with each batch element's valid prefix reversed: a Scan-8 with an identity body."""
+    g = ir.Graph([], [], nodes=[], opset_imports={"": em.opset}, name=f"{tag}_reverse")
+    elem = ir.Value(name=f"{tag}_reverse/x", type=x.type, shape=None if x.shape is None else ir.Shape(
+        list(x.shape)[2:]))
+    g.inputs.append(elem)
+    node = ir.Node("", "Identity", [elem], name=f"{tag}_reverse/Identity")
+    node.outputs[0].name = f"{tag}_reverse/y"
+    node.outputs[0].type, node.outputs[0].shape = elem.type, elem.shape
+    g.append(node)
+    g.outputs.append(node.outputs[0])
+    out = em.op("Scan", lens, x, body=g, num_scan_inputs=1, directions=[1])
+    out.type, out.shape = x.type, x.shape
+    return out
