@@ -3,6 +3,7 @@
 from onnxgrad.rules import (
     activations,
     attention,
+    control_flow,
     conv,
     elementwise,
     functions,
@@ -11,8 +12,10 @@ from onnxgrad.rules import (
     markers,
     nondiff,
     normalization,
+    recurrent,
     reductions,
     sampling,
+    sequences,
     shape,
     spectral,
 )
@@ -20,6 +23,7 @@ from onnxgrad.rules import (
 __all__ = [
     "activations",
     "attention",
+    "control_flow",
     "conv",
     "elementwise",
     "functions",
@@ -28,8 +32,10 @@ __all__ = [
     "markers",
     "nondiff",
     "normalization",
+    "recurrent",
     "reductions",
     "sampling",
+    "sequences",
     "shape",
     "spectral",
 ]

@@ -2,12 +2,14 @@
 
 from tests.cases import (
     activations,
+    control_flow,
     conv,
     core,
     fused,
     linalg,
     movement,
     normalization,
+    recurrent,
     reductions,
     sampling,
     unary,
@@ -24,4 +26,6 @@ ALL = [
     *sampling.CASES,
     *movement.CASES,
     *fused.CASES,
+    *recurrent.CASES,
+    *control_flow.CASES,
 ]
