@@ -25,7 +25,7 @@ _OURS = tuple(os.path.dirname(os.path.abspath(p)) + os.sep for p in (api.__file_
 
 def _register() -> None:
     """Import every command module; each adds its command to ``cli``."""
-    from onnxgrad.cli import check_cmd, grad_cmd, info_cmd, lower_cmd, ops_cmd, run_cmd  # noqa: F401
+    from onnxgrad.cli import check_cmd, grad_cmd, info_cmd, jvp_cmd, lower_cmd, ops_cmd, run_cmd, train_cmd  # noqa: F401
 
 
 def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,

@@ -124,6 +124,21 @@ def type_string(model: onnx.ModelProto, name: str) -> str:
 @click.option("--order", type=click.IntRange(1, 8), default=1, show_default=True,
               help="Also append derivatives of order 2..N: order k differentiates <order k-1 gradient, v_k>, "
               "v_k a new input per x (order 2: Hessian-vector products).")
+@click.option("--hvp-mode", type=click.Choice(["auto", "forward-over-reverse", "reverse-over-reverse"]),
+              default="auto", show_default=True,
+              help="How order 2 is built: auto takes forward-over-reverse where every node on the path has a forward "
+              "rule (fewer nodes, faster), else reverse-over-reverse.")
+@click.option("--recompute", multiple=True, metavar="NAME",
+              help="A forward value (or fnmatch pattern) to recompute in the gradient part instead of keeping it "
+              "alive (repeatable).")
+@click.option("--remat", type=click.Choice(["nothing-saveable", "matmuls-only"]), default=None,
+              help="Rematerialisation policy: recompute every forward value the gradient reads, or all but the "
+              "products (MatMul, Gemm, Conv).")
+@click.option("--memory-budget", metavar="BYTES",
+              help="Recompute the largest forward values the gradient reads until the rest fits (512MB, 1.5GiB), "
+              "sizes taken at the --dim sizes (symbolic dimensions not named: 1).")
+@click.option("--dim", "dim_items", multiple=True, metavar="NAME=SIZE",
+              help="Size of a symbolic dimension for --memory-budget.")
 @click.option("--json", "as_json", is_flag=True, help="Print only a JSON object on stdout.")
 def grad(
     model: Path,
@@ -137,6 +152,11 @@ def grad(
     gate_gradients: bool,
     scope: str,
     order: int,
+    hvp_mode: str,
+    recompute: tuple[str, ...],
+    remat: str | None,
+    memory_budget: str | None,
+    dim_items: tuple[str, ...],
     as_json: bool,
 ) -> None:
     """Append the gradients of sum(grad_ys * ys) with respect to each x to MODEL, as outputs of OUT.
@@ -150,6 +170,18 @@ def grad(
         name=scope, gate_gradients=gate_gradients, aggregation_method=aggregation_method,
         stop_gradients=list(stop_gradients), unconnected_gradients=unconnected_gradients,
     )
+    if order > 1:
+        options["hvp_mode"] = hvp_mode
+    if recompute:
+        options["recompute"] = list(recompute)
+    if remat:
+        options["remat"] = remat
+    if memory_budget is not None:
+        from onnxgrad.cli.common import parse_dims
+
+        from onnxgrad.remat import Budget
+
+        options["memory_budget"] = Budget(memory_budget, parse_dims(dim_items))
     try:
         before = len(load_model(model, load_external_data=False).graph.node)  # the graph only: weights stay put
         # add_gradients decides how to read MODEL (weights in external data stay on disk) and writes OUT

@@ -4,6 +4,7 @@ import os as _os
 
 from onnxgrad.api import NEW_INPUT, AggregationMethod, GradientNote, GradInput, UnconnectedGradients, gradients
 from onnxgrad.augment import Augmented, add_gradients
+from onnxgrad.forward import jvp
 from onnxgrad.higher import hessian_vector_product, higher_order_gradients, jacobian, lower_gradient_ops
 from onnxgrad.markers import stop_gradient
 from onnxgrad.registry import register as register_gradient
@@ -23,6 +24,7 @@ __all__ = [
     "hessian_vector_product",
     "higher_order_gradients",
     "jacobian",
+    "jvp",
     "lower_gradient_ops",
     "register_gradient",
     "register_nondifferentiable",

@@ -20,6 +20,8 @@ import onnxgrad.rules  # noqa: F401  (registers every rule)
 from onnxgrad.backprop import Request, UndefinedGradient, backprop, gc_paused
 from onnxgrad.emitter import FLOAT_TYPES, Emitter
 from onnxgrad.registry import UNDEFINED, Undefined, opset_of
+from onnxgrad.remat import Budget
+from onnxgrad.remat import apply as remat_apply
 from onnxgrad.upgrade import upgrade  # noqa: F401  (kept importable from here: tests/test_backend_models.py)
 from onnxgrad.validate import MIN_OPSET, check_graph, check_versions
 from onnxgrad.values import as_list, ensure_types, resolve, restore_types, unique_scope, value_table
@@ -168,12 +170,18 @@ def gradients(
     aggregation_method: Any = None,
     stop_gradients: str | ir.Value | Sequence[str | ir.Value] | None = None,
     unconnected_gradients: str | UnconnectedGradients = "none",
+    *,
+    recompute: Sequence[str] | None = None,
+    remat: str | None = None,
+    memory_budget: int | str | Budget | None = None,
 ) -> list[str | None]:
     """Add to ``model`` the gradient of ``sum(grad_ys[i] * ys[i])`` with respect to each x.
 
     Returns one entry per x: the name of the value holding its gradient, or None where no y depends
     on it and ``unconnected_gradients`` is 'none'. ``gate_gradients`` is accepted for compatibility
-    and has no effect: ONNX graphs are pure dataflow.
+    and has no effect: ONNX graphs are pure dataflow. ``recompute`` (value names or fnmatch patterns), ``remat``
+    ('nothing-saveable', 'matmuls-only') and ``memory_budget`` (bytes, or '512MB') recompute forward values inside
+    the gradient part instead of keeping them alive (``onnxgrad.remat``).
     """
     del gate_gradients  # no control edges in ONNX: nothing to gate
     if not isinstance(model, ir.Model):
@@ -226,6 +234,7 @@ def gradients(
         found = dict(zip(floats, raw, strict=True))
         finals = _finalize(em, x_vals, [found.get(x) for x in x_vals], why, unconnected,
                            {*seeds, *graph.inputs, *graph.initializers.values()})
+        remat_apply(em, [v for v in finals if v is not None], recompute, remat, memory_budget)  # only if asked
     except BaseException:
         em.rollback()
         restore_types(inferred)  # nothing half-built: not even the inferred types stay

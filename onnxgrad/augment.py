@@ -8,7 +8,7 @@ It sits above both ``api`` (first order) and ``higher`` (orders 2 and up), which
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -18,6 +18,7 @@ import onnx_ir as ir
 from onnxgrad.api import GradY, gradients
 from onnxgrad.higher import higher_order_gradients
 from onnxgrad.io import has_external_data, load_lazy, load_model, save_external, save_model
+from onnxgrad.remat import Residual, residual_rows
 from onnxgrad.shorthands import expand_xs
 from onnxgrad.upgrade import ai_onnx_opset, upgrade
 from onnxgrad.validate import MIN_OPSET, check_names
@@ -44,6 +45,7 @@ def add_gradients(
     order: int = 1,
     external_data: ExternalData = "auto",
     output: str | os.PathLike[str] | None = None,
+    hvp_mode: str = "auto",
     **kwargs: Any,
 ) -> Augmented:
     """A new model: the original outputs first, unchanged, then one output per x with a gradient.
@@ -51,7 +53,9 @@ def add_gradients(
     ``model`` is a path, an ``onnx.ModelProto`` or an ``onnx_ir.Model`` (none is modified). ``xs`` may use
     ``@weights`` (every float initializer) and ``@inputs`` (every float graph input). ``order`` > 1 also appends
     the derivatives of order 2..order (``onnxgrad.higher_order_gradients``: Hessian-vector products and beyond,
-    each with its vector as a new graph input). Other keyword arguments go to ``onnxgrad.gradients``.
+    each with its vector as a new graph input); ``hvp_mode`` picks how order 2 is built ('auto',
+    'forward-over-reverse', 'reverse-over-reverse': ``onnxgrad.higher.choose_hvp_mode``). Other keyword arguments
+    go to ``onnxgrad.gradients``.
 
     ``output``: where to write the result (checked by ``onnx.checker``, written atomically). ``external_data``:
     ``True`` writes its tensors to ``<output>.data`` and, for a path, reads the model lazily, its weights left on
@@ -75,7 +79,7 @@ def add_gradients(
     if order == 1:
         orders = [gradients(m, ys, x_list, grad_ys, **kwargs)]
     else:
-        orders = higher_order_gradients(m, ys, x_list, order, grad_ys, **kwargs)
+        orders = higher_order_gradients(m, ys, x_list, order, grad_ys, hvp_mode=hvp_mode, **kwargs)  # type: ignore[arg-type]
     expose(m, [n for names in orders for n in names])
     new_inputs = [v.name or "" for v in m.graph.inputs if v.name not in before and not v.is_initializer()]
 
@@ -125,3 +129,14 @@ def _expand(model: ir.Model, xs: list[Any]) -> list[Any]:
     if not any(isinstance(x, str) and x.startswith("@") for x in xs):
         return xs
     return expand_xs(model, [x if isinstance(x, str) else x.name for x in xs])
+
+
+def residuals(model: ModelSource, ys: str | Sequence[str], xs: str | Sequence[str],
+              dims: Mapping[str, int] | None = None, default: int = 1, **kwargs: Any) -> list[Residual]:
+    """Which forward values the gradient of ys with respect to xs keeps alive for its backward part, largest first,
+    with their sizes at ``dims`` (``onnxgrad info --residuals``). ``kwargs`` go to ``gradients`` (with ``recompute``,
+    ``remat`` or ``memory_budget``: what stays saved then)."""
+    m = _in_memory(model)
+    before = {id(n) for n in m.graph}
+    gradients(m, ys, _expand(m, as_list(xs)), **kwargs)
+    return residual_rows(m.graph, [n for n in m.graph if id(n) not in before], dims, default)

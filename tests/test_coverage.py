@@ -25,6 +25,8 @@ DepthToSpace SpaceToDepth Trilu ReverseSequence Compress CenterCropPad ScatterEl
 TopK Identity Cast CastLike
 Attention RotaryEmbedding SoftmaxCrossEntropyLoss NegativeLogLikelihoodLoss Dropout DFT STFT
 LinearAttention CausalConvWithState
+If Loop Scan LSTM GRU RNN
+SequenceConstruct SequenceAt SequenceInsert SequenceErase ConcatFromSequence SplitToSequence Optional OptionalGetElement
 """.split()
 
 LATEST = onnx.defs.onnx_opset_version()

@@ -1,0 +1,286 @@
+"""Rematerialisation: forward values that the gradient part reads (residuals) recomputed inside the gradient part
+instead of kept alive from the forward pass, the way ``jax.checkpoint`` and ``torch.utils.checkpoint`` do.
+
+``residuals`` lists what a gradient keeps alive, with sizes; ``plan`` picks the values to recompute (names or
+patterns, a policy, or a memory budget solved greedily); ``rematerialize`` re-emits the forward nodes that compute
+them, through the gradient's emitter, right before the gradient nodes that read them, and points those reads at the
+copies. The forward part is untouched: its nodes and outputs stay as they are."""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxgrad.emitter import _NOT_PURE, Emitter, attr, is_float, subgraphs
+
+POLICIES = ("nothing-saveable", "matmuls-only")
+SHAPE_ONLY = frozenset({"Shape", "Size"})
+DOTS = frozenset({"MatMul", "Gemm", "Conv", "ConvTranspose", "Einsum", "MatMulInteger", "QLinearMatMul"})
+UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+@dataclass(frozen=True)
+class Residual:
+    """A forward value that the gradient part reads."""
+
+    name: str
+    op: str  # the op that computes it
+    shape: tuple[int | str, ...] | None
+    dtype: str
+    bytes: int  # at the dimensions asked for; -1 when the shape is unknown
+
+
+def parse_bytes(text: str | int) -> int:
+    """'512MB', '1.5GiB', '2e9' or an int, as bytes."""
+    if isinstance(text, int):
+        return text
+    s = text.strip().upper().replace(" ", "")
+    unit = next((u for u in sorted(UNITS, key=len, reverse=True) if u and s.endswith(u)), "")
+    try:
+        return int(float(s[: len(s) - len(unit)]) * UNITS[unit])
+    except ValueError:
+        raise ValueError(f"memory budget {text!r}: expected a number of bytes such as 512MB, 1.5GiB or 2e9") from None
+
+
+def value_bytes(v: ir.Value, dims: Mapping[str, int] | None = None, default: int = 1) -> int:
+    """v's size in bytes with symbolic dimensions taken from ``dims`` (else ``default``); -1 when unknown."""
+    if v.shape is None or v.dtype is None:
+        return -1
+    n = 1
+    for d in v.shape:
+        if isinstance(d, int):
+            n *= d
+        else:
+            n *= (dims or {}).get(str(d.value) if isinstance(d, ir.SymbolicDim) else str(d), default)
+    return math.ceil(n * v.dtype.itemsize)
+
+
+def _forward_nodes(graph: ir.Graph, emitted: Iterable[ir.Node]) -> set[int]:
+    mine = {id(n) for n in emitted}
+    return {id(n) for n in graph if id(n) not in mine}
+
+
+def read_residuals(graph: ir.Graph, grad_nodes: Sequence[ir.Node]) -> list[ir.Value]:
+    """The outputs of forward nodes (not graph inputs or initializers) that ``grad_nodes`` read for more than their
+    shape (a Shape or Size reader runs as soon as the value exists), in first-read order."""
+    forward = _forward_nodes(graph, grad_nodes)
+    found: dict[ir.Value, None] = {}
+    for n in grad_nodes:
+        if n.op_type in SHAPE_ONLY:
+            continue
+        for v in n.inputs:
+            p = None if v is None else v.producer()
+            if p is not None and id(p) in forward and v not in found:
+                found[v] = None
+    return list(found)
+
+
+def recomputable(v: ir.Value) -> bool:
+    """A forward value that can be computed again with the same bits: a float output of a pure node without
+    subgraphs (not Dropout, not a random op)."""
+    p = v.producer()
+    return p is not None and is_float(v) and p.op_type not in _NOT_PURE and not subgraphs(p) and p.domain in (
+        "", "ai.onnx")
+
+
+def _sizes(values: Iterable[ir.Value], dims: Mapping[str, int] | None) -> dict[ir.Value, int]:
+    return {v: max(value_bytes(v, dims), 0) for v in values}
+
+
+def plan(residuals: Sequence[ir.Value], recompute: Sequence[str] | None = None, policy: str | None = None,
+         budget: int | None = None, dims: Mapping[str, int] | None = None) -> set[ir.Value]:
+    """The values to recompute: those ``recompute`` names (or matches, fnmatch patterns), all a policy gives up
+    ('nothing-saveable': every recomputable value; 'matmuls-only': all but the outputs of MatMul, Gemm, Conv...),
+    and, under a ``budget`` in bytes, the largest residuals until what stays saved fits (greedy, largest first,
+    counting the inputs a recomputation keeps alive instead)."""
+    if policy is not None and policy not in POLICIES:
+        raise ValueError(f"remat policy {policy!r}: expected one of {', '.join(POLICIES)}")
+    chosen: set[ir.Value] = set()
+    for v in residuals:
+        if not recomputable(v):
+            continue
+        if recompute and any(fnmatch.fnmatchcase(v.name or "", pat) for pat in recompute):
+            chosen.add(v)
+        if policy == "nothing-saveable" or (policy == "matmuls-only" and v.producer().op_type not in DOTS):  # type: ignore[union-attr]
+            chosen.add(v)
+    if budget is not None:
+        sizes = _sizes(residuals, dims)
+        for v in sorted((r for r in residuals if recomputable(r)), key=lambda r: -sizes[r]):
+            if saved_bytes(residuals, chosen, policy, dims) <= budget:
+                break
+            chosen.add(v)
+    return chosen
+
+
+def _closure(chosen: set[ir.Value], policy: str | None, residuals: Sequence[ir.Value]) -> set[ir.Value]:
+    """What recomputing ``chosen`` recomputes: the chosen values and, back from them, every recomputable value on the
+    way that is not saved anyway (a residual not chosen) and that the policy does not save ('matmuls-only' keeps
+    the products). Its other inputs stay alive, saved."""
+    kept = set(residuals) - chosen
+    out: set[ir.Value] = set()
+    stack = list(chosen)
+    while stack:
+        v = stack.pop()
+        if v in out:
+            continue
+        out.add(v)
+        for i in v.producer().inputs:  # type: ignore[union-attr]
+            if i is None or i in kept or not recomputable(i):
+                continue
+            if policy == "matmuls-only" and i.producer().op_type in DOTS:  # type: ignore[union-attr]
+                continue
+            stack.append(i)
+    return out
+
+
+def saved_bytes(residuals: Sequence[ir.Value], chosen: set[ir.Value], policy: str | None,
+                dims: Mapping[str, int] | None) -> int:
+    """Bytes of forward activations kept for the gradient part once ``chosen`` is recomputed."""
+    again = _closure(chosen, policy, residuals)
+    kept = {r for r in residuals if r not in again}
+    for v in again:
+        for i in v.producer().inputs:  # type: ignore[union-attr]
+            if i is not None and i not in again and i.producer() is not None:
+                kept.add(i)  # an input of a recomputation stays alive instead
+    return sum(_sizes(kept, dims).values())
+
+
+def rematerialize(em: Emitter, chosen: set[ir.Value], policy: str | None = None,
+                  residuals: Sequence[ir.Value] = (), readers: Sequence[ir.Node] | None = None
+                  ) -> dict[ir.Value, ir.Value]:
+    """Re-emit the forward nodes computing ``chosen`` (and, under a policy, what it does not save on the way) and point
+    every read of them by ``readers`` (default: the emitter's nodes) at the copies, each copy placed right before its
+    first reader.
+
+    Returns the copies by original value."""
+    again = _closure(chosen, policy, residuals)
+    grad_nodes = list(em.nodes)
+    reading = grad_nodes if readers is None else list(readers)
+    copies: dict[ir.Value, ir.Value] = {}
+    gated: dict[tuple[int, int], ir.Value] = {}
+    forward = _forward_nodes(em.graph, grad_nodes)
+
+    def gate(v: ir.Value, trigger: ir.Value | None) -> ir.Value:
+        """v, read only once ``trigger`` (a gradient value) exists: Where(ok, v, v) is v bit for bit whatever ok is,
+        and it keeps onnxruntime from computing the copy during the forward pass or merging it with the original
+        (its common-subexpression elimination)."""
+        p = v.producer()
+        if trigger is None or em.opset < 9 or not is_float(trigger) or v.is_initializer() or (
+                p is not None and p.op_type == "Constant"):
+            return v  # weights and constants live all along: nothing to hold back
+        key = (id(v), id(trigger))
+        if key not in gated:
+            first = em.Reshape(em.Slice(em.Reshape(trigger, em.ints([-1])), em.ints([0]), em.ints([1])), em.ints([]))
+            node = ir.Node("", "Where", [em.Not(em.IsNaN(first)), v, v], name=em.fresh_name("remat_gate"))
+            em.nodes.append(node)  # built by hand: the emitter's clean-up folds Where(c, v, v) to v
+            out = node.outputs[0]
+            out.name, out.dtype, out.shape = node.name, v.dtype, v.shape
+            gated[key] = out
+        return gated[key]
+
+    def copy(v: ir.Value, trigger: ir.Value | None) -> ir.Value:
+        if v in copies:
+            return copies[v]
+        node = v.producer()
+        assert node is not None
+        inputs = [None if i is None else copy(i, trigger) if i in again else gate(i, trigger) for i in node.inputs]
+        attrs = {k: attr(node, k) for k in node.attributes}
+        outs = em.op(node.op_type, *inputs, _outputs=len(node.outputs), _domain=node.domain, **attrs)
+        outs = (outs,) if len(node.outputs) == 1 else outs
+        for o, c in zip(node.outputs, outs, strict=True):
+            if c.dtype is None:
+                c.dtype = o.dtype
+            if c.shape is None:
+                c.shape = o.shape
+            copies[o] = c
+        return copies[v]
+
+    for n in reading:
+        if n.op_type in SHAPE_ONLY:
+            continue  # it reads only the shape: onnxruntime runs it as soon as the original exists, then frees that
+        trigger = next((v for v in n.inputs if v is not None and (p := v.producer()) is not None
+                        and id(p) not in forward and p.op_type != "Constant" and v.dtype is not None
+                        and is_float(v) and v not in copies.values()), None)
+        for i, v in enumerate(n.inputs):
+            if v is not None and v in chosen:
+                n.replace_input_with(i, copy(v, trigger))
+    _place_before_readers(em, grad_nodes)
+    return copies
+
+
+def _place_before_readers(em: Emitter, grad_nodes: list[ir.Node]) -> None:
+    """Order the emitter's nodes so that each recomputation comes right before the first node that reads it."""
+    mine = {id(n) for n in em.nodes}
+    ordered: list[ir.Node] = []
+    placed: set[int] = set()
+
+    def place(root: ir.Node) -> None:  # depth first, producers before readers (iterative: graphs are deep)
+        stack: list[tuple[ir.Node, bool]] = [(root, False)]
+        while stack:
+            n, ready = stack.pop()
+            if ready:
+                ordered.append(n)
+                continue
+            if id(n) in placed:
+                continue
+            placed.add(id(n))
+            stack.append((n, True))
+            for v in reversed(n.inputs):
+                p = None if v is None else v.producer()
+                if p is not None and id(p) in mine and id(p) not in placed:
+                    stack.append((p, False))
+
+    for n in [*grad_nodes, *em.nodes]:
+        place(n)
+    em.nodes[:] = ordered
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A memory budget with the sizes of the symbolic dimensions it is meant for (others count as 1)."""
+
+    bytes: int | str
+    dims: Mapping[str, int] | None = None
+
+
+def apply(em: Emitter, roots: Sequence[ir.Value], recompute: Sequence[str] | None, policy: str | None,
+          budget: int | str | Budget | None) -> dict[ir.Value, ir.Value]:
+    """The hook ``gradients()`` calls before committing: plan and rematerialize what the live gradient nodes (those
+    ``roots`` need) read (nothing when nothing is asked)."""
+    if not recompute and policy is None and budget is None:
+        return {}
+    live = em.live_nodes(roots)
+    residuals = read_residuals(em.graph, live)
+    spec = budget if isinstance(budget, Budget) else None if budget is None else Budget(budget)
+    chosen = plan(residuals, recompute, policy, None if spec is None else parse_bytes(spec.bytes),
+                  None if spec is None else spec.dims)
+    return rematerialize(em, chosen, policy, residuals, live) if chosen else {}
+
+
+# --------------------------------------------------------------------------------- info --residuals
+def residual_rows(graph: ir.Graph, grad_nodes: Sequence[ir.Node], dims: Mapping[str, int] | None = None,
+                  default: int = 1) -> list[Residual]:
+    """The forward values ``grad_nodes`` read, largest first, with their sizes at ``dims`` (symbolic dimensions not
+    named there: ``default``). ``onnxgrad.augment.residuals`` builds the gradient and calls this."""
+    rows = [Residual(v.name or "", v.producer().op_type,  # type: ignore[union-attr]
+                     None if v.shape is None else tuple(d if isinstance(d, int) else str(d) for d in v.shape),
+                     "?" if v.dtype is None else np.dtype(v.dtype.numpy()).name, value_bytes(v, dims, default))
+            for v in read_residuals(graph, grad_nodes)]
+    return sorted(rows, key=lambda r: (-r.bytes, r.name))
+
+
+def format_residuals(rows: Sequence[Residual]) -> str:
+    """The table ``onnxgrad info --residuals`` prints."""
+    total = sum(max(r.bytes, 0) for r in rows)
+    lines = [f"{len(rows)} forward values kept alive for the backward part, {total} bytes in all:"]
+    width = max((len(r.name) for r in rows), default=4)
+    for r in rows:
+        shape = "?" if r.shape is None else "[" + ",".join(map(str, r.shape)) + "]"
+        size = "?" if r.bytes < 0 else f"{r.bytes}"
+        lines.append(f"  {r.name:<{width}}  {r.op:<20} {r.dtype}{shape}  {size} bytes")
+    return "\n".join(lines)
