@@ -1,18 +1,19 @@
 """``onnxgrad check``: build the gradients and compare them with central differences along random
-directions, in float64 where onnxruntime allows (the model is converted), else in float32 with a
-looser tolerance. Exit code 1 when some x disagrees; a kink (ReLU, max-pool) is reported, not failed."""
+directions, in float64 (the model converted; onnx's reference evaluator where onnxruntime lacks a float64
+kernel), else in float32 with a looser tolerance. Exit code 1 when some x disagrees; a kink (ReLU, max-pool) or
+a flat loss is reported, not failed. Each verdict names the next step."""
 
 from __future__ import annotations
 
 import json
 import math
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import click
 from onnxgrad.cli.common import ModelError, cli, feed_options, parse_dims, parse_inputs, provider_option
+from tqdm import tqdm
 
 from onnxgrad import runtime
 from onnxgrad.check import CHECK_DIM, MISMATCH, check_model
@@ -23,28 +24,28 @@ PROGRESS_AFTER_S = 2.0  # show a progress bar once the check has run this long
 
 
 class LazyProgress:
-    """A click progress bar on stderr that appears only once the work has taken a few seconds."""
+    """A tqdm progress bar on stderr that appears only once the work has taken ``PROGRESS_AFTER_S`` seconds (a
+    check that falls back to another precision starts the bar again)."""
 
     def __init__(self, label: str, after: float | None = None) -> None:
         self.label = label
         self.after = PROGRESS_AFTER_S if after is None else after
-        self.start = time.monotonic()
         self.bar: Any = None
+        self.done = 0
 
     def __call__(self, done: int, total: int, name: str) -> None:
-        if self.bar is None:
-            if done >= total or time.monotonic() - self.start < self.after:
-                return
-            self.bar = click.progressbar(length=total, label=self.label, file=sys.stderr,
-                                         item_show_func=lambda n: n)
-            self.bar.__enter__()
-            self.bar.update(done, name)
-            return
-        self.bar.update(1, name)
+        if self.bar is None or done <= self.done:
+            self.close()
+            self.bar = tqdm(total=total, desc=self.label, file=sys.stderr, delay=self.after, leave=False,
+                            unit="x", dynamic_ncols=True)
+            self.done = 0
+        self.bar.set_postfix_str(name, refresh=False)
+        self.bar.update(done - self.done)
+        self.done = done
 
     def close(self) -> None:
         if self.bar is not None:
-            self.bar.__exit__(None, None, None)
+            self.bar.close()
             self.bar = None
 
 
@@ -58,9 +59,12 @@ class LazyProgress:
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of the random inputs, directions and output weights.")
 @click.option("--precision", type=click.Choice(["auto", "float64", "float32", "model"]), default="auto",
-              show_default=True, help="auto: float64 (model converted) where onnxruntime allows, else float32.")
+              show_default=True, help="auto and float64: the model converted to float64, run by onnxruntime or, where "
+              "it lacks a float64 kernel, by onnx's reference evaluator (auto: else float32).")
 @click.option("--rtol", type=float, default=None,
-              help="Relative tolerance (default: 1e-5 in float64, 1e-2 in float32).")
+              help="Relative tolerance (default: 1e-5 in float64, 1e-2 in float32), on top of the round-off allowed.")
+@click.option("--stop-gradients", "stop_gradients", multiple=True, metavar="NAME",
+              help="A value to treat as constant (repeatable), as grad does.")
 @provider_option
 @click.option("--json", "as_json", is_flag=True, help="Print only a JSON object on stdout.")
 def check(
@@ -73,6 +77,7 @@ def check(
     seed: int,
     precision: str,
     rtol: float | None,
+    stop_gradients: tuple[str, ...],
     provider: str,
     as_json: bool,
 ) -> None:
@@ -97,7 +102,7 @@ def check(
     progress = LazyProgress(f"checking {len(x_names)} gradients")
     try:
         report = check_model(proto, list(ys), x_names, feeds.arrays, seed=seed, precision=precision, provider=provider,
-                             rtol=rtol, progress=progress)
+                             rtol=rtol, progress=progress, stop_gradients=list(stop_gradients))
     except click.ClickException:
         raise
     except Exception as e:
@@ -112,7 +117,14 @@ def check(
         show(model, ys, report, seed)
     if bad:
         raise ModelError(f"gradient check failed for {len(bad)} of {len(report.rows)} xs: "
-                         + ", ".join(r.x for r in bad))
+                         + ", ".join(r.x for r in bad) + f" ({report.precision}; {hint(report)})")
+
+
+def hint(report: Any) -> str:
+    """The next step after a mismatch, short enough for the one error line."""
+    if report.precision != "float64":
+        return "run it in float64: --precision float64 --provider reference"
+    return "a gradient rule on their path is wrong"
 
 
 def _num(x: float) -> float | str:
@@ -128,25 +140,30 @@ def payload(model: Path, ys: tuple[str, ...], report: Any, seed: int) -> dict[st
         "source_types": report.source,
         "converted": report.converted,
         "fallback": report.fallback,
+        "runner": report.runner,
         "rtol": report.rtol,
+        "flat": report.flat,
+        "next_steps": report.next_steps(),
         "seed": seed,
         "ok": report.ok,
         "rows": [
             {"x": r.x, "shape": list(r.shape), "dtype": r.dtype, "analytic": _num(r.analytic),
              "numeric": _num(r.numeric), "rel_error": _num(r.rel_error), "step": r.step, "tries": r.tries,
-             "status": r.status, "one_sided": None if r.one_sided is None else [_num(v) for v in r.one_sided]}
+             "status": r.status, "noise": _num(r.noise), "note": r.note,
+             "one_sided": None if r.one_sided is None else [_num(v) for v in r.one_sided]}
             for r in report.rows
         ],
     }
 
 
 def precision_line(report: Any) -> str:
-    """``precision: float64 (converted from float32), rtol 1e-05`` and, on fallback, why."""
+    """``precision: float64 (converted from float32) in onnxruntime (CPUExecutionProvider), rtol 1e-05`` and, after
+    a fallback, why."""
     source = ", ".join(report.source) or "no float"
     how = f"converted from {source}" if report.converted else "the model's own"
-    line = f"precision: {report.precision} ({how}), rtol {report.rtol:.0e}"
+    line = f"precision: {report.precision} ({how}) in {report.runner}, rtol {report.rtol:.0e}"
     if report.fallback:
-        line += f"; float64 not used: {report.fallback}"
+        line += f"; onnxruntime in float64 not used: {report.fallback}"
     return line
 
 
@@ -157,14 +174,17 @@ def show(model: Path, ys: tuple[str, ...], report: Any, seed: int) -> None:
     header = ["x", "shape", "analytic", "numeric", "rel err", "step", "result"]
     table = [header]
     for r in report.rows:
-        result = {"ok": "ok", "kink": "kink", "mismatch": "MISMATCH"}[r.status]
+        result = {"ok": "ok", "kink": "kink", "flat": "flat", "mismatch": "MISMATCH"}[r.status]
         table.append([r.x, "[" + ",".join(str(d) for d in r.shape) + "]", f"{r.analytic:.9g}", f"{r.numeric:.9g}",
                       f"{r.rel_error:.1e}", f"{r.step:.0e}", result])
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for row in table:
         click.echo("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
-    counts = {s: sum(1 for r in report.rows if r.status == s) for s in ("ok", "kink", "mismatch")}
-    click.echo(f"{counts['ok']} ok, {counts['kink']} kink, {counts['mismatch']} mismatch")
+    counts = {s: sum(1 for r in report.rows if r.status == s) for s in ("ok", "kink", "flat", "mismatch")}
+    flat = f", {counts['flat']} flat" if counts["flat"] else ""
+    click.echo(f"{counts['ok']} ok, {counts['kink']} kink{flat}, {counts['mismatch']} mismatch")
     if counts["kink"]:
         click.echo("kink: no step agreed, but the one-sided differences show the slope jumping within every step "
                    "tried (ReLU, max-pool, abs at ties): not counted as a failure")
+    for step in report.next_steps():
+        click.echo(f"next: {step}")

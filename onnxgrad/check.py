@@ -5,13 +5,22 @@ Robust to kinks (ReLU, max-pool, abs): when the first step disagrees, smaller an
 other directions are tried, and an x is accepted as soon as one agrees. A disagreement that the one-sided
 differences ``(L(x+hv) - L(x)) / h`` and ``(L(x) - L(x-hv)) / h`` explain (they differ by at least the
 error: the slope jumps within the step) is a kink, not a failure; only a clean disagreement, where the
-function is smooth along the step and still disagrees, is a mismatch.
+function is smooth along the step and still disagrees at every smaller step tried (a disagreement that shrinks with
+the step is the curvature of the loss), is a mismatch; so is a gradient of another shape than its x.
 
-``check_model`` runs the check in float64 where onnxruntime allows (the model is converted: initializers,
-Constant values, Cast targets, input and output types), else in float32 with a looser tolerance."""
+Round-off is budgeted: the loss is computed from outputs of x's precision, so a difference quotient carries an error
+of about ``NOISE_ULPS * eps * sum_i |u_i| . |y_i| / h``; that much disagreement is allowed on top of the relative
+tolerance, and a row whose gradient and difference quotient are both within it is ``flat`` (a saturated softmax, a
+loss that does not move): reported, not failed. The random inputs, the directions and the output weights ``u`` are
+drawn from independent streams of one seed.
+
+``check_model`` runs the check in float64 wherever it can (the model is converted: initializers, Constant values,
+Cast targets, input and output types): in onnxruntime, or, where onnxruntime lacks a float64 kernel, in onnx's
+reference evaluator; float32 is the last resort. The report says which ran it, and why the others did not."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -22,11 +31,12 @@ import onnx_ir.passes.common
 
 from onnxgrad.api import NEW_INPUT
 from onnxgrad.augment import add_gradients
-from onnxgrad.runtime import complete_feeds, run, session
+from onnxgrad.io import one_line
+from onnxgrad.runtime import REFERENCE, complete_feeds, provider_label, run, session
 from onnxgrad.upgrade import upgrade
 from onnxgrad.workarounds import is_runtime_error, kernel_gap
 
-OK, KINK, MISMATCH = "ok", "kink", "mismatch"
+OK, KINK, FLAT, MISMATCH = "ok", "kink", "flat", "mismatch"
 
 CHECK_DIM = 2  # symbolic dimensions of random inputs in a check (run's default is 1)
 
@@ -36,7 +46,8 @@ class CheckRow:
     """One x: the analytic and numeric directional derivatives and whether they agree.
 
     ``status`` is ``ok``, ``kink`` (no step agreed, but every disagreement is explained by a jump of the
-    slope within the step: not a failure, ``ok`` is False) or ``mismatch``."""
+    slope within the step: not a failure, ``ok`` is False), ``flat`` (the gradient and the difference quotient are
+    both within round-off of zero: nothing to compare, not a failure, ``ok`` is False) or ``mismatch``."""
 
     x: str
     analytic: float
@@ -49,6 +60,9 @@ class CheckRow:
     shape: tuple[int, ...] = ()
     dtype: str = ""
     one_sided: tuple[float, float] | None = None  # forward and backward differences of the reported try
+    noise: float = 0.0  # the round-off allowed in the difference quotient of the reported try
+    note: str = ""  # what else is wrong (a gradient of another shape than x)
+    flat: bool = False  # the gradient and the difference quotient are both zero within round-off
 
 
 def cut_at(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
@@ -104,6 +118,13 @@ STEPS: dict[str, tuple[float, ...]] = {
 }
 RTOL: dict[str, float] = {"float64": 1e-5, "float32": 1e-2, "float16": 5e-2}
 DIRECTIONS = 3
+# the smallest step a try is refined to: below it the rounding of x + h v to x's dtype spoils the step
+MIN_STEP: dict[str, float] = {"float64": 1e-10, "float32": 1e-5, "float16": 1e-3}
+# the round-off of L = sum_i <u_i, y_i>, in units of eps * sum_i |u_i| . |y_i|: the outputs of a deep float32 net
+# are good to a few ulps of their magnitude, and L adds them up
+NOISE_ULPS = 8.0
+# the streams of one seed: inputs use the seed itself (as `run` draws them), the others these spawn keys
+U_STREAM, DIRECTION_STREAM = 1, 2
 
 Progress = Callable[[int, int, str], None]
 
@@ -125,30 +146,40 @@ def check_gradients(
     steps: Sequence[float] | None = None,
     directions: int = DIRECTIONS,
     progress: Progress | None = None,
+    stop_gradients: Sequence[str] = (),
 ) -> list[CheckRow]:
     """Compare onnxgrad's gradients of ``sum_i <u_i, y_i>`` with central differences, one row per x.
 
     ``eps`` fixes the step (``steps`` gives several, tried in order); by default the steps and
-    tolerance follow x's dtype (``STEPS``, ``RTOL``). ``progress(done, total, x)`` is called after each x."""
-    rng = np.random.default_rng(seed)
+    tolerance follow x's dtype (``STEPS``, ``RTOL``). ``stop_gradients`` are held at their values on ``feeds`` in
+    the differences too (as ``gradients`` treats them). ``u`` and the directions come from streams of ``seed``
+    apart from the one ``run`` draws random inputs from. ``progress(done, total, x)`` is called after each x."""
+    u_rng = np.random.default_rng([seed, U_STREAM])
+    rng = np.random.default_rng([seed, DIRECTION_STREAM])
     model = upgrade(model)
-    aug = add_gradients(model, list(ys), list(xs), [NEW_INPUT] * len(ys))
+    stops = list(dict.fromkeys(stop_gradients))
+    aug = add_gradients(model, list(ys), list(xs), [NEW_INPUT] * len(ys),
+                        **({"stop_gradients": stops} if stops else {}))
     seed_names = aug.new_inputs
-    base = _values(model, feeds, [*xs, *ys], provider)
-    x_vals = {x: base[x] for x in xs}
+    base = _values(model, feeds, [*xs, *ys, *stops], provider)
+    x_vals = {x: base[x] for x in [*xs, *stops]}
     us = {
-        s: np.asarray(rng.standard_normal(np.shape(base[y])), dtype=base[y].dtype)
+        s: np.asarray(u_rng.standard_normal(np.shape(base[y])), dtype=base[y].dtype)
         for s, y in zip(seed_names, ys, strict=True)
     }
     grads = run(aug.model, {**feeds, **us}, provider=provider)
     u_list = [us[s] for s in seed_names]
+    # the round-off scale of the loss: sum_i |u_i| . |y_i|, in the outputs' own precision
+    magnitude = float(sum(np.sum(np.abs(u.astype(np.float64) * base[y].astype(np.float64)))
+                          for u, y in zip(u_list, ys, strict=True)))
     leaves = {i.name for i in model.graph.input} | {i.name for i in model.graph.initializer}
     sessions: dict[str, tuple[object, set[str]]] = {}
 
     def loss(x: str, point: Mapping[str, np.ndarray]) -> float:
         key = "" if x in leaves else x
         if key not in sessions:
-            sess = session(cut_at(model, [n for n in xs if n in leaves] if key == "" else [x]), provider)
+            cut = [n for n in xs if n in leaves] if key == "" else [x]
+            sess = session(cut_at(model, [*cut, *stops]), provider)
             sessions[key] = (sess, {i.name for i in sess.get_inputs()})
         sess, names = sessions[key]
         f = {k: np.asarray(v) for k, v in {**feeds, **x_vals, **point}.items() if k in names}
@@ -156,18 +187,35 @@ def check_gradients(
         return float(sum(np.sum(u.astype(np.float64) * outs[y].astype(np.float64))
                          for u, y in zip(u_list, ys, strict=True)))
 
+    out_eps = max([_eps(base[y].dtype) for y in ys] or [_eps(np.dtype(np.float64))])
     rows = []
     unique = list(dict.fromkeys(xs))
     for done, x in enumerate(unique, 1):
         x0 = x_vals[x]
         g_name = aug.gradients[x]
         g = np.zeros(x0.shape) if g_name is None else np.asarray(grads[g_name], dtype=np.float64)
+        if g.shape != x0.shape:  # a rule that missed a reduction over broadcast axes, say
+            rows.append(CheckRow(x, math.nan, math.nan, math.inf, False, MISMATCH, 0.0, 0, tuple(x0.shape),
+                                 x0.dtype.name, note=f"its gradient has shape {list(g.shape)}, it has "
+                                 f"{list(x0.shape)}"))
+            if progress is not None:
+                progress(done, len(unique), x)
+            continue
         hs = [eps] if eps is not None else list(steps) if steps is not None else list(STEPS[_kind(x0.dtype)])
         tol = rtol if rtol is not None else RTOL[_kind(x0.dtype)]
-        rows.append(_check_one(x, x0, g, hs, tol, max(1, directions), rng, lambda p, x=x: loss(x, {x: p})))
+        noise = NOISE_ULPS * max(out_eps, _eps(x0.dtype)) * magnitude
+        rows.append(_check_one(x, x0, g, hs, tol, max(1, directions), rng, lambda p, x=x: loss(x, {x: p}), noise))
         if progress is not None:
             progress(done, len(unique), x)
     return rows
+
+
+def _eps(dtype: np.dtype) -> float:
+    """Machine epsilon of a float dtype (float32's for the types numpy has no ``finfo`` for)."""
+    try:
+        return float(np.finfo(dtype).eps)
+    except (TypeError, ValueError):
+        return float(np.finfo(np.float32).eps)
 
 
 def _check_one(
@@ -179,43 +227,77 @@ def _check_one(
     directions: int,
     rng: np.random.Generator,
     loss: Callable[[np.ndarray], float],
+    noise: float = 0.0,
 ) -> CheckRow:
     """Try (direction, step) pairs until one agrees (ok) or one disagrees cleanly (mismatch); when
     every try is spoiled by a jump of the slope within the step, the verdict is ``kink``.
 
-    A try disagrees cleanly when its one-sided differences agree with each other better than the
-    central difference agrees with the analytic value: the function is smooth along that step, so a
-    kink cannot explain the error (a kink at ``x + t h v`` makes them differ by twice the error it causes)."""
+    A try that disagrees is first refined: the step shrinks tenfold while the disagreement keeps shrinking
+    (a strongly curved loss, a BatchNorm over few values, needs small steps; a wrong gradient disagrees by the
+    same amount at every step), down to ``MIN_STEP``. A try disagrees cleanly when its one-sided differences agree
+    with each other better than the central difference agrees with the analytic value: the function is smooth
+    along that step, so a kink cannot explain the error (a kink at ``x + t h v`` makes them differ by twice the
+    error it causes).
+
+    ``noise`` is the round-off of one loss value: a difference quotient over step h may be off by ``noise / h``,
+    which is allowed; a try whose gradient and quotient are both within it is ``flat``."""
     dt = x0.dtype
     base = x0.astype(np.float64)
     # <g, v> has standard deviation |g| over random v: a directional derivative that cancels to
     # near zero is judged against that, not against itself
     typical = float(np.linalg.norm(g))
+    smallest = MIN_STEP[_kind(dt)]
     f0: float | None = None
     first: CheckRow | None = None
     tries = 0
+
+    def attempt(v: np.ndarray, h: float, refining: bool = False) -> tuple[CheckRow, float, float, float]:
+        nonlocal tries
+        tries += 1
+        xp, xm = (base + h * v).astype(dt), (base - h * v).astype(dt)
+        # the step actually taken, after rounding to x's dtype (it matters in float32 and below)
+        analytic = float(np.sum(g * (xp.astype(np.float64) - xm.astype(np.float64)))) / (2 * h)
+        plus, minus = loss(xp), loss(xm)
+        numeric = (plus - minus) / (2 * h)
+        scale = max(abs(analytic), abs(numeric), typical, 1e-3)
+        err = abs(analytic - numeric) / scale
+        slack = noise / h  # what round-off in the loss alone does to the quotient
+        row = CheckRow(x, analytic, numeric, err, True, OK, h, tries, tuple(x0.shape), dt.name, noise=slack)
+        row.flat = max(abs(analytic), typical) <= slack and abs(numeric) <= 2 * slack
+        # a refining try shrinks h, and noise / h with it grows: it may only agree, never be excused by round-off
+        if err <= tol or (not refining and abs(analytic - numeric) <= tol * scale + slack):
+            return row, plus, minus, scale
+        if row.flat and not refining:
+            row.ok, row.status = False, FLAT  # zero within round-off, both ways: nothing to compare
+            return row, plus, minus, scale
+        row.ok, row.status = False, MISMATCH  # for now: refined and classified below
+        return row, plus, minus, scale
+
     for _ in range(directions):
         v = rng.standard_normal(x0.shape)
         for h in steps:
-            tries += 1
-            xp, xm = (base + h * v).astype(dt), (base - h * v).astype(dt)
-            # the step actually taken, after rounding to x's dtype (it matters in float32 and below)
-            analytic = float(np.sum(g * (xp.astype(np.float64) - xm.astype(np.float64)))) / (2 * h)
-            plus, minus = loss(xp), loss(xm)
-            numeric = (plus - minus) / (2 * h)
-            scale = max(abs(analytic), abs(numeric), typical, 1e-3)
-            err = abs(analytic - numeric) / scale
-            row = CheckRow(x, analytic, numeric, err, True, OK, h, tries, tuple(x0.shape), dt.name)
-            if err <= tol:
+            row, plus, minus, _scale = attempt(v, h)
+            if row.status != MISMATCH:
                 return row
+            # refine: a disagreement that shrinks with the step is the curvature of the loss, not a wrong gradient
+            gap, step = abs(row.analytic - row.numeric), h
+            while step / 10 >= smallest:
+                step /= 10
+                finer, *_ = attempt(v, step, refining=True)
+                if finer.status != MISMATCH:
+                    finer.tries = tries
+                    return finer
+                finer_gap = abs(finer.analytic - finer.numeric)
+                if finer_gap > gap / 2:  # no longer converging
+                    break
+                gap = finer_gap
             if f0 is None:
                 f0 = loss(x0)
             forward, backward = (plus - f0) / h, (f0 - minus) / h
             row.one_sided = (forward, backward)
-            row.ok = False
-            if abs(forward - backward) < abs(numeric - analytic):
-                row.status = MISMATCH  # smooth along the step, and still wrong
-                return row
+            row.tries = tries
+            if abs(forward - backward) < abs(row.numeric - row.analytic) - row.noise:
+                return row  # smooth along the step, and still wrong at every smaller step
             row.status = KINK
             first = first or row
     assert first is not None
@@ -333,19 +415,55 @@ def cast_feeds(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> dict[
 
 @dataclass
 class CheckReport:
-    """The rows of a ``check_model`` run and the precision they were computed in."""
+    """The rows of a ``check_model`` run, the precision they were computed in and what ran them."""
 
     rows: list[CheckRow]
     precision: str  # "float64", "float32" (or the model's own type when asked)
     source: list[str]  # the model's float types, e.g. ["float32"]
     converted: bool  # whether the model was converted to ``precision``
-    fallback: str | None  # why a higher precision was given up, if it was
+    fallback: str | None  # why onnxruntime in float64 was given up, if it was
     rtol: float
+    runner: str = ""  # what computed the rows: "onnxruntime (CPUExecutionProvider)", "onnx ReferenceEvaluator"
 
     @property
     def ok(self) -> bool:
-        """No mismatch (kinks are reported, not failures)."""
+        """No mismatch (kinks and flat rows are reported, not failures)."""
         return all(r.status != MISMATCH for r in self.rows)
+
+    @property
+    def flat(self) -> bool:
+        """Every row's gradient and difference quotient zero within round-off: the loss does not move here (a
+        saturated softmax, say), so agreement says little."""
+        return bool(self.rows) and all(r.flat for r in self.rows)
+
+    def next_steps(self) -> list[str]:
+        """What to do about each verdict present, one line each (none when every row is ok)."""
+        counts = {s: sum(1 for r in self.rows if r.status == s) for s in (KINK, FLAT, MISMATCH)}
+        steps = [f"{r.x}: {r.note}: a rule on its path returns a gradient of the wrong shape (a sum over broadcast "
+                 "axes missed?)" for r in self.rows if r.note]
+        if any(r.status == MISMATCH and not r.note for r in self.rows):
+            bad = ", ".join(r.x for r in self.rows if r.status == MISMATCH and not r.note)
+            if self.precision != "float64":
+                steps.append(f"mismatch ({bad}) in {self.precision}: round-off may explain it; settle it in float64 "
+                             "with --precision float64 --provider reference (onnx's reference evaluator runs every "
+                             "op in float64)")
+            else:
+                steps.append(f"mismatch ({bad}) in float64: a gradient rule on the way from these xs to the ys is "
+                             "wrong; check intermediate values with --xs NAME to find the first op that disagrees, "
+                             "and report it with the model")
+        if counts[FLAT] or self.flat:
+            what = "the loss is flat here (every gradient is zero within round-off, a saturated softmax, say)" \
+                if self.flat else f"{counts[FLAT]} flat (zero within round-off): nothing to compare for them"
+            steps.append(f"{what}: feed other inputs (--inputs, --input) or another --seed, or pick another --ys")
+        if counts[KINK]:
+            steps.append(f"{counts[KINK]} kink: no step was smooth (ReLU, max-pool, abs at a tie); rerun with "
+                         "another --seed to check them at a smooth point")
+        return steps
+
+
+def unnamed_node_gap(e: BaseException) -> str:
+    """``kernel_gap``'s line, with an unnamed node called so rather than ``node ''``."""
+    return kernel_gap(e).replace("(node '')", "(an unnamed node)")
 
 
 def check_model(
@@ -361,36 +479,44 @@ def check_model(
     directions: int = DIRECTIONS,
     progress: Progress | None = None,
     dims: int | Mapping[str, int] = CHECK_DIM,
+    stop_gradients: Sequence[str] = (),
 ) -> CheckReport:
-    """``check_gradients`` in the best precision onnxruntime allows.
+    """``check_gradients`` in the best precision available.
 
-    ``precision``: ``auto`` tries float64 (the model converted), then float32; ``float64`` /
-    ``float32`` ask for one; ``model`` keeps the model's own types. Inputs that ``feeds`` leaves out
-    get seeded random values (``onnxgrad.runtime.make_feeds``: symbolic dimensions of size ``dims``, 2 by default
-    where ``run`` uses 1: a gradient that misses its sum over a broadcast batch axis then shows)."""
+    ``precision``: ``auto`` and ``float64`` convert the model to float64 and run it on ``provider``; where that
+    lacks a float64 kernel they fall back, for the whole model, to onnx's reference evaluator in float64, and
+    ``auto`` then to float32 on ``provider``. ``float32`` asks for float32; ``model`` keeps the model's own types.
+    Inputs that ``feeds`` leaves out get seeded random values (``onnxgrad.runtime.make_feeds``: symbolic
+    dimensions of size ``dims``, 2 by default where ``run`` uses 1: a gradient that misses its sum over a broadcast
+    batch axis then shows)."""
     if precision not in ("auto", "float64", "float32", "model"):
         raise ValueError(f"precision must be 'auto', 'float64', 'float32' or 'model', got {precision!r}")
     source = sorted(float_elem_types(model))
-    targets: list[int | None] = {
-        "auto": [onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT],
-        "float64": [onnx.TensorProto.DOUBLE],
-        "float32": [onnx.TensorProto.FLOAT],
-        "model": [None],
+    f64, f32 = onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT
+    wide = [(f64, provider)] if provider == REFERENCE else [(f64, provider), (f64, REFERENCE)]
+    attempts: list[tuple[int | None, str]] = {
+        "auto": [*wide, (f32, provider)],
+        "float64": wide,
+        "float32": [(f32, provider)],
+        "model": [(None, provider)],
     }[precision]
     feeds = complete_feeds(model, feeds, seed, dims)
     fallback: str | None = None
-    for k, to in enumerate(targets):
+    for k, (to, runner) in enumerate(attempts):
         converted = to is not None and any(s != to for s in source)
         m = convert_floats(model, to) if converted and to is not None else model
         try:
-            rows = check_gradients(m, ys, xs, cast_feeds(m, feeds), seed=seed, rtol=rtol, provider=provider,
-                                   directions=directions, progress=progress)
+            rows = check_gradients(m, ys, xs, cast_feeds(m, feeds), seed=seed, rtol=rtol, provider=runner,
+                                   directions=directions, progress=progress, stop_gradients=stop_gradients)
         except Exception as e:
-            if k + 1 < len(targets) and is_runtime_error(e):
-                fallback = kernel_gap(e)
+            last = k + 1 == len(attempts)
+            if not last and (is_runtime_error(e) or runner == REFERENCE):
+                why = unnamed_node_gap(e) if is_runtime_error(e) else f"the reference evaluator failed: {one_line(e)}"
+                fallback = why if fallback is None else f"{fallback}; {why}"
                 continue
             raise
         name = elem_name(to) if to is not None else (elem_name(source[0]) if len(source) == 1 else "mixed")
         tol = rtol if rtol is not None else RTOL.get(name, RTOL["float32"])
-        return CheckReport(rows, name, [elem_name(s) for s in source], converted, fallback, tol)
+        return CheckReport(rows, name, [elem_name(s) for s in source], converted, fallback, tol,
+                           provider_label(runner) if runner == REFERENCE else f"onnxruntime ({provider_label(runner)})")
     raise AssertionError("unreachable")

@@ -18,10 +18,9 @@ import onnx_ir.passes.common
 
 import onnxgrad.rules  # noqa: F401  (registers every rule: the report looks each op up)
 from onnxgrad import registry
-from onnxgrad.backprop import _backward_reach, _forward_reach
 from onnxgrad.emitter import FLOAT_TYPES
 from onnxgrad.io import load_lazy
-from onnxgrad.shorthands import INPUTS, WEIGHTS, ModelLike, dtype_of
+from onnxgrad.shorthands import INPUTS, WEIGHTS, ModelLike, dtype_of, select_weights
 
 FIRST_FEW = 8
 
@@ -89,16 +88,95 @@ def _ensure_types(model: ir.Model) -> None:
     ir.passes.common.ShapeInferencePass(strict_mode=False, data_prop=False)(model)
 
 
+def _subgraphs(node: ir.Node) -> list[ir.Graph]:
+    """The graphs held by ``node``'s attributes (If's branches, a Loop or Scan body)."""
+    out: list[ir.Graph] = []
+    for a in node.attributes.values():
+        if a.type == ir.AttributeType.GRAPH:
+            out.append(a.as_graph())
+        elif a.type == ir.AttributeType.GRAPHS:
+            out.extend(a.as_graphs())
+    return out
+
+
+def outer_reads(node: ir.Node) -> list[ir.Value]:
+    """Values of an enclosing scope that the subgraphs of ``node`` read (at any depth), in first-read order."""
+    defined: set[ir.Value] = set()
+    read: dict[ir.Value, None] = {}
+    for sub in _subgraphs(node):
+        defined.update(sub.inputs)
+        defined.update(sub.initializers.values())
+        for inner in ir.traversal.RecursiveGraphIterator(sub):
+            defined.update(inner.outputs)
+            for g in _subgraphs(inner):
+                defined.update(g.inputs)
+                defined.update(g.initializers.values())
+            read.update((v, None) for v in inner.inputs if v is not None)
+        read.update((v, None) for v in sub.outputs)
+    return [v for v in read if v not in defined]
+
+
+def _reads(node: ir.Node) -> list[ir.Value]:
+    """What ``node`` reads: its inputs and the outer values its subgraphs read."""
+    return [*(v for v in node.inputs if v is not None), *outer_reads(node)]
+
+
+def _backward(ys: Sequence[ir.Value]) -> set[ir.Value]:
+    """Values some y depends on, through node inputs and the outer values that subgraphs read."""
+    seen: set[ir.Value] = set(ys)
+    stack = list(ys)
+    while stack:
+        node = stack.pop().producer()
+        if node is None:
+            continue
+        for v in _reads(node):
+            if v not in seen:
+                seen.add(v)
+                stack.append(v)
+    return seen
+
+
+def _forward(nodes: Sequence[ir.Node], seeds: Sequence[ir.Value]) -> set[ir.Value]:
+    """Float values of ``nodes``' outputs that depend on a seed (a subgraph's read counts as its holder's)."""
+    reach: set[ir.Value] = set(seeds)
+    for node in nodes:  # topological order
+        if any(v in reach for v in _reads(node)):
+            reach.update(o for o in node.outputs if dtype_of(o) in FLOAT_TYPES or dtype_of(o) is None)
+    return reach
+
+
+def _body_gaps(node: ir.Node, live: set[ir.Value], opsets: Any, where: str) -> list[tuple[ir.Node, str]]:
+    """Nodes without a rule inside ``node``'s subgraphs, on the way from what varies (the body's inputs and the
+    outer values in ``live``) to the body's outputs, with where each sits (``If 'cond' / then_branch``)."""
+    gaps: list[tuple[ir.Node, str]] = []
+    for sub in _subgraphs(node):
+        here = f"{where}{node.op_type} '{node.name or '(unnamed)'}' / {sub.name or 'body'}"
+        nodes = list(sub)
+        reach = _forward(nodes, [*sub.inputs, *live])
+        between = reach & _backward(list(sub.outputs))
+        for inner in nodes:
+            if not any(o in between for o in inner.outputs) or not any(v in between for v in _reads(inner)):
+                continue
+            opset = registry.opset_of(opsets, inner.domain)
+            if registry.lookup(inner.domain, inner.op_type, opset) is None:
+                gaps.append((inner, here))
+            gaps.extend(_body_gaps(inner, between, opsets, here + ": "))
+    return gaps
+
+
 def differentiability(model: ir.Model) -> dict[str, Any]:
-    """Which float outputs depend on which float inputs and weights, and the ops on those paths that
-    have no gradient rule at the model's opset (these block ``gradients``; a stop gradient cures them)."""
+    """Which float outputs depend on which float inputs and trainable weights, and the ops on those paths that
+    have no gradient rule at the model's opset (these block ``gradients``; a stop gradient cures them). Values that
+    If / Loop / Scan bodies read from outer scope are dependencies of the node that holds them, and ops inside
+    those bodies need rules too. Float initializers that ``@weights`` leaves out are listed, with why."""
     _ensure_types(model)
     graph = model.graph
-    order = {id(n): i for i, n in enumerate(graph)}
+    nodes = list(graph)
     inputs = [v for v in graph.inputs if not v.is_initializer() and dtype_of(v) in FLOAT_TYPES]
-    weights = [v for v in graph.initializers.values() if dtype_of(v) in FLOAT_TYPES]
+    trainable, left_out = select_weights(model)
+    weights = [graph.initializers[n] for n in trainable]
     leaves = [*inputs, *weights]
-    reach = _forward_reach(graph, leaves, set(), order) if leaves else set()
+    reach = _forward(nodes, leaves) if leaves else set()
     outputs: list[dict[str, Any]] = []
     missing: dict[tuple[str, str, int], list[str]] = {}
     for out in graph.outputs:
@@ -107,26 +185,30 @@ def differentiability(model: ir.Model) -> dict[str, Any]:
             row.update(inputs=[], weights=0, missing_rules=[])
             outputs.append(row)
             continue
-        back = _backward_reach([out], set())
-        between = reach & back
+        between = reach & _backward([out])
         row["inputs"] = [v.name for v in inputs if v in between]
         row["weights"] = sum(1 for v in weights if v in between)
         blocked: list[str] = []
-        for node in graph:
-            if not any(o in between for o in node.outputs) or not any(i in between for i in node.inputs):
+        for node in nodes:
+            if not any(o in between for o in node.outputs) or not any(v in between for v in _reads(node)):
                 continue
             opset = registry.opset_of(model.opset_imports, node.domain)
-            if registry.lookup(node.domain, node.op_type, opset) is None:
-                key = (registry.normalize_domain(node.domain) or "ai.onnx", node.op_type, opset)
+            gaps = [(node, "")] if registry.lookup(node.domain, node.op_type, opset) is None else []
+            gaps += _body_gaps(node, between, model.opset_imports, "")
+            for gap, where in gaps:
+                opset = registry.opset_of(model.opset_imports, gap.domain)
+                key = (registry.normalize_domain(gap.domain) or "ai.onnx", gap.op_type, opset)
                 names = missing.setdefault(key, [])
-                if node.name not in names:
-                    names.append(node.name or "")
-                blocked.append(_op_label(node))
+                label = f"{where}: {gap.name or '(unnamed)'}" if where else gap.name or ""
+                if label not in names:
+                    names.append(label)
+                blocked.append(_op_label(gap))
         row["missing_rules"] = sorted(set(blocked))
         outputs.append(row)
     return {
         "inputs": [v.name for v in inputs],
         "weights": [v.name for v in weights],
+        "left_out": [{"name": w.name, "reason": w.reason} for w in left_out],
         "outputs": outputs,
         "missing_rules": [
             {"domain": d, "op_type": op, "opset": opset, "nodes": nodes}
@@ -154,7 +236,8 @@ def describe(model: ModelLike | str | os.PathLike[str]) -> dict[str, Any]:
         "weights": {
             "count": len(weights),
             "bytes": int(sum(sizes)),
-            "float_count": len(diff["weights"]),
+            "float_count": len(diff["weights"]) + len(diff["left_out"]),
+            "trainable": len(diff["weights"]),
             "external": sum(1 for v in weights if _is_external(v)),
             "items": [_value_row(v) | {"bytes": s} for v, s in zip(weights, sizes, strict=True)],
         },
@@ -168,16 +251,17 @@ def describe(model: ModelLike | str | os.PathLike[str]) -> dict[str, Any]:
 
 def suggestion(diff: dict[str, Any]) -> str | None:
     """A ``--ys/--xs`` line for ``onnxgrad grad`` from the differentiability report (None if nothing fits)."""
-    ys = [o["name"] for o in diff["outputs"] if o["float"] and (o["inputs"] or o["weights"])]
-    if not ys:
+    ys = [o["name"] for o in diff["outputs"]
+          if o["float"] and (o["inputs"] or o["weights"]) and not o["missing_rules"]]
+    if not ys:  # nothing, or every candidate blocked by an op without a rule: a grad line would fail
         return None
-    xs = []
-    if any(o["weights"] for o in diff["outputs"] if o["name"] in ys):
-        xs.append(WEIGHTS)
-    if any(o["inputs"] for o in diff["outputs"] if o["name"] in ys):
-        xs.append(INPUTS)
     scalar = [o for o in ys if o in ("loss", "energy", "cost")]
     chosen = scalar[:1] or ys[:1]
+    xs = []
+    if any(o["weights"] for o in diff["outputs"] if o["name"] in chosen):
+        xs.append(WEIGHTS)
+    if any(o["inputs"] for o in diff["outputs"] if o["name"] in chosen):
+        xs.append(INPUTS)
     return " ".join([*(f"--ys {y}" for y in chosen), *(f"--xs {x}" for x in xs)])
 
 
@@ -222,7 +306,12 @@ def format_description(info: dict[str, Any], path: str | os.PathLike[str] | None
     d = info["differentiable"]
     lines.append("differentiable:")
     lines.append(f"  float inputs ({INPUTS}): {', '.join(d['inputs']) or 'none'}")
-    lines.append(f"  float weights ({WEIGHTS}): {len(d['weights'])}")
+    lines.append(f"  float weights ({WEIGHTS}): {len(d['weights'])} trainable"
+                 + (f", {len(d['left_out'])} left out" if d["left_out"] else ""))
+    for w in d["left_out"][:first]:
+        lines.append(f"    left out: {w['name']} ({w['reason']})")
+    if len(d["left_out"]) > first:
+        lines.append(f"    ... and {len(d['left_out']) - first} more left out")
     for o in d["outputs"]:
         if not o["float"]:
             lines.append(f"  {o['name']}: not a float value (cannot be a y)")
@@ -236,6 +325,9 @@ def format_description(info: dict[str, Any], path: str | os.PathLike[str] | None
         lines.append(f"  no gradient rule: {m['op_type']} ({m['domain']}, opset {m['opset']}) at {nodes}")
     if info["suggestion"]:
         lines.append(f"try: onnxgrad grad {path if path is not None else 'MODEL'} -o OUT {info['suggestion']}")
+    elif any(o["missing_rules"] for o in d["outputs"]):
+        lines.append("no grad line to suggest: every output that depends on an input or weight passes an op without "
+                     "a rule (register one, or stop the gradient before it with --stop-gradients)")
     return "\n".join(lines)
 
 

@@ -16,6 +16,8 @@ from typing import IO
 import onnx
 import onnx_ir as ir
 
+from onnxgrad.validate import check_graph, check_names
+
 # protobuf cannot serialise one message of 2 GiB or more: above this, tensors go to an external data file
 PROTOBUF_LIMIT = 2**31 - 1
 
@@ -49,7 +51,19 @@ def load_model(path: str | os.PathLike[str], load_external_data: bool = True) ->
         raise ModelFileError(f"'{p}' is not a valid ONNX model ({what})")
     if model.ir_version >= 3 and not model.opset_import:  # required from IR 3 on: what a cut after the graph leaves
         raise ModelFileError(f"'{p}' is not a valid ONNX model (no opset_import: truncated?)")
+    _check_structure(p, model)
     return model
+
+
+def _check_structure(p: Path, model: onnx.ModelProto) -> None:
+    """A ``ModelFileError`` with the invalid-model prefix for a value defined twice or nowhere, a cycle or nodes out
+    of order (``onnxgrad.validate``'s checks, run on the file before any command works on it)."""
+    try:
+        check_names(model.graph)
+        if len(model.graph.node):  # an empty graph is a valid model: commands that need nodes say so themselves
+            check_graph(ir.serde.deserialize_graph(model.graph))
+    except ValueError as e:
+        raise ModelFileError(f"'{p}' is not a valid ONNX model: {one_line(e)}") from None
 
 
 # the first bytes of files people mistake for ONNX models
@@ -61,6 +75,12 @@ _MAGIC = [
     *((b"\x80" + bytes([v]), "a Python pickle (PyTorch .pt?)") for v in (2, 3, 4, 5)),
     (b"\x1f\x8b", "a gzip file"),
 ]
+
+
+def file_kind(path: str | os.PathLike[str]) -> str | None:
+    """What the file at ``path`` is when its first bytes say so (``a text file``, ``a NumPy .npy file``...); None
+    when they do not, or it cannot be read."""
+    return _other_format(Path(path))
 
 
 def _other_format(p: Path) -> str | None:

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from onnxgrad.io import one_line
+from onnxgrad.io import file_kind, one_line
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 # onnx's reference evaluator: slow, but it knows every opset onnx does (onnxruntime 1.31 stops at 26)
@@ -43,14 +43,220 @@ class ValueArg:
 _ORT_TYPE_NAMES = {"float32": "float", "float64": "double"}
 
 
+def conv_nd(x: np.ndarray, w: np.ndarray, strides: Sequence[int], dilations: Sequence[int], begin: Sequence[int],
+            end: Sequence[int], group: int) -> np.ndarray:
+    """ONNX Conv in numpy, in the inputs' precision: x [N, C, *S], w [M, C/group, *K]; a negative pad crops.
+
+    One tensor contraction per kernel offset (BLAS does the work), so float64 models run in seconds."""
+    rank = x.ndim - 2
+    grow = [(0, 0), (0, 0), *((max(b, 0), max(e, 0)) for b, e in zip(begin, end, strict=True))]
+    x = np.pad(x, grow)
+    crop = tuple(slice(max(-b, 0), x.shape[2 + i] - max(-e, 0))
+                 for i, (b, e) in enumerate(zip(begin, end, strict=True)))
+    x = x[(slice(None), slice(None), *crop)]
+    kernel = w.shape[2:]
+    out_shape = [(x.shape[2 + i] - (kernel[i] - 1) * dilations[i] - 1) // strides[i] + 1 for i in range(rank)]
+    n, c = x.shape[:2]
+    m = w.shape[0]
+    xg = x.reshape(n, group, c // group, *x.shape[2:])
+    wg = w.reshape(group, m // group, c // group, *kernel)
+    out = np.zeros((n, group, m // group, *out_shape), dtype=np.result_type(x, w))
+    for offset in np.ndindex(*kernel):
+        window = tuple(slice(o * d, o * d + (size - 1) * st + 1, st)
+                       for o, d, st, size in zip(offset, dilations, strides, out_shape, strict=True))
+        patch = xg[(slice(None), slice(None), slice(None), *window)]  # [N, G, C/G, *out]
+        out += np.einsum("ngc...,gmc->ngm...", patch, wg[(slice(None), slice(None), slice(None), *offset)])
+    return out.reshape(n, m, *out_shape)
+
+
+def conv_transpose_nd(x: np.ndarray, w: np.ndarray, strides: Sequence[int], dilations: Sequence[int],
+                      begin: Sequence[int], end: Sequence[int], extra: Sequence[int], group: int) -> np.ndarray:
+    """ONNX ConvTranspose in numpy, in the inputs' precision: x [N, C, *S], w [C, M/group, *K]. Each kernel offset
+    scatters one tensor contraction into the strided positions it reaches; ``begin``/``end`` pads are then cropped
+    and ``extra`` (output_padding) extends the end."""
+    rank = x.ndim - 2
+    n, c = x.shape[:2]
+    kernel = w.shape[2:]
+    m = w.shape[1] * group
+    size = x.shape[2:]
+    full = [(size[i] - 1) * strides[i] + (kernel[i] - 1) * dilations[i] + 1 + extra[i] for i in range(rank)]
+    xg = x.reshape(n, group, c // group, *size)
+    wg = w.reshape(group, c // group, m // group, *kernel)
+    out = np.zeros((n, group, m // group, *full), dtype=np.result_type(x, w))
+    for offset in np.ndindex(*kernel):
+        where = tuple(slice(o * dl, o * dl + (sz - 1) * st + 1, st)
+                      for o, dl, sz, st in zip(offset, dilations, size, strides, strict=True))
+        out[(slice(None), slice(None), slice(None), *where)] += np.einsum(
+            "ngc...,gcm->ngm...", xg, wg[(slice(None), slice(None), slice(None), *offset)])
+    crop = tuple(slice(begin[i], full[i] - end[i]) for i in range(rank))
+    return out.reshape(n, m, *full)[(slice(None), slice(None), *crop)]
+
+
+def _conv_pads(auto_pad: str | None, pads: Sequence[int] | None, size: Sequence[int], kernel: Sequence[int],
+               strides: Sequence[int], dilations: Sequence[int]) -> tuple[list[int], list[int]]:
+    """(begin, end) pads of a Conv, from ``pads`` or ``auto_pad`` as the ONNX spec computes them."""
+    rank = len(size)
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        begin, end = [], []
+        for i in range(rank):
+            total = max((-(-size[i] // strides[i]) - 1) * strides[i] + (kernel[i] - 1) * dilations[i] + 1 - size[i], 0)
+            low = total // 2 if auto_pad == "SAME_UPPER" else total - total // 2
+            begin.append(low)
+            end.append(total - low)
+        return begin, end
+    if auto_pad == "VALID" or not pads:
+        return [0] * rank, [0] * rank
+    return list(pads[:rank]), list(pads[rank:])
+
+
+def _faithful_ops() -> list[type]:
+    """Reference-evaluator kernels in place of onnx 1.23's where those are wrong or too slow for a float64 check.
+
+    onnx's Erf rounds every value to float32 (``np.vectorize(math.erf, otypes=["f"])``). Its ConvTranspose fails
+    for ``group`` > 1 (it reshapes W as if its first axis were the output channels) and loops in Python (a minute
+    for a ShuffleNet gradient); Conv and ConvTranspose here are ``conv_nd`` and ``conv_transpose_nd`` (an
+    ``output_shape`` goes to onnx's own, one group at a time). Its BatchNormalization 9-13 blends batch statistics
+    in by momentum where the node asks for inference (one output); here the spec: running statistics for one output,
+    batch statistics otherwise. Its Dropout before opset 12 drops at random; in inference (every opset's default)
+    Dropout is the identity. Its LRN sums the squares for the first channels only (it loops over the batch axis).
+    Its Softmax, LogSoftmax and Hardmax ignore the opset: before 13 they act on the input flattened to 2D at
+    ``axis`` (default 1)."""
+    import math
+
+    from onnx.reference.op_run import OpRun
+    from onnx.reference.ops.op_conv_transpose import ConvTranspose as OnnxConvTranspose
+
+    erf = np.vectorize(math.erf, otypes=[np.float64])
+
+    class Erf(OpRun):
+        op_domain = ""
+
+        def _run(self, x: np.ndarray) -> tuple[np.ndarray]:  # type: ignore[override]
+            return (np.asarray(erf(x)).astype(x.dtype) if x.size else x.copy(),)
+
+    def _bias(out: np.ndarray, b: np.ndarray | None) -> np.ndarray:
+        return out if b is None else out + b.reshape((1, -1) + (1,) * (out.ndim - 2))
+
+    class Conv(OpRun):
+        op_domain = ""
+
+        def _run(self, X: np.ndarray, W: np.ndarray, B: np.ndarray | None = None,  # type: ignore[override]
+                 auto_pad: str | None = None, dilations: Sequence[int] | None = None, group: int | None = None,
+                 kernel_shape: Sequence[int] | None = None, pads: Sequence[int] | None = None,
+                 strides: Sequence[int] | None = None) -> tuple[np.ndarray]:
+            rank = X.ndim - 2
+            dilations, strides = list(dilations or [1] * rank), list(strides or [1] * rank)
+            begin, end = _conv_pads(auto_pad, pads, X.shape[2:], W.shape[2:], strides, dilations)
+            out = conv_nd(X, W, strides, dilations, begin, end, group or 1)
+            return (_bias(out, B).astype(X.dtype),)
+
+    class ConvTranspose(OnnxConvTranspose):
+        op_domain = ""
+
+        def _run(self, X: np.ndarray, W: np.ndarray, B: np.ndarray | None = None,  # type: ignore[override]
+                 auto_pad: str | None = None, dilations: Sequence[int] | None = None, group: int | None = None,
+                 kernel_shape: Sequence[int] | None = None, output_padding: Sequence[int] | None = None,
+                 output_shape: Sequence[int] | None = None, pads: Sequence[int] | None = None,
+                 strides: Sequence[int] | None = None) -> tuple[np.ndarray]:
+            g, rank = group or 1, X.ndim - 2
+            if output_shape or auto_pad not in (None, "NOTSET"):
+                attrs = {"auto_pad": auto_pad, "dilations": dilations, "kernel_shape": kernel_shape,
+                         "output_padding": output_padding, "output_shape": output_shape, "pads": pads,
+                         "strides": strides}
+                one = super()._run
+                parts = [one(x, w, None, group=1, **attrs)[0]
+                         for x, w in zip(np.split(X, g, axis=1), np.split(W, g, axis=0), strict=True)]
+                return (_bias(np.concatenate(parts, axis=1), B).astype(X.dtype),)
+            d, st = list(dilations or [1] * rank), list(strides or [1] * rank)
+            extra = list(output_padding or [0] * rank)
+            begin, end = (list(pads[:rank]), list(pads[rank:])) if pads else ([0] * rank, [0] * rank)
+            out = conv_transpose_nd(X, W, st, d, begin, end, extra, g)
+            return (_bias(out, B).astype(X.dtype),)
+
+    class BatchNormalization(OpRun):
+        op_domain = ""
+
+        def _run(self, x: np.ndarray, scale: np.ndarray, bias: np.ndarray, mean: np.ndarray,  # type: ignore[override]
+                 var: np.ndarray, epsilon: float | None = None, momentum: float | None = None,
+                 training_mode: int | None = None, **legacy: Any) -> tuple[np.ndarray, ...]:
+            eps = 1e-5 if epsilon is None else epsilon
+            outs = len(self.onnx_node.output)
+            shape = (1, -1) + (1,) * (x.ndim - 2)
+            if training_mode != 1 and outs == 1:  # inference: the running statistics
+                y = (x - mean.reshape(shape)) / np.sqrt(var.reshape(shape) + eps) * scale.reshape(shape)
+                return ((y + bias.reshape(shape)).astype(x.dtype),)
+            axes = (0, *range(2, x.ndim))
+            batch_mean, batch_var = x.mean(axis=axes), x.var(axis=axes)
+            y = (x - batch_mean.reshape(shape)) / np.sqrt(batch_var.reshape(shape) + eps) * scale.reshape(shape)
+            y = (y + bias.reshape(shape)).astype(x.dtype)
+            mom = 0.9 if momentum is None else momentum
+            running = (mean * mom + batch_mean * (1 - mom), var * mom + batch_var * (1 - mom))
+            extra = (*running, batch_mean, batch_var) if outs == 5 else running
+            return (y, *(v.astype(x.dtype) for v in extra))[:outs]
+
+    class Dropout(OpRun):
+        op_domain = ""
+
+        def _run(self, x: np.ndarray, ratio: np.ndarray | None = None,  # type: ignore[override]
+                 training_mode: np.ndarray | None = None, seed: int | None = None, **legacy: Any
+                 ) -> tuple[np.ndarray, ...]:
+            if training_mode is not None and bool(training_mode):
+                raise NotImplementedError("Dropout in training mode draws random numbers: no reference for it")
+            outs = len(self.onnx_node.output)
+            return (x.copy(), np.ones(x.shape, dtype=bool))[:outs]
+
+    class LRN(OpRun):
+        op_domain = ""
+
+        def _run(self, x: np.ndarray, alpha: float | None = None, beta: float | None = None,  # type: ignore[override]
+                 bias: float | None = None, size: int | None = None) -> tuple[np.ndarray]:
+            n = int(size or 1)
+            a, b, k = 1e-4 if alpha is None else alpha, 0.75 if beta is None else beta, 1.0 if bias is None else bias
+            low, high = (n - 1) // 2, -(-(n - 1) // 2)  # channels below and above c in its window
+            sq = np.pad(np.square(x), [(0, 0), (low, high)] + [(0, 0)] * (x.ndim - 2))
+            total = np.cumsum(np.concatenate([np.zeros_like(sq[:, :1]), sq], axis=1), axis=1)
+            square_sum = total[:, n:] - total[:, :-n] if n else np.zeros_like(x)
+            return ((x / (k + a / n * square_sum) ** b).astype(x.dtype),)
+
+    def _softmax_kind(kind: str) -> type:
+        """Softmax, LogSoftmax or Hardmax in the semantics of the model's opset: before 13, over the input seen as
+        a matrix of the dimensions before ``axis`` (default 1) by those from it; from 13, along ``axis`` (-1)."""
+
+        def _run(self: OpRun, x: np.ndarray, axis: int | None = None) -> tuple[np.ndarray]:
+            opset = int(self.run_params["opsets"].get("", self.run_params["opsets"].get("ai.onnx", 13)))
+            given = [a.i for a in self.onnx_node.attribute if a.name == "axis"]
+            if opset >= 13:
+                ax, shape, flat = (given[0] if given else -1), x.shape, x
+            else:
+                ax = given[0] if given else 1
+                ax = ax + x.ndim if ax < 0 else ax
+                shape = x.shape
+                flat = x.reshape(int(np.prod(shape[:ax], dtype=np.int64)), -1)
+                ax = 1
+            if kind == "Hardmax":
+                out = np.zeros_like(flat)
+                np.put_along_axis(out, np.expand_dims(np.argmax(flat, axis=ax), ax), 1, axis=ax)
+            else:
+                shifted = flat - flat.max(axis=ax, keepdims=True)
+                log_sum = np.log(np.exp(shifted).sum(axis=ax, keepdims=True))
+                out = shifted - log_sum if kind == "LogSoftmax" else np.exp(shifted - log_sum)
+            return (out.reshape(shape).astype(x.dtype),)
+
+        return type(kind, (OpRun,), {"op_domain": "", "_run": _run})
+
+    softmaxes = [_softmax_kind(k) for k in ("Softmax", "LogSoftmax", "Hardmax")]
+    return [Erf, Conv, ConvTranspose, BatchNormalization, Dropout, LRN, *softmaxes]
+
+
 class ReferenceSession:
-    """onnx.reference.ReferenceEvaluator behind the slice of InferenceSession's interface used here."""
+    """onnx.reference.ReferenceEvaluator behind the slice of InferenceSession's interface used here (with the
+    kernels of ``_faithful_ops`` in place of onnx's)."""
 
     def __init__(self, model: onnx.ModelProto) -> None:
         from onnx.reference import ReferenceEvaluator
 
         self._model = model
-        self._eval = ReferenceEvaluator(model)
+        self._eval = ReferenceEvaluator(model, new_ops=_faithful_ops())
 
     def get_inputs(self) -> list[ValueArg]:
         init = {i.name for i in self._model.graph.initializer}
@@ -191,20 +397,51 @@ def read_feeds(npz: str | os.PathLike[str] | None = None,
     feeds: dict[str, np.ndarray] = {}
     if npz is not None:
         try:
-            with np.load(npz, allow_pickle=False) as archive:
-                feeds.update({k: archive[k] for k in archive.files})
+            archive = np.load(npz, allow_pickle=False)
         except FileNotFoundError:
             raise FeedError(f"feeds file '{os.fspath(npz)}' not found") from None
-        except (OSError, ValueError) as e:
-            raise FeedError(f"cannot read '{os.fspath(npz)}' as .npz ({one_line(e)})") from None
+        except (OSError, ValueError, EOFError) as e:
+            raise FeedError(f"cannot read '{os.fspath(npz)}' as .npz ({_why_unreadable(npz, e)})") from None
+        if not isinstance(archive, np.lib.npyio.NpzFile):  # a plain array: a .npy file, which names no input
+            raise FeedError(f"cannot read '{os.fspath(npz)}' as .npz (it is a NumPy .npy file: give it as "
+                            "--input NAME=FILE.npy)")
+        with archive:
+            feeds.update({k: archive[k] for k in archive.files})
     for name, path in npy:
         try:
-            feeds[name] = np.load(path, allow_pickle=False)
+            array = np.load(path, allow_pickle=False)
         except FileNotFoundError:
             raise FeedError(f"input {name!r}: file '{os.fspath(path)}' not found") from None
-        except (OSError, ValueError) as e:
-            raise FeedError(f"input {name!r}: cannot read '{os.fspath(path)}' as .npy ({one_line(e)})") from None
+        except (OSError, ValueError, EOFError) as e:
+            raise FeedError(f"input {name!r}: cannot read '{os.fspath(path)}' as .npy "
+                            f"({_why_unreadable(path, e)})") from None
+        if not isinstance(array, np.ndarray):
+            array.close()
+            raise FeedError(f"input {name!r}: cannot read '{os.fspath(path)}' as .npy (it is a .npz archive: give "
+                            "it as --inputs FILE.npz)")
+        feeds[name] = array
     return feeds
+
+
+def _why_unreadable(path: str | os.PathLike[str], e: BaseException) -> str:
+    """Why numpy could not read a feeds file, in words: it is empty, a folder, or another kind of file (numpy calls
+    any text 'pickled (object) data'); numpy's own words otherwise."""
+    try:
+        empty = os.path.isfile(path) and os.path.getsize(path) == 0
+    except OSError:
+        empty = False
+    if empty or isinstance(e, EOFError):
+        return "it is empty"
+    if isinstance(e, IsADirectoryError):
+        return "it is a folder"
+    if isinstance(e, OSError):
+        return one_line(e.strerror or e)
+    kind = file_kind(path)
+    if kind is not None and "NumPy" not in kind and "zip" not in kind:
+        return f"it is {kind}"
+    if "pickled" in str(e):  # numpy's words for any bytes that do not start like a .npy or .npz file
+        return "not a NumPy file"
+    return f"truncated or corrupt: {one_line(e)}"
 
 
 def make_feeds(

@@ -16,6 +16,7 @@ from onnx import TensorProto, numpy_helper
 from onnx import helper as oh
 
 from onnxgrad import registry
+from onnxgrad.api import GradientNote
 from onnxgrad.check import KINK, MISMATCH, OK, check_gradients, check_model, convert_floats
 from onnxgrad.info import describe
 from onnxgrad.shorthands import INPUTS, WEIGHTS, expand_xs
@@ -27,12 +28,13 @@ MODELS = ROOT / "models"
 MLP = MODELS / "mlp.onnx"
 HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
 
-# example model -> (y, precision expected for `check`)
+# example model -> (y, what runs the float64 check)
+ORT, REF = "onnxruntime (CPUExecutionProvider)", "onnx ReferenceEvaluator"
 EXAMPLES = {
-    "mlp_classifier.onnx": ("loss", "float64"),
-    "cnn.onnx": ("loss", "float32"),  # onnxruntime's CPU Conv has no float64 kernel
-    "transformer_block.onnx": ("loss", "float32"),  # ... nor Erf
-    "lj_energy.onnx": ("energy", "float64"),
+    "mlp_classifier.onnx": ("loss", ORT),
+    "cnn.onnx": ("loss", REF),  # onnxruntime's CPU Conv has no float64 kernel
+    "transformer_block.onnx": ("loss", REF),  # ... nor Erf
+    "lj_energy.onnx": ("energy", ORT),
 }
 
 
@@ -63,15 +65,16 @@ def one_op_model(op: str, x_shape: list[int], w: np.ndarray | None = None, elem:
 # ---------------------------------------------------------------------------- check passes
 @pytest.mark.parametrize("name", list(EXAMPLES))
 def test_check_passes_on_examples(cli: Cli, name: str) -> None:
-    y, precision = EXAMPLES[name]
+    y, runner = EXAMPLES[name]
     r = cli("check", MODELS / name, "--ys", y, "--xs", WEIGHTS, "--xs", INPUTS, "--json")
     assert r.code == 0, r.err
     payload = json.loads(r.out)
-    assert payload["ok"] and payload["precision"] == precision
-    assert payload["source_types"] == ["float32"]
-    assert payload["converted"] == (precision == "float64")
-    if precision == "float32":
+    assert payload["ok"] and payload["precision"] == "float64" and payload["runner"] == runner
+    assert payload["source_types"] == ["float32"] and payload["converted"]
+    if runner == REF:  # onnxruntime in float64 was tried first, and the reason it was given up is told
         assert payload["fallback"] and "no kernel" in payload["fallback"]
+    else:
+        assert payload["fallback"] is None
     rows = payload["rows"]
     model = onnx.load(MODELS / name)
     assert [row["x"] for row in rows] == expand_xs(model, [WEIGHTS, INPUTS])
@@ -87,7 +90,7 @@ def test_check_table_and_feeds(cli: Cli, tmp_path: Path) -> None:
     r = cli("check", MLP, "--ys", "loss", "--xs", "W1", "--xs", "x", "--inputs", feeds, "--input", f"target={target}")
     assert r.code == 0, r.err
     lines = r.out.splitlines()
-    assert "precision: float64 (converted from float32), rtol 1e-05" in lines[1]
+    assert "precision: float64 (converted from float32) in onnxruntime (CPUExecutionProvider), rtol 1e-05" in lines[1]
     assert lines[2].split() == ["x", "shape", "analytic", "numeric", "rel", "err", "step", "result"]
     assert lines[3].split()[:2] == ["W1", "[4,8]"] and lines[3].split()[-1] == "ok"
     assert lines[4].split()[:2] == ["x", "[5,4]"]
@@ -184,6 +187,8 @@ def test_check_catches_broken_rule(cli: Cli, broken_tanh: None) -> None:
     assert rows["W2"]["status"] == OK and rows["b2"]["status"] == OK  # not behind the Tanh
     r = cli("check", MLP, "--ys", "loss", "--xs", "b1")
     assert r.code == 1 and "MISMATCH" in r.out and "0 ok, 0 kink, 1 mismatch" in r.out
+    assert "next: mismatch (b1) in float64: a gradient rule" in r.out
+    assert r.err.strip().endswith("b1 (float64; a gradient rule on their path is wrong)")
 
 
 def test_broken_rule_restored(cli: Cli) -> None:
@@ -199,6 +204,7 @@ def test_relu_at_zero_is_a_kink(cli: Cli, tmp_path: Path) -> None:
     r = cli("check", path, "--ys", "y", "--xs", "x", "--input", f"x={x}")
     assert r.code == 0, r.err
     assert "0 ok, 1 kink, 0 mismatch" in r.out and "kink:" in r.out
+    assert "next: 1 kink: no step was smooth" in r.out and "another --seed" in r.out
     np.save(x, np.array([[0.7, 1.0, -2.0], [0.5, -0.4, -0.3]]))  # away from it
     r = cli("check", path, "--ys", "y", "--xs", "x", "--input", f"x={x}")
     assert r.code == 0 and "1 ok, 0 kink, 0 mismatch" in r.out
@@ -222,7 +228,7 @@ def test_kink_within_the_first_step_is_rescued_by_a_smaller_one() -> None:
     model = one_op_model("Relu", [1, 4])
     x = np.array([[3e-7, -4e-7, 1.0, -1.0]])  # the first step (1e-6) crosses the kinks, 1e-8 does not
     (row,) = check_gradients(model, ["y"], ["x"], {"x": x}, seed=2)
-    assert row.status == OK and row.step == 1e-8 and row.tries > 1
+    assert row.status == OK and row.step < 3e-7 and row.tries > 1  # refined: the step shrinks tenfold
 
 
 def test_smooth_disagreement_is_a_mismatch_not_a_kink(broken_tanh: None) -> None:
@@ -230,7 +236,8 @@ def test_smooth_disagreement_is_a_mismatch_not_a_kink(broken_tanh: None) -> None
     x = np.random.default_rng(1).standard_normal((3, 2))
     report = check_model(model, ["y"], ["x"], {"x": x})
     (row,) = report.rows
-    assert not report.ok and row.status == MISMATCH and row.tries == 1
+    # one refinement (a tenth of the step) shows the gap is not shrinking: a wrong gradient, not curvature
+    assert not report.ok and row.status == MISMATCH and row.tries == 2
 
 
 # ---------------------------------------------------------------------------- float64 conversion
@@ -318,8 +325,9 @@ def test_info_text(cli: Cli) -> None:
     assert "loss    float32[]" in out and "logits  float32[batch,3]" in out
     assert "weights: 11 tensors" in out and "(10 float)" in out and "... and 3 more" in out
     assert "ops (10 nodes): Conv 2, Relu 2, AveragePool 1" in out
-    assert f"float inputs ({INPUTS}): image" in out and f"float weights ({WEIGHTS}): 10" in out
-    assert "loss: depends on image, 10 weights" in out
+    assert f"float inputs ({INPUTS}): image" in out and f"float weights ({WEIGHTS}): 8 trainable, 2 left out" in out
+    assert "left out: bn1.running_mean (running mean of BatchNormalization (a statistic, not trained))" in out
+    assert "loss: depends on image, 8 weights" in out
     assert f"--ys loss --xs {WEIGHTS} --xs {INPUTS}" in out
 
 
@@ -387,6 +395,7 @@ def test_info_errors(cli: Cli, tmp_path: Path) -> None:
 def test_expand_xs() -> None:
     model = onnx.load(MODELS / "cnn.onnx")
     weights = [t.name for t in model.graph.initializer if t.data_type == TensorProto.FLOAT]
+    weights = [w for w in weights if "running" not in w]  # BatchNorm's statistics are not trained
     assert expand_xs(model, [WEIGHTS]) == weights and "flat_shape" not in weights
     assert expand_xs(model, [INPUTS]) == ["image"]  # labels are int64
     assert expand_xs(model, ["image", WEIGHTS, INPUTS, "conv1.bias"]) == ["image", *weights]
@@ -397,8 +406,10 @@ def test_expand_xs() -> None:
     no_inputs.graph.initializer.append(numpy_helper.from_array(np.zeros(2), "x"))
     with pytest.raises(ValueError, match="no float graph inputs"):
         expand_xs(no_inputs, [INPUTS])
-    with pytest.raises(ValueError, match="no float initializers"):
+    with pytest.raises(ValueError, match="no trainable float weights"):
         expand_xs(one_op_model("Relu", [2]), [WEIGHTS])
+    with pytest.warns(GradientNote, match="@weights stands for nothing: the model has no trainable float weights"):
+        assert expand_xs(one_op_model("Relu", [2]), [WEIGHTS, INPUTS]) == ["x"]  # a note, the other finds xs
 
 
 def test_expand_xs_on_ir_model_and_describe() -> None:
@@ -407,4 +418,164 @@ def test_expand_xs_on_ir_model_and_describe() -> None:
     m = ir.load(str(MODELS / "lj_energy.onnx"))
     assert expand_xs(m, [WEIGHTS, INPUTS]) == ["sigma", "epsilon", "positions"]
     info = describe(m)
-    assert info["weights"]["float_count"] == 2 and info["suggestion"] == f"--ys energy --xs {WEIGHTS} --xs {INPUTS}"
+    assert info["weights"]["float_count"] == 2 and info["weights"]["trainable"] == 2
+    assert info["suggestion"] == f"--ys energy --xs {WEIGHTS} --xs {INPUTS}"
+
+
+# ---------------------------------------------------------------------------- the @weights selection rule
+def _roles_model() -> onnx.ModelProto:
+    """One float initializer in each role ``@weights`` tells apart."""
+    f32 = TensorProto.FLOAT
+    inits = {
+        "W": np.ones((4, 3)), "b": np.zeros(3), "gamma": np.ones(3), "beta": np.zeros(3), "mean": np.zeros(3),
+        "var": np.ones(3), "exponent": np.array(2.0), "lo": np.array(-1.0), "hi": np.array(1.0),
+        "mask": np.triu(np.full((3, 3), -np.inf), 1), "huge": np.full(3, -1e9), "table": np.ones((5, 3)),
+        "temperature": np.array(0.5), "unused": np.ones(2), "Wt": np.ones((3, 4)),
+    }
+    nodes = [
+        oh.make_node("Transpose", ["Wt"], ["Wt_T"], perm=[1, 0]),  # read through: a MatMul operand
+        oh.make_node("MatMul", ["x", "Wt_T"], ["h0"]),
+        oh.make_node("MatMul", ["x", "W"], ["h1"]),
+        oh.make_node("Add", ["h1", "b"], ["h2"]),
+        oh.make_node("Add", ["h2", "h0"], ["h3"]),
+        oh.make_node("Unsqueeze", ["h3", "axes"], ["h4"]),
+        oh.make_node("Unsqueeze", ["h4", "axes2"], ["h5"]),
+        oh.make_node("BatchNormalization", ["h5", "gamma", "beta", "mean", "var"], ["h6"]),
+        oh.make_node("Squeeze", ["h6", "axes3"], ["h7"]),
+        oh.make_node("Pow", ["h7", "exponent"], ["h8"]),
+        oh.make_node("Clip", ["h8", "lo", "hi"], ["h9"]),
+        oh.make_node("MatMul", ["h9", "mask"], ["h10"]),  # a MatMul operand is a weight, whatever it holds
+        oh.make_node("Add", ["h10", "huge"], ["h11"]),
+        oh.make_node("Gather", ["table", "ids"], ["e"]),
+        oh.make_node("Add", ["h11", "e"], ["h12"]),
+        oh.make_node("Mul", ["h12", "temperature"], ["y"]),
+    ]
+    i64 = [numpy_helper.from_array(np.array(v, np.int64), n) for n, v in
+           (("axes", [2]), ("axes2", [3]), ("axes3", [2, 3]))]
+    graph = oh.make_graph(
+        nodes, "g", [oh.make_tensor_value_info("x", f32, [2, 4]), oh.make_tensor_value_info("ids", TensorProto.INT64,
+                                                                                           [2])],
+        [oh.make_tensor_value_info("y", f32, [2, 3])],
+        initializer=[numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()] + i64)
+    return oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)], ir_version=8)
+
+
+def test_weights_selection_rule() -> None:
+    from onnxgrad.shorthands import select_weights
+
+    weights, left = select_weights(_roles_model())
+    assert weights == ["W", "b", "gamma", "beta", "mask", "table", "temperature", "Wt"]
+    reasons = {w.name: w.reason for w in left}
+    assert reasons == {
+        "mean": "running mean of BatchNormalization (a statistic, not trained)",
+        "var": "running variance of BatchNormalization (a statistic, not trained)",
+        "exponent": "exponent of Pow", "lo": "lower bound of Clip", "hi": "upper bound of Clip",
+        "huge": "a mask (holds -inf, NaN or values of magnitude 1e+08 or more) read by Add",
+        "unused": "read by no node",
+    }
+
+
+def test_info_lists_what_weights_leaves_out(cli: Cli, tmp_path: Path) -> None:
+    path = save(_roles_model(), tmp_path / "roles.onnx")
+    r = cli("info", path)
+    assert r.code == 0, r.err
+    assert f"float weights ({WEIGHTS}): 8 trainable, 7 left out" in r.out
+    assert "    left out: exponent (exponent of Pow)" in r.out and "    left out: unused (read by no node)" in r.out
+    info = json.loads(cli("info", path, "--json").out)
+    assert {w["name"] for w in info["differentiable"]["left_out"]} == {"mean", "var", "exponent", "lo", "hi", "huge",
+                                                                        "unused"}
+    r = cli("check", path, "--ys", "y", "--xs", WEIGHTS, "--json")  # no NaN from an exponent, no false alarm
+    assert r.code == 0, r.err
+    assert [row["x"] for row in json.loads(r.out)["rows"]] == ["W", "b", "gamma", "beta", "mask", "table",
+                                                                "temperature", "Wt"]
+
+
+# ---------------------------------------------------------------------------- info reads subgraphs
+def _if_model(branch_op: str, domain: str = "") -> onnx.ModelProto:
+    """y = If(c, then: Mul(x, w) -> branch_op, else: Sin(x)); x and w are read from the outer scope."""
+    f32 = TensorProto.FLOAT
+    then = oh.make_graph([oh.make_node("Mul", ["x", "w"], ["t0"]), oh.make_node(branch_op, ["t0"], ["t1"],
+                                                                                 domain=domain, name="inner")],
+                         "then", [], [oh.make_tensor_value_info("t1", f32, [2])])
+    other = oh.make_graph([oh.make_node("Sin", ["x"], ["e0"])], "else", [], [oh.make_tensor_value_info("e0", f32, [2])])
+    graph = oh.make_graph(
+        [oh.make_node("If", ["c"], ["y"], then_branch=then, else_branch=other, name="branch"),
+         oh.make_node("Cos", ["x"], ["z"])], "g",
+        [oh.make_tensor_value_info("c", TensorProto.BOOL, []), oh.make_tensor_value_info("x", f32, [2])],
+        [oh.make_tensor_value_info("y", f32, [2]), oh.make_tensor_value_info("z", f32, [2])],
+        initializer=[numpy_helper.from_array(np.ones(2, np.float32), "w")])
+    imports = [oh.make_opsetid("", 17), *([oh.make_opsetid(domain, 1)] if domain else [])]
+    return oh.make_model(graph, opset_imports=imports, ir_version=8)
+
+
+def test_info_sees_outer_values_that_subgraphs_read(cli: Cli, tmp_path: Path) -> None:
+    path = save(_if_model("Tanh"), tmp_path / "if.onnx")
+    diff = json.loads(cli("info", path, "--json").out)["differentiable"]
+    y = next(o for o in diff["outputs"] if o["name"] == "y")
+    assert y["inputs"] == ["x"] and y["weights"] == 1 and y["missing_rules"] == []  # x and w, read by the branches
+
+
+def test_info_names_ops_without_rules_inside_subgraphs(cli: Cli, tmp_path: Path) -> None:
+    path = save(_if_model("Mystery", "example.custom"), tmp_path / "if_custom.onnx")
+    r = cli("info", path, "--json")
+    info = json.loads(r.out)
+    rows = {o["name"]: o for o in info["differentiable"]["outputs"]}
+    assert rows["y"]["missing_rules"] == ["example.custom::Mystery"]
+    assert info["differentiable"]["missing_rules"] == [
+        {"domain": "example.custom", "op_type": "Mystery", "opset": 1, "nodes": ["If 'branch' / then: inner"]}]
+    assert info["suggestion"] == f"--ys z --xs {INPUTS}"  # y is blocked: the grad line suggested works
+    r = cli("info", path)
+    assert "y: depends on x, 1 weights; blocked: no rule for example.custom::Mystery" in r.out
+    out = tmp_path / "out.onnx"
+    assert cli("grad", path, "-o", out, *info["suggestion"].split()).code == 0
+    r = cli("grad", path, "-o", out, "--ys", "y", "--xs", "x")
+    assert r.code == 1 and "Mystery" in r.err
+
+
+def test_check_accepts_stop_gradients(cli: Cli) -> None:
+    """With h stopped, W1 (behind h) has no gradient, and the differences hold h at its value too: both agree."""
+    r = cli("check", MLP, "--ys", "loss", "--xs", "W1", "--xs", "W2", "--stop-gradients", "h", "--json")
+    assert r.code == 0, r.err
+    rows = {row["x"]: row for row in json.loads(r.out)["rows"]}
+    assert rows["W1"]["analytic"] == 0.0 and abs(rows["W1"]["numeric"]) < 1e-12 and rows["W1"]["status"] == OK
+    assert rows["W2"]["status"] == OK and rows["W2"]["analytic"] != 0.0
+    r = cli("check", MLP, "--ys", "loss", "--xs", "W1", "--stop-gradients", "hh")
+    assert r.code == 1 and "stop_gradients: no value named 'hh'" in r.err
+
+
+def test_seeds_of_inputs_directions_and_output_weights_are_independent() -> None:
+    """u was once drawn from the inputs' generator: with x and y of one shape, u == x, and InstanceNormalization's
+    gradient of sum(x * IN(x)) read as a mismatch. Now the three streams differ."""
+    from onnxgrad.check import DIRECTION_STREAM, U_STREAM
+
+    x = np.random.default_rng(0).standard_normal((2, 3))
+    u = np.random.default_rng([0, U_STREAM]).standard_normal((2, 3))
+    v = np.random.default_rng([0, DIRECTION_STREAM]).standard_normal((2, 3))
+    assert not np.allclose(x, u) and not np.allclose(u, v) and not np.allclose(x, v)
+    nodes = [oh.make_node("InstanceNormalization", ["x", "s", "b"], ["y"])]
+    graph = oh.make_graph(nodes, "g", [oh.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 4])],
+                          [oh.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, 4])],
+                          initializer=[numpy_helper.from_array(np.array([1.0, 2.0, 0.5], np.float32), "s"),
+                                       numpy_helper.from_array(np.array([0.1, 0.0, -0.2], np.float32), "b")])
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)], ir_version=8)
+    for seed in range(3):
+        report = check_model(model, ["y"], ["x", "s", "b"], seed=seed)
+        assert report.ok and all(r.status == OK for r in report.rows), [(r.x, r.rel_error) for r in report.rows]
+
+
+def test_precision_float64_falls_back_to_the_reference_evaluator(cli: Cli) -> None:
+    """--precision float64 on a Conv model once failed with onnxruntime's raw NotImplemented; it now runs in float64
+    on the reference evaluator and says why."""
+    r = cli("check", MODELS / "cnn.onnx", "--ys", "loss", "--xs", "conv1.weight", "--precision", "float64")
+    assert r.code == 0, r.err
+    assert ("precision: float64 (converted from float32) in onnx ReferenceEvaluator, rtol 1e-05; onnxruntime in "
+            "float64 not used: onnxruntime has no kernel for Conv-11 (node 'conv1') in this type") in r.out
+
+
+def test_a_float32_mismatch_names_float64_as_the_next_step(cli: Cli, broken_tanh: None) -> None:
+    r = cli("check", MLP, "--ys", "loss", "--xs", "b1", "--precision", "float32")
+    assert r.code == 1
+    assert "next: mismatch (b1) in float32: round-off may explain it; settle it in float64 with --precision " \
+           "float64 --provider reference" in r.out
+    assert r.err == "onnxgrad: error: gradient check failed for 1 of 1 xs: b1 (float32; run it in float64: " \
+                    "--precision float64 --provider reference)\n"

@@ -505,9 +505,14 @@ def _graph_model(path: Path, opset: int, nodes: list[onnx.NodeProto], out: str) 
 
 def test_run_explains_what_onnxruntime_refuses(cli: Cli, tmp_path: Path) -> None:
     dangling = _graph_model(tmp_path / "dangling.onnx", 17, [onnx.helper.make_node("Add", ["x", "gone"], ["y"])], "y")
-    r = cli("run", dangling)
+    r = cli("run", dangling)  # named before onnxruntime sees it
     assert r.code == 1 and len(r.err.splitlines()) == 1
-    assert "onnxruntime (CPUExecutionProvider) cannot load" in r.err and "'gone'" in r.err
+    assert f"'{dangling}' is not a valid ONNX model: node #0 (Add, unnamed) reads 'gone'" in r.err
+    mixed = _graph_model(tmp_path / "mixed.onnx", 17, [onnx.helper.make_node("Cast", ["x"], ["i"], to=7),
+                                                        onnx.helper.make_node("Add", ["x", "i"], ["y"])], "y")
+    r = cli("run", mixed)  # float + int64: onnxruntime's type check refuses it
+    assert r.code == 1 and len(r.err.splitlines()) == 1, r.err
+    assert "onnxruntime (CPUExecutionProvider) cannot load" in r.err and "Add" in r.err
     assert "[ONNXRuntimeError]" not in r.err
     newer = _graph_model(tmp_path / "opset27.onnx", 27, [onnx.helper.make_node("Relu", ["x"], ["y"])], "y")
     r = cli("run", newer)
@@ -627,3 +632,63 @@ def test_grad_xs_shorthands(cli: Cli, tmp_path: Path) -> None:
     res = cli("grad", MLP, "-o", out, "--ys", "loss", "--xs", "@weights", "--xs", "@inputs", "--json")
     assert res.code == 0, res.err
     assert list(json.loads(res.out)["gradients"]) == ["W1", "b1", "W2", "b2", "x", "target"]
+
+
+# ---------------------------------------------------------------- every message is one line, with the prefix
+def _feed_file(kind: str, folder: Path) -> Path:
+    """A file that is no feeds archive: text, empty, bytes numpy cannot place, a .npy where a .npz is asked."""
+    path = folder / f"feeds.{kind}"
+    if kind == "txt":
+        path.write_text("x = 1, 2, 3\n")
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "bin":
+        path.write_bytes(b"\x00\x01\x02 not numpy")
+    elif kind == "npy":
+        np.save(path.with_suffix(".npy"), np.zeros(3))
+        path = path.with_suffix(".npy")
+    return path
+
+
+FEED_MESSAGES = [
+    ("txt", "--inputs", "cannot read '{path}' as .npz (it is a text file)"),
+    ("empty", "--inputs", "cannot read '{path}' as .npz (it is empty)"),
+    ("devnull", "--inputs", "cannot read '/dev/null' as .npz (it is empty)"),
+    ("bin", "--inputs", "cannot read '{path}' as .npz (not a NumPy file)"),
+    ("npy", "--inputs", "cannot read '{path}' as .npz (it is a NumPy .npy file: give it as --input NAME=FILE.npy)"),
+    ("txt", "--input", "input 'x': cannot read '{path}' as .npy (it is a text file)"),
+    ("devnull", "--input", "input 'x': cannot read '/dev/null' as .npy (it is empty)"),
+]
+
+
+@pytest.mark.parametrize("command", ["run", "check"])
+@pytest.mark.parametrize(("kind", "option", "message"), FEED_MESSAGES, ids=[f"{o}-{k}" for k, o, _ in FEED_MESSAGES])
+def test_feed_file_messages(cli: Cli, tmp_path: Path, command: str, kind: str, option: str, message: str) -> None:
+    path = Path("/dev/null") if kind == "devnull" else _feed_file(kind, tmp_path)
+    value = str(path) if option == "--inputs" else f"x={path}"
+    extra = ["--ys", "loss", "--xs", "W1"] if command == "check" else []
+    r = cli(command, MLP, *extra, option, value)
+    assert (r.code, r.out) == (1, "")
+    assert r.err == f"onnxgrad: error: {message.format(path=path)}\n"  # one line, the prefix, no "aborted"
+
+
+@pytest.mark.parametrize("command", ["run", "check", "info"])
+def test_an_invalid_model_is_named_so_by_every_command(cli: Cli, tmp_path: Path, command: str) -> None:
+    path = _graph_model(tmp_path / "dangling.onnx", 17, [onnx.helper.make_node("Add", ["x", "gone"], ["y"])], "y")
+    extra = ["--ys", "y", "--xs", "x"] if command == "check" else []
+    r = cli(command, path, *extra)
+    assert (r.code, r.out) == (1, "")
+    assert r.err == (f"onnxgrad: error: '{path}' is not a valid ONNX model: node #0 (Add, unnamed) reads 'gone', "
+                     "which no node, graph input or initializer defines (a dangling input)\n")
+
+
+def test_a_missing_kernel_of_an_unnamed_node_is_said_so(cli: Cli, tmp_path: Path) -> None:
+    path = _graph_model(tmp_path / "erf.onnx", 13, [onnx.helper.make_node("Erf", ["x"], ["y"])], "y")
+    r = cli("check", path, "--ys", "y", "--xs", "x", "--json")
+    assert r.code == 0, r.err
+    payload = json.loads(r.out)
+    assert payload["runner"] == "onnx ReferenceEvaluator" and payload["precision"] == "float64"
+    assert payload["fallback"] == "onnxruntime has no kernel for Erf-13 (an unnamed node) in this type"
+    r = cli("check", path, "--ys", "y", "--xs", "x")
+    assert "onnxruntime in float64 not used: onnxruntime has no kernel for Erf-13 (an unnamed node)" in r.out
+    assert "node ''" not in r.out
