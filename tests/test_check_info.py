@@ -579,3 +579,14 @@ def test_a_float32_mismatch_names_float64_as_the_next_step(cli: Cli, broken_tanh
            "float64 --provider reference" in r.out
     assert r.err == "onnxgrad: error: gradient check failed for 1 of 1 xs: b1 (float32; run it in float64: " \
                     "--precision float64 --provider reference)\n"
+
+
+def test_info_residuals_lists_what_the_backward_keeps(cli: Cli) -> None:
+    """mlp.onnx: the backward of loss w.r.t. the weights reads the Tanh output h (batch, 8) and the error
+    (batch, 3) of the forward; with --dim batch=64 that is 64*8*4 and 64*3*4 bytes, largest first."""
+    r = cli("info", MLP, "--residuals", "--ys", "loss", "--xs", "@weights", "--dim", "batch=64", "--json")
+    assert r.code == 0, r.err
+    rows = json.loads(r.out)["residuals"]
+    assert [(row["name"], row["op"], row["bytes"]) for row in rows] == [("h", "Tanh", 2048), ("err", "Sub", 768)]
+    bad = cli("info", MLP, "--residuals")
+    assert bad.code == 2 and "--residuals needs --ys and --xs" in bad.err
