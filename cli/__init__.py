@@ -12,9 +12,9 @@ import warnings
 from typing import TextIO
 
 import click
-from onnxgrad.cli.common import ModelError, cli
 
 from onnxgrad import api
+from onnxgrad.cli.common import ModelError, cli
 from onnxgrad.io import one_line
 
 __all__ = ["ModelError", "cli", "main"]

@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import click
-from onnxgrad.cli.common import ModelError, cli, feed_options, parse_dims, parse_inputs, provider_option
 from tqdm import tqdm
 
 from onnxgrad import runtime
 from onnxgrad.check import CHECK_DIM, MISMATCH, check_model
+from onnxgrad.cli.common import ModelError, cli, feed_options, parse_dims, parse_inputs, provider_option
 from onnxgrad.io import ModelFileError, load_model, one_line
 from onnxgrad.shorthands import expand_xs
 

@@ -10,10 +10,10 @@ from typing import Any
 import click
 import numpy as np
 import onnx
-from onnxgrad.cli.common import ModelError, cli
 
 from onnxgrad.api import NEW_INPUT, GradY
 from onnxgrad.augment import add_gradients
+from onnxgrad.cli.common import ModelError, cli
 from onnxgrad.io import ModelFileError, load_model, one_line
 
 AGGREGATION_CHOICES = ("add_n", "default", "experimental_tree", "experimental_accumulate_n")
@@ -178,7 +178,6 @@ def grad(
         options["remat"] = remat
     if memory_budget is not None:
         from onnxgrad.cli.common import parse_dims
-
         from onnxgrad.remat import Budget
 
         options["memory_budget"] = Budget(memory_budget, parse_dims(dim_items))

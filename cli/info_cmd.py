@@ -9,9 +9,9 @@ import json
 from pathlib import Path
 
 import click
-from onnxgrad.cli.common import ModelError, cli, parse_dims
 
 from onnxgrad.augment import residuals as residual_rows
+from onnxgrad.cli.common import ModelError, cli, parse_dims
 from onnxgrad.info import describe, format_description
 from onnxgrad.io import ModelFileError, load_lazy, one_line
 from onnxgrad.remat import format_residuals

@@ -8,10 +8,10 @@ from pathlib import Path
 import click
 import onnx
 import onnx_ir as ir
-from onnxgrad.cli.common import ModelError, cli
-from onnxgrad.cli.grad_cmd import blame, fail, same_file, seed_spec, type_string
 
 from onnxgrad.api import GradInput
+from onnxgrad.cli.common import ModelError, cli
+from onnxgrad.cli.grad_cmd import blame, fail, same_file, seed_spec, type_string
 from onnxgrad.forward import TangentSpec, jvp
 from onnxgrad.io import ModelFileError, load_model, one_line, save_model
 from onnxgrad.shorthands import expand_xs

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import click
 import onnx_ir as ir
-from onnxgrad.cli.common import ModelError, cli
 
+from onnxgrad.cli.common import ModelError, cli
 from onnxgrad.higher import lower_gradient_ops
 from onnxgrad.io import load_model, one_line, save_model
 from onnxgrad.optim import lower_optimizer_ops

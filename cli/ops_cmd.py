@@ -6,9 +6,9 @@ import json
 from typing import Any
 
 import click
-from onnxgrad.cli.common import cli
 
 import onnxgrad.rules  # noqa: F401  (registers every rule)
+from onnxgrad.cli.common import cli
 from onnxgrad.registry import Rule, all_rules
 
 

@@ -12,9 +12,9 @@ from typing import Any
 
 import click
 import numpy as np
-from onnxgrad.cli.common import ModelError, cli, feed_options, parse_dims, parse_inputs, provider_option
 
 from onnxgrad import runtime
+from onnxgrad.cli.common import ModelError, cli, feed_options, parse_dims, parse_inputs, provider_option
 from onnxgrad.io import atomic_write, load_model, one_line
 
 

@@ -10,9 +10,9 @@ from typing import Any
 
 import click
 import onnx
-from onnxgrad.cli.common import ModelError, cli
 
 from onnxgrad import runtime
+from onnxgrad.cli.common import ModelError, cli
 from onnxgrad.io import one_line
 from onnxgrad.optim import OPTIMIZERS
 from onnxgrad.train import MODES, make_train_step

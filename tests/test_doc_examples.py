@@ -20,9 +20,9 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from onnxgrad.cli import main as cli_main
 
 import onnxgrad
+from onnxgrad.cli import main as cli_main
 from tests.graphs import Graph, N, build, run, with_outputs
 
 f32 = np.float32

@@ -17,10 +17,10 @@ import onnx
 import pytest
 from onnx import TensorProto, numpy_helper
 from onnx import helper as oh
-from onnxgrad.cli import main as cli_main
 
 import onnxgrad
 from onnxgrad import augment
+from onnxgrad.cli import main as cli_main
 from onnxgrad.info import describe
 from onnxgrad.io import has_external_data, load_lazy, save_external
 from onnxgrad.runtime import run

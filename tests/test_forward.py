@@ -465,6 +465,7 @@ def test_forward_jacobian_builds_fewer_nodes_for_few_inputs() -> None:
 # ------------------------------------------------------------------------------------------------- CLI
 def test_cli_jvp_json(tmp_path: Path) -> None:
     from click.testing import CliRunner
+
     from onnxgrad.cli import _register, cli
 
     _register()  # main() does this: every command module adds its command

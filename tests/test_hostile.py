@@ -25,10 +25,10 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto as TP
 from onnx import helper as oh
-from onnxgrad.cli import grad_cmd, main
 
 import onnxgrad
 from onnxgrad import augment
+from onnxgrad.cli import grad_cmd, main
 from onnxgrad.runtime import run
 from tests.test_cli import ERROR_CASES, MLP, ROOT, console_script
 

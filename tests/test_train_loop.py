@@ -16,11 +16,11 @@ from typing import Any
 
 import numpy as np
 import onnx
-import onnxgrad.cli.train_cmd  # noqa: F401  (registers the commands)
 import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
+import onnxgrad.cli.train_cmd  # noqa: F401  (registers the commands)
 from onnxgrad import train as train_module
 from onnxgrad.train import make_train_step, read_layout
 from onnxgrad.trainer import CHECKPOINT_KEY, METRICS_COLUMNS, TrainConfig, load_checkpoint, train
