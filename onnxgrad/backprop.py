@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 import onnx_ir as ir
 
 from onnxgrad import plans, registry
-from onnxgrad.emitter import Emitter, implicit_inputs, is_float
+from onnxgrad.emitter import Emitter, implicit_inputs, is_float, subgraphs
 from onnxgrad.registry import UNDEFINED, Undefined, opset_of
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -69,13 +69,9 @@ def _subgraph_owners(nodes: Sequence[ir.Node]) -> dict[int, ir.Node]:
     """For every node inside a subgraph of one of ``nodes``, the node of ``nodes`` that holds it."""
     outer: dict[int, ir.Node] = {}
     for top in nodes:
-        for a in top.attributes.values():
-            subs = a.as_graphs() if a.type == ir.AttributeType.GRAPHS else (
-                [a.as_graph()] if a.type == ir.AttributeType.GRAPH else []
-            )
-            for sub in subs:
-                for inner in ir.traversal.RecursiveGraphIterator(sub):
-                    outer[id(inner)] = top
+        for sub in subgraphs(top):
+            for inner in ir.traversal.RecursiveGraphIterator(sub):
+                outer[id(inner)] = top
     return outer
 
 

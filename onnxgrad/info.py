@@ -18,7 +18,7 @@ import onnx_ir.passes.common
 
 import onnxgrad.rules  # noqa: F401  (registers every rule: the report looks each op up)
 from onnxgrad import registry
-from onnxgrad.emitter import FLOAT_TYPES
+from onnxgrad.emitter import FLOAT_TYPES, implicit_inputs, subgraphs
 from onnxgrad.io import load_lazy
 from onnxgrad.shorthands import INPUTS, WEIGHTS, ModelLike, dtype_of, select_weights
 
@@ -88,37 +88,9 @@ def _ensure_types(model: ir.Model) -> None:
     ir.passes.common.ShapeInferencePass(strict_mode=False, data_prop=False)(model)
 
 
-def _subgraphs(node: ir.Node) -> list[ir.Graph]:
-    """The graphs held by ``node``'s attributes (If's branches, a Loop or Scan body)."""
-    out: list[ir.Graph] = []
-    for a in node.attributes.values():
-        if a.type == ir.AttributeType.GRAPH:
-            out.append(a.as_graph())
-        elif a.type == ir.AttributeType.GRAPHS:
-            out.extend(a.as_graphs())
-    return out
-
-
-def outer_reads(node: ir.Node) -> list[ir.Value]:
-    """Values of an enclosing scope that the subgraphs of ``node`` read (at any depth), in first-read order."""
-    defined: set[ir.Value] = set()
-    read: dict[ir.Value, None] = {}
-    for sub in _subgraphs(node):
-        defined.update(sub.inputs)
-        defined.update(sub.initializers.values())
-        for inner in ir.traversal.RecursiveGraphIterator(sub):
-            defined.update(inner.outputs)
-            for g in _subgraphs(inner):
-                defined.update(g.inputs)
-                defined.update(g.initializers.values())
-            read.update((v, None) for v in inner.inputs if v is not None)
-        read.update((v, None) for v in sub.outputs)
-    return [v for v in read if v not in defined]
-
-
 def _reads(node: ir.Node) -> list[ir.Value]:
     """What ``node`` reads: its inputs and the outer values its subgraphs read."""
-    return [*(v for v in node.inputs if v is not None), *outer_reads(node)]
+    return [*(v for v in node.inputs if v is not None), *implicit_inputs(node)]
 
 
 def _backward(ys: Sequence[ir.Value]) -> set[ir.Value]:
@@ -149,7 +121,7 @@ def _body_gaps(node: ir.Node, live: set[ir.Value], opsets: Any, where: str) -> l
     """Nodes without a rule inside ``node``'s subgraphs, on the way from what varies (the body's inputs and the
     outer values in ``live``) to the body's outputs, with where each sits (``If 'cond' / then_branch``)."""
     gaps: list[tuple[ir.Node, str]] = []
-    for sub in _subgraphs(node):
+    for sub in subgraphs(node):
         here = f"{where}{node.op_type} '{node.name or '(unnamed)'}' / {sub.name or 'body'}"
         nodes = list(sub)
         reach = _forward(nodes, [*sub.inputs, *live])
