@@ -130,7 +130,7 @@ def _body_gaps(node: ir.Node, live: set[ir.Value], opsets: Any, where: str) -> l
             if not any(o in between for o in inner.outputs) or not any(v in between for v in _reads(inner)):
                 continue
             opset = registry.opset_of(opsets, inner.domain)
-            if registry.lookup(inner.domain, inner.op_type, opset) is None:
+            if registry.rule_for(inner.domain, inner.op_type, opset) is None:
                 gaps.append((inner, here))
             gaps.extend(_body_gaps(inner, between, opsets, here + ": "))
     return gaps
@@ -165,7 +165,7 @@ def differentiability(model: ir.Model) -> dict[str, Any]:
             if not any(o in between for o in node.outputs) or not any(v in between for v in _reads(node)):
                 continue
             opset = registry.opset_of(model.opset_imports, node.domain)
-            gaps = [(node, "")] if registry.lookup(node.domain, node.op_type, opset) is None else []
+            gaps = [(node, "")] if registry.rule_for(node.domain, node.op_type, opset) is None else []
             gaps += _body_gaps(node, between, model.opset_imports, "")
             for gap, where in gaps:
                 opset = registry.opset_of(model.opset_imports, gap.domain)

@@ -145,3 +145,22 @@ def test_a_function_body_is_walked_with_the_callers_aggregation(method: str, op:
     aug = onnxgrad.add_gradients(model, ys, xs, aggregation_method=method)
     added = [n.op_type for n in aug.model.graph.node if n.name.startswith("gradients/")]
     assert added.count(op) >= 2 and added.count("Sum" if op == "Add" else "Add") == 0
+
+
+def test_info_asks_the_registry_as_the_walk_does() -> None:
+    """An op whose only rule is the function-body fallback is not reported as blocking by ``info``."""
+    from onnxgrad.info import describe
+
+    case = next(c for c in ALL if c.name == "CausalConvWithState-v27-plain")
+    model, _, _, _ = build_case(case)
+    saved = registry._RULES.pop(("", "CausalConvWithState"))
+    try:
+        assert not describe(model)["differentiable"]["missing_rules"]
+        fallbacks = registry._FALLBACKS[:]
+        registry._FALLBACKS.clear()
+        try:  # with neither a rule nor the fallback, info names the op
+            assert "CausalConvWithState" in str(describe(model)["differentiable"]["missing_rules"])
+        finally:
+            registry._FALLBACKS[:] = fallbacks
+    finally:
+        registry._RULES[("", "CausalConvWithState")] = saved
