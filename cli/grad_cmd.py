@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,22 @@ def fail(e: BaseException) -> ModelError:
         e = root
     message = one_line(e) if isinstance(e, known) else f"{type(e).__name__}: {one_line(e)}"
     return ModelError(message)
+
+
+@contextlib.contextmanager
+def model_errors(model: Path) -> Iterator[None]:
+    """Whatever goes wrong while building from MODEL, as one ModelError line (a checker failure blamed on the input
+    when the input fails the checker too, else on onnxgrad)."""
+    try:
+        yield
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        raise blame(model, e) from None
+    except (ModelError, ModelFileError) as e:
+        raise ModelError(one_line(e)) from None
+    except click.ClickException:
+        raise
+    except Exception as e:
+        raise fail(e) from None
 
 
 def blame(path: Path, e: Exception) -> ModelError:
@@ -181,18 +199,10 @@ def grad(
         from onnxgrad.remat import Budget
 
         options["memory_budget"] = Budget(memory_budget, parse_dims(dim_items))
-    try:
+    with model_errors(model):
         before = len(load_model(model, load_external_data=False).graph.node)  # the graph only: weights stay put
         # add_gradients decides how to read MODEL (weights in external data stay on disk) and writes OUT
         aug = add_gradients(model, list(ys), list(xs), seeds, order=order, output=out, **options)
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
-        raise blame(model, e) from None
-    except (ModelError, ModelFileError) as e:
-        raise ModelError(one_line(e)) from None
-    except click.ClickException:
-        raise
-    except Exception as e:
-        raise fail(e) from None
     report(aug.model, out, aug.gradients, aug.new_inputs, before, as_json, aug.higher)
 
 

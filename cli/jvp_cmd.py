@@ -6,14 +6,13 @@ import json
 from pathlib import Path
 
 import click
-import onnx
 import onnx_ir as ir
 
 from onnxgrad.api import GradInput
-from onnxgrad.cli.common import ModelError, cli
-from onnxgrad.cli.grad_cmd import blame, fail, same_file, seed_spec, type_string
+from onnxgrad.cli.common import cli
+from onnxgrad.cli.grad_cmd import model_errors, same_file, seed_spec, type_string
 from onnxgrad.forward import TangentSpec, jvp
-from onnxgrad.io import ModelFileError, load_model, one_line, save_model
+from onnxgrad.io import load_model, save_model
 from onnxgrad.shorthands import expand_xs
 from onnxgrad.upgrade import upgrade
 from onnxgrad.validate import check_names
@@ -61,7 +60,7 @@ def jvp_command(model: Path, out: Path, xs: tuple[str, ...], ys: tuple[str, ...]
     OUT keeps every output of MODEL first, unchanged, then one output per y that an x reaches."""
     if same_file(model, out):
         raise click.BadParameter("OUT is the input model; choose another path", param_hint="'-o'")
-    try:
+    with model_errors(model):
         proto = load_model(model)
         check_names(proto.graph)
         m = ir.serde.deserialize_model(upgrade(proto))
@@ -74,14 +73,6 @@ def jvp_command(model: Path, out: Path, xs: tuple[str, ...], ys: tuple[str, ...]
         expose(m, found)
         result = ir.serde.serialize_model(m)
         save_model(result, out)
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
-        raise blame(model, e) from None
-    except (ModelError, ModelFileError) as e:
-        raise ModelError(one_line(e)) from None
-    except click.ClickException:
-        raise
-    except Exception as e:
-        raise fail(e) from None
     tangent_map = dict(zip(x_list, t_names, strict=True))
     jvp_map = dict(zip(y_list, found, strict=True))
     if as_json:
