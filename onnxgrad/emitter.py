@@ -462,6 +462,21 @@ class Emitter:
             return self.Pad(x, self.ints(pads))
         return self.Pad(x, pads=list(pads))
 
+    def has_op(self, op_type: str) -> bool:
+        """Whether the ai.onnx op ``op_type`` exists at this opset (Range, for one, arrived in opset 11)."""
+        return missing_op(op_type, self.opset) is None
+
+    @property
+    def runtime_pads(self) -> bool:
+        """Whether Pad takes its pads as a run-time input (opset >= 11) rather than an attribute."""
+        return self.opset >= 11
+
+    def clip(self, x: ir.Value, lo: float, hi: float) -> ir.Value:
+        """x clipped to [lo, hi]: bounds as inputs from opset 11, as attributes before."""
+        if self.opset >= 11:
+            return self.Clip(x, self.const(lo, like=x), self.const(hi, like=x))
+        return self.Clip(x, min=lo, max=hi)
+
     @property
     def slice_steps(self) -> bool:
         """Whether Slice takes steps (opset >= 10)."""

@@ -156,3 +156,31 @@ def test_imports_of(source: str, module: str, is_package: bool, expected: set[st
 )
 def test_find_cycle(graph: dict[str, set[str]], expected: list[str]) -> None:
     assert find_cycle(graph) == expected
+
+
+def opset_comparisons(source: str) -> list[int]:
+    """Lines of ``source`` that compare something named ``opset`` (``em.opset >= 11``, ``opset < 13``...)."""
+    lines = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Compare):
+            sides = [node.left, *node.comparators]
+            if any((isinstance(s, ast.Attribute) and s.attr == "opset") or (isinstance(s, ast.Name) and s.id == "opset")
+                   for s in sides):
+                lines.append(node.lineno)
+    return lines
+
+
+def test_rules_never_compare_opsets() -> None:
+    """Opset forms belong to the emitter (its helpers answer them); a rule states the math only."""
+    found = {p.name: lines for p in sorted((ROOT / "onnxgrad" / "rules").glob("*.py"))
+             if (lines := opset_comparisons(p.read_text()))}
+    assert not found, f"opset comparisons in rules (move them into an emitter helper): {found}"
+
+
+@pytest.mark.parametrize(("source", "expected"), [
+    ("x = em.Clip(a) if em.opset >= 11 else b", [1]),
+    ("if opset < 13:\n    pass", [1]),
+    ("n = em.opset + 1\nok = em.has_op('Range')", []),
+], ids=["attribute", "name", "no-comparison"])
+def test_opset_comparisons(source: str, expected: list[int]) -> None:
+    assert opset_comparisons(source) == expected

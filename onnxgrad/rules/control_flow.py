@@ -315,7 +315,7 @@ def loop_grad(em: Emitter, node: ir.Node, grads: Sequence[ir.Value | None]) -> l
     g = _copy(body, tag, em.opset)
     emb = _body_emitter(em, g, f"{tag}/grad")
     old = list(g.inputs)
-    sliced = {c: reads for c in cap_x if (reads := _step_slices(g, c, old[0])) and em.opset >= 11}
+    sliced = {c: reads for c in cap_x if (reads := _step_slices(g, c, old[0])) and em.runtime_pads}
     cap_x = [c for c in cap_x if c not in sliced]  # the rest accumulate their gradients in the carry
     step = _scalar(f"{tag}/i", INT64)
     go_on = _scalar(f"{tag}/cond", BOOL)
@@ -405,6 +405,24 @@ def _unstack(em: Emitter, stacked: ir.Value, c: ir.Value, count: ir.Value) -> ir
 
 
 # --------------------------------------------------------------------------------------------- Scan
+def _scan_backward_body(em: Emitter, body: ir.Graph, n_state: int, n_in: int, carried: list[int],
+                        cap_x: list[ir.Value]) -> tuple[str, ir.Graph, Emitter, list[ir.Value], list[ir.Value],
+                                                        list[ir.Value], list[ir.Value]]:
+    """A copy of a Scan body for the backward Scan, its inputs renamed (saved states s_t, scan inputs x_t), with new
+    values for the carried gradients of the states (dv) and of the captured floats (dc)."""
+    tag = em.fresh_name("Scan_grad")
+    g = _copy(body, tag, em.opset)
+    emb = _body_emitter(em, g, f"{tag}/grad")
+    old = list(g.inputs)
+    dv_in = [_value(f"{tag}/d_{k}", like=old[k]) for k in carried]
+    dc_in = [_value(f"{tag}/dc_{j}", like=c) for j, c in enumerate(cap_x)]
+    s_t = [_value(f"{tag}/s_{k}", like=old[k]) for k in range(n_state)]
+    x_t = [_value(f"{tag}/x_{k}", like=old[n_state + k]) for k in range(n_in)]
+    for v, new in zip(old, [*s_t, *x_t], strict=True):
+        v.replace_all_uses_with(new, replace_graph_outputs=True)
+    return tag, g, emb, dv_in, dc_in, s_t, x_t
+
+
 def _ints_attr(node: ir.Node, name: str, n: int, default: int = 0) -> list[int]:
     found = attr(node, name)
     return [default] * n if found is None else [int(v) for v in found]
@@ -445,16 +463,7 @@ def scan_grad(em: Emitter, node: ir.Node, grads: Sequence[ir.Value | None]) -> l
         st.type, st.shape = v.type, _stacked(v)
 
     # the backward Scan: states (d states, d captured), scan inputs (saved states, x, dy) all read in reverse
-    tag = em.fresh_name("Scan_grad")
-    g = _copy(body, tag, em.opset)
-    emb = _body_emitter(em, g, f"{tag}/grad")
-    old = list(g.inputs)
-    dv_in = [_value(f"{tag}/d_{k}", like=old[k]) for k in carried]
-    dc_in = [_value(f"{tag}/dc_{j}", like=c) for j, c in enumerate(cap_x)]
-    s_t = [_value(f"{tag}/s_{k}", like=old[k]) for k in range(n_state)]
-    x_t = [_value(f"{tag}/x_{k}", like=old[n_state + k]) for k in range(n_in)]
-    for v, new in zip(old, [*s_t, *x_t], strict=True):
-        v.replace_all_uses_with(new, replace_graph_outputs=True)
+    tag, g, emb, dv_in, dc_in, s_t, x_t = _scan_backward_body(em, body, n_state, n_in, carried, cap_x)
     ys: list[ir.Value] = [g.outputs[k] for k in carried]
     seeds: list[ir.Value | None] = list(dv_in)
     dy_in, dy_outer, dy_axes, dy_dirs = [], [], [], []
@@ -532,16 +541,7 @@ def scan8_grad(em: Emitter, node: ir.Node, grads: Sequence[ir.Value | None]) -> 
     for st, v in zip(stacks, node.inputs[1:1 + n_state], strict=True):
         st.type = v.type  # type: ignore[union-attr]
 
-    tag = em.fresh_name("Scan_grad")
-    g = _copy(body, tag, em.opset)
-    emb = _body_emitter(em, g, f"{tag}/grad")
-    old = list(g.inputs)
-    dv_in = [_value(f"{tag}/d_{k}", like=old[k]) for k in carried]
-    dc_in = [_value(f"{tag}/dc_{j}", like=c) for j, c in enumerate(cap_x)]
-    s_t = [_value(f"{tag}/s_{k}", like=old[k]) for k in range(n_state)]
-    x_t = [_value(f"{tag}/x_{k}", like=old[n_state + k]) for k in range(n_in)]
-    for v, new in zip(old, [*s_t, *x_t], strict=True):
-        v.replace_all_uses_with(new, replace_graph_outputs=True)
+    tag, g, emb, dv_in, dc_in, s_t, x_t = _scan_backward_body(em, body, n_state, n_in, carried, cap_x)
     ys: list[ir.Value] = [g.outputs[k] for k in carried]
     seeds: list[ir.Value | None] = list(dv_in)
     dy_in, dy_outer = [], []

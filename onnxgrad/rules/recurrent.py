@@ -111,8 +111,7 @@ def activate(em: Emitter, x: ir.Value, act: Act, clip: float | None) -> ir.Value
 
 def _activate(em: Emitter, x: ir.Value, act: Act, clip: float | None) -> ir.Value:
     if clip is not None:
-        lo, hi = em.const(-clip, like=x), em.const(clip, like=x)
-        x = em.Clip(x, lo, hi) if em.opset >= 11 else em.Clip(x, min=-clip, max=clip)
+        x = em.clip(x, -clip, clip)
     a, b = act.alpha, act.beta
     name = act.name
     if name == "relu":
@@ -415,7 +414,7 @@ def _recur(em: Emitter, steps: int | None, tdim: int | ir.Value, seqs: list[ir.V
         return [_shaped(em.Concat(*[kept[t][k] for t in range(steps)], axis=0), steps,
                         *list(kept[0][k].shape or [None, None, None])[1:]) if steps > 1 else kept[0][k]
                 for k in range(len(kept[0]))]
-    if em.opset < 11:
+    if not em.has_op("Range"):
         raise ValueError(f"a recurrent gradient over a run-time sequence length needs opset >= 11 (a Loop with "
                          f"Range), the model has opset {em.opset}")
     scope = em.fresh_name("loop")
