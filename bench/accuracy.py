@@ -46,44 +46,6 @@ FACTOR, FLOOR = 3.0, 1e-5  # the bar: ours <= max(FACTOR * PyTorch's, FLOOR)
 # ----------------------------------------------------------------------------------------------- models
 
 
-def _resnet18(num_classes: int = 1000) -> Any:
-    """ResNet-18 (He et al. 2016, the torchvision layout): a 7x7 stem, four stages of two basic blocks."""
-    import torch
-    import torch.nn as nn
-
-    class Basic(nn.Module):
-        def __init__(self, cin: int, cout: int, stride: int) -> None:
-            super().__init__()
-            self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-            self.bn1 = nn.BatchNorm2d(cout)
-            self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-            self.bn2 = nn.BatchNorm2d(cout)
-            self.down: nn.Module | None = None
-            if stride != 1 or cin != cout:
-                self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            skip = x if self.down is None else self.down(x)
-            return torch.relu(self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))) + skip)
-
-    class ResNet18(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.stem = nn.Sequential(nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
-                                      nn.MaxPool2d(3, 2, 1))
-            blocks, cin = [], 64
-            for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
-                blocks += [Basic(cin, cout, stride), Basic(cout, cout, 1)]
-                cin = cout
-            self.blocks = nn.Sequential(*blocks)
-            self.fc = nn.Linear(512, num_classes)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(self.blocks(self.stem(x)), 1), 1))
-
-    return ResNet18()
-
-
 def _lstm() -> Any:
     import torch
     import torch.nn as nn
@@ -136,8 +98,8 @@ class Spec:
 
 def _specs() -> dict[str, Spec]:
     out = {name: Spec(make, shape, seed) for name, (make, shape, seed) in models._TORCH.items()}
-    out["resnet18-train"] = Spec(_resnet18, (4, 3, 64, 64), 7, train=True)
-    out["resnet18-eval"] = Spec(_resnet18, (4, 3, 64, 64), 7, calibrate=True)
+    out["resnet18-train"] = Spec(models.resnet18, (4, 3, 64, 64), 7, train=True)
+    out["resnet18-eval"] = Spec(models.resnet18, (4, 3, 64, 64), 7, calibrate=True)
     out["lstm"] = Spec(_lstm, (8, 32, 64), 9, needs="LSTM")
     # single ops under stress: long reductions (50k elements per statistic), inputs whose mean is 30x their
     # spread, saturated softmax

@@ -265,3 +265,44 @@ def build(name: str) -> Bench:
     if name == "resnet50":
         return resnet50()
     return _torch_bench(name, simplify=name == "transformer")
+
+
+def resnet18(width: int = 64, classes: int = 1000) -> Any:
+    """torchvision's ResNet-18 layout (7x7 stem, max-pool, four stages of two basic blocks, average pool, linear),
+    written out here: torchvision is not installed."""
+    import torch
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self, cin: int, cout: int, stride: int) -> None:
+            super().__init__()
+            self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+            self.bn1 = nn.BatchNorm2d(cout)
+            self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+            self.bn2 = nn.BatchNorm2d(cout)
+            self.down = None if stride == 1 and cin == cout else nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+            return torch.relu(y + (x if self.down is None else self.down(x)))
+
+    class ResNet18(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
+            self.bn1 = nn.BatchNorm2d(width)
+            self.pool = nn.MaxPool2d(3, 2, 1)
+            blocks, cin = [], width
+            for stage in range(4):
+                cout = width * 2**stage
+                blocks += [Block(cin, cout, 1 if stage == 0 else 2), Block(cout, cout, 1)]
+                cin = cout
+            self.layers = nn.Sequential(*blocks)
+            self.fc = nn.Linear(cin, classes)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = self.layers(self.pool(torch.relu(self.bn1(self.conv1(x)))))
+            return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+    return ResNet18()

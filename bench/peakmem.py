@@ -17,7 +17,8 @@ import sys
 import numpy as np
 
 
-def _rss_kib(field: str) -> int:
+def rss_kib(field: str) -> int:
+    """This process's VmRSS or VmHWM (/proc/self/status), in KiB."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field + ":"):
@@ -57,10 +58,10 @@ def main() -> None:
             y = module(xt)
             y.backward(torch.ones_like(y))
             return xt.grad, [p.grad for p in module.parameters()]
-    before = _rss_kib("VmRSS")
+    before = rss_kib("VmRSS")
     _reset_peak()
     result = run()
-    peak = _rss_kib("VmHWM")
+    peak = rss_kib("VmHWM")
     del result
     print(f"{(peak - before) / 1024:.1f}")
 

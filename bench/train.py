@@ -32,6 +32,7 @@ import onnxruntime as ort
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import models
+from bench.peakmem import rss_kib
 from onnxgrad.train import TrainStep, make_train_step
 from onnxgrad.trainer import _Bindings
 
@@ -120,24 +121,16 @@ def torch_stepper(case: Case, threads: int = THREADS) -> Any:
     return step
 
 
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def peak_child(engine: str, name: str) -> None:
     """In a fresh process: MiB that the first 3 steps add to resident memory (printed on the last line)."""
     case = make_case(name)
     step = ort_stepper(case) if engine == "ort" else torch_stepper(case)
-    before = _rss_kib("VmRSS")
+    before = rss_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     for _ in range(3):
         step()
-    print(f"{(_rss_kib('VmHWM') - before) / 1024:.1f}")
+    print(f"{(rss_kib('VmHWM') - before) / 1024:.1f}")
 
 
 def peak(engine: str, name: str, runs: int = 3) -> float:
