@@ -39,12 +39,24 @@ def matmul(em: Emitter, node: ir.Node, dy: Grads) -> Out:
     restore = ([r - 2] if ra == 1 else []) + ([r - 1] if rb == 1 else [])
     g = em.unsqueeze(dy[0], restore)
     da = em.unbroadcast(_typed(em.MatMul(g, em.transpose_last2(b2)), r), a2)
-    db = em.unbroadcast(_typed(em.MatMul(em.transpose_last2(a2), g), r), b2)
+    db = _shared_right(em, a2, g, b2) if ra > 2 and rb == 2 else None
+    if db is None:
+        db = em.unbroadcast(_typed(em.MatMul(em.transpose_last2(a2), g), r), b2)
     if ra == 1:
         da = em.squeeze(da, [0])
     if rb == 1:
         db = em.squeeze(db, [1])
     return [da, db]
+
+
+def _shared_right(em: Emitter, a: ir.Value, g: ir.Value, b: ir.Value) -> ir.Value | None:
+    """db = sum over a's batch of a_i^T g_i = A^T G, A and G with every row of the batch stacked: one (K x rows)
+    (rows x N) product instead of one product per batch entry and a sum over them."""
+    if a.dtype not in (ir.DataType.FLOAT, ir.DataType.DOUBLE):
+        return None  # Gemm's float16 kernels are not everywhere; the batched form stays
+    rows_a = em.Reshape(a, em.cat_ints([-1], em.dims(b, [0])))
+    rows_g = em.Reshape(g, em.cat_ints([-1], em.dims(b, [1])))
+    return em.gemm(rows_a, rows_g, 1, 0)
 
 
 def _typed(v: ir.Value, rank: int) -> ir.Value:

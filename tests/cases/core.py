@@ -33,6 +33,7 @@ CASES += [
     Case("Cast", [r(3, 4, dtype=np.float32)], attrs={"to": 11}, id="f32-f64", rtol=1e-2),
     Case("MatMul", [r(3, 4, seed=1), r(4, 5, seed=2)]),
     Case("MatMul", [r(2, 3, 4, seed=1), r(4, 5, seed=2)], id="batch-2d"),
+    Case("MatMul", [r(2, 3, 2, 4, seed=1), r(4, 5, seed=2)], opset=9, id="batch4-2d"),
     Case("MatMul", [r(2, 1, 3, 4, seed=1), r(3, 4, 2, seed=2)], id="batch-bc"),
     Case("MatMul", [r(4, seed=1), r(2, 4, 5, seed=2)], id="vec-left"),
     Case("MatMul", [r(2, 3, 4, seed=1), r(4, seed=2)], id="vec-right"),
