@@ -25,6 +25,7 @@ from onnxgrad.remat import apply as remat_apply
 from onnxgrad.upgrade import upgrade  # noqa: F401  (kept importable from here: tests/test_backend_models.py)
 from onnxgrad.validate import MIN_OPSET, check_graph, check_versions
 from onnxgrad.values import as_list, ensure_types, resolve, restore_types, unique_scope, value_table
+from onnxgrad.workarounds import REMAT_KEY
 
 
 class GradientNote(UserWarning):
@@ -230,11 +231,13 @@ def gradients(
                 f"{'zeros' if unconnected is UnconnectedGradients.ZERO else 'None'}"), stacklevel=3)
         seeds = [_seed(em, model, table, y, s, new_inputs) for y, s in zip(y_vals, seeds_spec, strict=True)]
         floats = [x for x in x_vals if x.dtype is None or x.dtype in FLOAT_TYPES]
-        raw, why = backprop(em, graph, Request(y_vals, floats, seeds, stop), graph.opset_imports)
+        totals: dict[ir.Value, ir.Value] = {}
+        raw, why = backprop(em, graph, Request(y_vals, floats, seeds, stop, totals), graph.opset_imports)
         found = dict(zip(floats, raw, strict=True))
         finals = _finalize(em, x_vals, [found.get(x) for x in x_vals], why, unconnected,
                            {*seeds, *graph.inputs, *graph.initializers.values()})
-        remat_apply(em, [v for v in finals if v is not None], recompute, remat, memory_budget)  # only if asked
+        if remat_apply(em, [v for v in finals if v is not None], recompute, remat, memory_budget, totals):
+            model.metadata_props[REMAT_KEY] = "recomputed forward segments: run with onnxgrad.runtime.session"
     except BaseException:
         em.rollback()
         restore_types(inferred)  # nothing half-built: not even the inferred types stay

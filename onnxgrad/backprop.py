@@ -48,6 +48,7 @@ class Request:
     xs: list[ir.Value]
     seeds: list[ir.Value]  # one per y, same dtype and shape as y
     stop: set[ir.Value] = field(default_factory=set)
+    totals: dict[ir.Value, ir.Value] | None = None  # when given, filled with every walked value's gradient
 
 
 @dataclass(frozen=True)
@@ -298,6 +299,8 @@ def backprop(em: Emitter, nodes: Iterable[ir.Node], req: Request, opsets: Mappin
             walk.add(inp, g)
 
     results = [walk.total(x) if x in between else None for x in req.xs]
+    if req.totals is not None:
+        req.totals.update((v, g) for v, g in walk.totals.items() if isinstance(g, ir.Value))
     return results, {x: walk.why[x] for x, g in zip(req.xs, results, strict=True) if g is UNDEFINED}
 
 

@@ -117,11 +117,12 @@ def plan(residuals: Sequence[ir.Value], recompute: Sequence[str] | None = None, 
     return chosen
 
 
-def _closure(chosen: set[ir.Value], policy: str | None, residuals: Sequence[ir.Value]) -> set[ir.Value]:
+def _closure(chosen: set[ir.Value], policy: str | None, residuals: Sequence[ir.Value],
+             saved: Iterable[ir.Value] = ()) -> set[ir.Value]:
     """What recomputing ``chosen`` recomputes: the chosen values and, back from them, every recomputable value on the
-    way that is not saved anyway (a residual not chosen) and that the policy does not save ('matmuls-only' keeps
-    the products). Its other inputs stay alive, saved."""
-    kept = set(residuals) - chosen
+    way that is not saved anyway (a residual not chosen, or a segment boundary in ``saved``) and that the policy does
+    not save ('matmuls-only' keeps the products). Its other inputs stay alive, saved."""
+    kept = (set(residuals) - chosen) | set(saved)
     out: set[ir.Value] = set()
     stack = list(chosen)
     while stack:
@@ -138,10 +139,80 @@ def _closure(chosen: set[ir.Value], policy: str | None, residuals: Sequence[ir.V
     return out
 
 
+def boundaries(graph: ir.Graph, grad_nodes: Sequence[ir.Node]) -> list[tuple[int, ir.Value]]:
+    """The forward's articulation values, in forward order with their node positions: a recomputable value ``v`` such
+    that, once the node at that position has run, ``v`` is the only recomputable value a later forward node still
+    reads (integer shape arithmetic, weights and values that cannot be recomputed do not count: they stay saved).
+    Cutting there splits the forward into segments that each recompute from the boundary before them alone."""
+    forward = _forward_nodes(graph, grad_nodes)
+    order = [n for n in graph if id(n) in forward]
+    pos = {id(n): k for k, n in enumerate(order)}
+    ends: dict[int, list[ir.Value]] = {}
+    for k, n in enumerate(order):
+        for v in n.outputs:
+            if not recomputable(v):
+                continue
+            last = max((pos[id(u.node)] for u in v.uses() if id(u.node) in pos), default=k)
+            ends.setdefault(last, []).append(v)
+    crossing: dict[ir.Value, None] = {}
+    found = []
+    for k, n in enumerate(order):
+        for v in n.outputs:
+            if recomputable(v):
+                crossing[v] = None
+        for v in ends.get(k, ()):
+            crossing.pop(v, None)
+        if len(crossing) == 1:
+            found.append((k, next(iter(crossing))))
+    return found
+
+
+def segment(graph: ir.Graph, grad_nodes: Sequence[ir.Node], residuals: Sequence[ir.Value], chosen: set[ir.Value],
+            dims: Mapping[str, int] | None = None
+            ) -> tuple[set[ir.Value], set[ir.Value], dict[ir.Value, ir.Value]]:
+    """(boundaries to save, chosen values to save after all, the boundary ending each recomputed value's segment)
+    for recomputing ``chosen`` segment by segment: about
+    sqrt(recomputed bytes / boundary bytes) segments, cut at ``boundaries`` where the recomputed bytes since the last
+    cut reach their share. Each segment is recomputed from the boundary before it, right before its own backward,
+    so only one segment's values are alive at a time; the last segment is kept from the forward (its backward runs
+    right after it, so recomputing it would cost time and save nothing)."""
+    cuts = boundaries(graph, grad_nodes)
+    if not cuts or not chosen:
+        return set(), set(), {}
+    forward = _forward_nodes(graph, grad_nodes)
+    pos = {id(n): k for k, n in enumerate(n for n in graph if id(n) in forward)}
+    sizes = _sizes(chosen, dims)
+    total = sum(sizes.values())
+    per_cut = max(1, sum(max(value_bytes(v, dims), 0) for _, v in cuts) // len(cuts))
+    share = total / max(1.0, min(len(cuts) + 1.0, math.sqrt(total / per_cut)))
+    at = sorted((pos[id(v.producer())], sizes[v]) for v in chosen)  # type: ignore[arg-type]
+    saved: dict[ir.Value, None] = {}
+    acc, i = 0, 0
+    for k, v in cuts:
+        while i < len(at) and at[i][0] <= k:
+            acc += at[i][1]
+            i += 1
+        if acc >= share and v not in saved:
+            saved[v] = None
+            acc = 0
+    if not saved:
+        return set(), set(), {}
+    ends = sorted((pos[id(v.producer())], v) for v in saved)  # type: ignore[arg-type]
+    tail, end_of = set(), {}
+    for v in chosen:
+        at_v = pos[id(v.producer())]  # type: ignore[arg-type]
+        after = next((b for k, b in ends if k >= at_v), None)
+        if after is None:
+            tail.add(v)
+        else:
+            end_of[v] = after
+    return set(saved), tail, end_of
+
+
 def saved_bytes(residuals: Sequence[ir.Value], chosen: set[ir.Value], policy: str | None,
-                dims: Mapping[str, int] | None) -> int:
+                dims: Mapping[str, int] | None, saved: Iterable[ir.Value] = ()) -> int:
     """Bytes of forward activations kept for the gradient part once ``chosen`` is recomputed."""
-    again = _closure(chosen, policy, residuals)
+    again = _closure(chosen, policy, residuals, saved)
     kept = {r for r in residuals if r not in again}
     for v in again:
         for i in v.producer().inputs:  # type: ignore[union-attr]
@@ -151,14 +222,16 @@ def saved_bytes(residuals: Sequence[ir.Value], chosen: set[ir.Value], policy: st
 
 
 def rematerialize(em: Emitter, chosen: set[ir.Value], policy: str | None = None,
-                  residuals: Sequence[ir.Value] = (), readers: Sequence[ir.Node] | None = None
+                  residuals: Sequence[ir.Value] = (), readers: Sequence[ir.Node] | None = None,
+                  saved: Iterable[ir.Value] = (), triggers: Mapping[ir.Value, ir.Value] | None = None
                   ) -> dict[ir.Value, ir.Value]:
     """Re-emit the forward nodes computing ``chosen`` (and, under a policy, what it does not save on the way) and point
     every read of them by ``readers`` (default: the emitter's nodes) at the copies, each copy placed right before its
-    first reader.
+    first reader. A copy waits for a gradient value: ``triggers`` gives it per chosen value (the gradient of its
+    segment's end), else it is a gradient its first reader reads.
 
     Returns the copies by original value."""
-    again = _closure(chosen, policy, residuals)
+    again = _closure(chosen, policy, residuals, saved)
     grad_nodes = list(em.nodes)
     reading = grad_nodes if readers is None else list(readers)
     copies: dict[ir.Value, ir.Value] = {}
@@ -208,7 +281,7 @@ def rematerialize(em: Emitter, chosen: set[ir.Value], policy: str | None = None,
                         and is_float(v) and v not in copies.values()), None)
         for i, v in enumerate(n.inputs):
             if v is not None and v in chosen:
-                n.replace_input_with(i, copy(v, trigger))
+                n.replace_input_with(i, copy(v, (triggers or {}).get(v, trigger)))
     _place_before_readers(em, grad_nodes)
     return copies
 
@@ -249,17 +322,24 @@ class Budget:
 
 
 def apply(em: Emitter, roots: Sequence[ir.Value], recompute: Sequence[str] | None, policy: str | None,
-          budget: int | str | Budget | None) -> dict[ir.Value, ir.Value]:
+          budget: int | str | Budget | None, totals: Mapping[ir.Value, ir.Value] | None = None
+          ) -> dict[ir.Value, ir.Value]:
     """The hook ``gradients()`` calls before committing: plan and rematerialize what the live gradient nodes (those
-    ``roots`` need) read (nothing when nothing is asked)."""
+    ``roots`` need) read (nothing when nothing is asked). ``totals``: the walk's gradient of each forward value."""
     if not recompute and policy is None and budget is None:
         return {}
     live = em.live_nodes(roots)
     residuals = read_residuals(em.graph, live)
     spec = budget if isinstance(budget, Budget) else None if budget is None else Budget(budget)
-    chosen = plan(residuals, recompute, policy, None if spec is None else parse_bytes(spec.bytes),
-                  None if spec is None else spec.dims)
-    return rematerialize(em, chosen, policy, residuals, live) if chosen else {}
+    dims = None if spec is None else spec.dims
+    chosen = plan(residuals, recompute, policy, None if spec is None else parse_bytes(spec.bytes), dims)
+    saved: set[ir.Value] = set()
+    triggers: dict[ir.Value, ir.Value] = {}
+    if policy == "nothing-saveable":  # one segment at a time, not the whole forward at once
+        saved, tail, end_of = segment(em.graph, live, residuals, chosen, dims)
+        chosen -= tail | saved
+        triggers = {v: totals[b] for v, b in end_of.items() if totals and b in totals}
+    return rematerialize(em, chosen, policy, residuals, live, saved, triggers) if chosen else {}
 
 
 # --------------------------------------------------------------------------------- info --residuals

@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from onnxgrad import workarounds
 from onnxgrad.io import file_kind, one_line
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -318,6 +319,9 @@ def session(
     if threads is not None:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
+    head = onnx.load(model, load_external_data=False) if isinstance(model, str) else model
+    if workarounds.has_remat(head):  # recomputed segments: an order and a planner that let them free memory
+        workarounds.remat_session_options(opts)
     source = model if isinstance(model, str) else model.SerializeToString()
     return ort.InferenceSession(source, opts, providers=providers_for(provider))
 

@@ -78,3 +78,39 @@ def kernel_gap(e: BaseException) -> str:
         return f"onnxruntime has no kernel for {m.group(1)}-{m.group(2)} (node '{m.group(3)}') in this type"
     first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
     return first[:200]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# onnxruntime 1.31: its default session settings undo rematerialisation.
+#
+# A gradient model with recomputed segments (``onnxgrad.remat``) frees memory only if each segment runs right
+# before the backward that reads it and its buffers go back when it is done. Three defaults work against that:
+#
+# * the DEFAULT execution order is a reverse depth-first walk from the leaf nodes, highest index first: a weight
+#   gradient that feeds no later node is computed only when the walk reaches its leaf, so the recomputed values it
+#   reads stay alive to the end (transformer, sequence 512: peak 147 MiB with nothing-saveable against 124 MiB
+#   without remat). PRIORITY_BASED runs nodes in the graph's own order, where onnxgrad puts each segment;
+# * the allocation planner's buffer reuse hands a buffer freed in the forward to a later value of the same size,
+#   which can be a recomputed value far into the backward, so the buffer is held in between (enable_mem_reuse);
+# * fusions beyond the basic level replace nodes by new ones with the highest indices, which the priority order
+#   then runs late (nothing-saveable: peak 84 MiB with ORT_ENABLE_ALL against 55 MiB with ORT_ENABLE_BASIC).
+#
+# ``onnxgrad.runtime.session`` applies these settings to a model whose metadata carries REMAT_KEY; the numbers and
+# the time they cost are in bench/RESULTS.md (bench/remat.py).
+
+REMAT_KEY = "onnxgrad.remat"
+
+
+def remat_session_options(opts: object) -> None:
+    """Set an onnxruntime SessionOptions for a gradient model with recomputed segments (see above)."""
+    import onnxruntime as ort
+
+    assert isinstance(opts, ort.SessionOptions)
+    opts.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+    opts.enable_mem_reuse = False
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+
+
+def has_remat(model: object) -> bool:
+    """True when an onnx ModelProto's metadata says onnxgrad recomputed forward values in it."""
+    return any(p.key == REMAT_KEY for p in getattr(model, "metadata_props", ()))
