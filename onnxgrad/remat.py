@@ -223,12 +223,14 @@ def saved_bytes(residuals: Sequence[ir.Value], chosen: set[ir.Value], policy: st
 
 def rematerialize(em: Emitter, chosen: set[ir.Value], policy: str | None = None,
                   residuals: Sequence[ir.Value] = (), readers: Sequence[ir.Node] | None = None,
-                  saved: Iterable[ir.Value] = (), triggers: Mapping[ir.Value, ir.Value] | None = None
-                  ) -> dict[ir.Value, ir.Value]:
+                  saved: Iterable[ir.Value] = (), triggers: Mapping[ir.Value, ir.Value] | None = None,
+                  hold: Mapping[ir.Value, ir.Value] | None = None) -> dict[ir.Value, ir.Value]:
     """Re-emit the forward nodes computing ``chosen`` (and, under a policy, what it does not save on the way) and point
     every read of them by ``readers`` (default: the emitter's nodes) at the copies, each copy placed right before its
     first reader. A copy waits for a gradient value: ``triggers`` gives it per chosen value (the gradient of its
-    segment's end), else it is a gradient its first reader reads.
+    segment's end), else it is a gradient its first reader reads. ``hold`` gives, per saved forward value, the gradient
+    its direct reads wait for (so a gradient node that reads only forward values cannot run during the forward pass,
+    keeping a second copy of it alive from there on).
 
     Returns the copies by original value."""
     again = _closure(chosen, policy, residuals, saved)
@@ -248,7 +250,7 @@ def rematerialize(em: Emitter, chosen: set[ir.Value], policy: str | None = None,
             return v  # weights and constants live all along: nothing to hold back
         key = (id(v), id(trigger))
         if key not in gated:
-            first = em.Reshape(em.Slice(em.Reshape(trigger, em.ints([-1])), em.ints([0]), em.ints([1])), em.ints([]))
+            first = em.Reshape(em.slice(em.Reshape(trigger, em.ints([-1])), [0], [1], [0]), em.ints([]))
             node = ir.Node("", "Where", [em.Not(em.IsNaN(first)), v, v], name=em.fresh_name("remat_gate"))
             em.nodes.append(node)  # built by hand: the emitter's clean-up folds Where(c, v, v) to v
             out = node.outputs[0]
@@ -282,6 +284,8 @@ def rematerialize(em: Emitter, chosen: set[ir.Value], policy: str | None = None,
         for i, v in enumerate(n.inputs):
             if v is not None and v in chosen:
                 n.replace_input_with(i, copy(v, (triggers or {}).get(v, trigger)))
+            elif v is not None and hold and v in hold:
+                n.replace_input_with(i, gate(v, hold[v]))
     _place_before_readers(em, grad_nodes)
     return copies
 
@@ -339,7 +343,29 @@ def apply(em: Emitter, roots: Sequence[ir.Value], recompute: Sequence[str] | Non
         saved, tail, end_of = segment(em.graph, live, residuals, chosen, dims)
         chosen -= tail | saved
         triggers = {v: totals[b] for v, b in end_of.items() if totals and b in totals}
-    return rematerialize(em, chosen, policy, residuals, live, saved, triggers) if chosen else {}
+    else:  # each recomputation waits for the gradient that reaches the value's last forward reader
+        triggers = _hold(em.graph, live, list(chosen), totals or {})
+    hold = _hold(em.graph, live, [r for r in residuals if r not in chosen], totals or {})
+    return rematerialize(em, chosen, policy, residuals, live, saved, triggers, hold) if chosen else {}
+
+
+def _hold(graph: ir.Graph, grad_nodes: Sequence[ir.Node], kept: Sequence[ir.Value],
+          totals: Mapping[ir.Value, ir.Value]) -> dict[ir.Value, ir.Value]:
+    """For each saved value, the gradient its reads in the gradient part wait for: that of an output of its last
+    forward reader (computed before any rule reads the value, and from later nodes' rules only, which do not read
+    it)."""
+    forward = _forward_nodes(graph, grad_nodes)
+    pos = {id(n): k for k, n in enumerate(n for n in graph if id(n) in forward)}
+    out = {}
+    for v in kept:
+        readers = [u.node for u in v.uses() if id(u.node) in pos]
+        if not readers:
+            continue
+        last = max(readers, key=lambda n: pos[id(n)])
+        g = next((totals[o] for o in last.outputs if o in totals), None)
+        if g is not None and is_float(g):
+            out[v] = g
+    return out
 
 
 # --------------------------------------------------------------------------------- info --residuals
