@@ -8,20 +8,25 @@ scatter form trusts each runtime's Indices: two runtimes must agree."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import pytest
 
 import onnxgrad
 from onnxgrad import plans, runtime
+from onnxgrad.check import check_gradients
 from onnxgrad.emitter import Emitter, attr
 from onnxgrad.geometry import conv_transpose_window, conv_window, pool_window
-from tests.cases.conv import CASES, r
-from tests.gradcheck import Case, assert_gradients_match, build
+from tests.cases.conv import CASES, away, distinct, offsets, r
+from tests.cases.sampling import CASES as SAMPLING
+from tests.gradcheck import Case, assert_gradients_match, build, provider_for
+from tests.gradcheck import rng_array as _r
 from tests.graphs import Graph, N
 from tests.graphs import build as build_graph
 from tests.graphs import run as run_graph
@@ -177,6 +182,189 @@ def test_max_pool_routing_agrees_across_runtimes(case: Case) -> None:
         np.testing.assert_allclose(got["reference"][name], got["cpu"][name], rtol=1e-6, atol=1e-6)
 
 
+# ------------------------------------------------------------------ run-time spatial sizes
+RESIZABLE = {"Conv", "ConvTranspose", "AveragePool", "MaxPool", "LpPool", "GlobalAveragePool", "GlobalMaxPool",
+             "GlobalLpPool"}
+GROWTHS = [(1, 2, 3), (2, 3, 1), (3, 1, 2), (5, 4, 4)]  # per spatial axis: every remainder modulo the strides
+
+
+def _resized(case: Case, growth: tuple[int, ...]) -> np.ndarray:
+    """The case's first input grown along its spatial axes, drawn as the case draws it."""
+    x = np.asarray(case.inputs[0])
+    shape = (*x.shape[:2], *(n + g for n, g in zip(x.shape[2:], growth, strict=False)))
+    if case.op in ("MaxPool", "GlobalMaxPool"):
+        return distinct(*shape, seed=7)
+    if case.op in ("LpPool", "GlobalLpPool"):
+        return away(*shape, seed=7)
+    return r(*shape, seed=7)
+
+
+def _spatial_only(case: Case) -> tuple[onnx.ModelProto, list[str], list[str], dict[str, np.ndarray]]:
+    """The case with X's batch and spatial sizes known only at run time and every other input (the weight) of
+    static shape, as an exported model has it: the dW plans then see W (test_rules.py's run leaves W's first
+    dimension open too, which takes the grouped plan)."""
+    model, ys, xs, feeds = build(case, dynamic="spatial")
+    for v in model.graph.input[1:]:
+        if v.name in feeds:
+            for d, n in zip(v.type.tensor_type.shape.dim, feeds[v.name].shape, strict=True):
+                d.ClearField("dim_param")
+                d.dim_value = n
+    return model, ys, xs, feeds
+
+
+@pytest.mark.parametrize(
+    "case", [c for c in CASES if c.op in RESIZABLE and "output_shape" not in c.attrs], ids=lambda c: c.name)
+def test_one_gradient_graph_serves_every_spatial_size(case: Case) -> None:
+    """With H and W known only at run time, the graph built once is right at other sizes too: odd and even,
+    every remainder modulo the strides (output_padding against the run-time size, pads of SAME, divisors)."""
+    model, ys, xs, feeds = _spatial_only(case)
+    for growth in GROWTHS:
+        sized = {**feeds, xs[0]: _resized(case, growth)}
+        rows = check_gradients(model, ys, xs, sized, seed=case.seed, eps=case.eps, rtol=case.rtol,
+                               provider=provider_for(case))
+        bad = [f"{r.x}: {r.analytic:.6g} vs {r.numeric:.6g}" for r in rows if not r.ok]
+        assert not bad, f"{case.name} grown by {growth}: " + "; ".join(bad)
+
+
+@pytest.mark.parametrize(
+    "case", [c for c in CASES if c.op in RESIZABLE and "output_shape" not in c.attrs and c.opset <= 26],
+    ids=lambda c: c.name)
+def test_the_run_time_graph_agrees_with_the_static_one_in_onnxruntime(case: Case) -> None:
+    """onnxruntime (float32) runs the run-time-size graph at each size, and its gradients are the static graph's
+    built for that size (output_padding stride - 1, run-time Slices and pads are accepted as the checker's
+    float64 run took them)."""
+    model, ys, xs, feeds = _spatial_only(case)
+    aug = onnxgrad.add_gradients(model, ys, xs)
+    for growth in GROWTHS:
+        x = _resized(case, growth)
+        sized = dataclasses.replace(case, inputs=[x, *case.inputs[1:]])
+        fixed, fys, fxs, fixed_feeds = build(sized)
+        ref = onnxgrad.add_gradients(fixed, fys, fxs)
+        got = runtime.run(aug.model, {**feeds, xs[0]: x}, [aug.gradients[v] for v in xs])
+        want = runtime.run(ref.model, fixed_feeds, [ref.gradients[v] for v in fxs])
+        for v, fv in zip(xs, fxs, strict=True):
+            np.testing.assert_allclose(got[aug.gradients[v]], want[ref.gradients[fv]], rtol=1e-5, atol=1e-5,
+                                       err_msg=f"{case.name} grown by {growth}: {v}")
+
+
+def _deform_inputs(case: Case, growth: tuple[int, ...]) -> list[Any]:
+    """A DeformConv case's inputs for its image grown by ``growth``: offsets and mask drawn for the new output."""
+    x, w = np.asarray(case.inputs[0]), np.asarray(case.inputs[1])
+    size = [n + g for n, g in zip(x.shape[2:], growth, strict=False)]
+    k, rank = w.shape[2:], len(size)
+    pads = case.attrs.get("pads", [0] * 2 * rank)
+    out = [(n + pads[a] + pads[a + rank] - case.attrs.get("dilations", [1] * rank)[a] * (k[a] - 1) - 1)
+           // case.attrs.get("strides", [1] * rank)[a] + 1 for a, n in enumerate(size)]
+    taps = int(np.prod(k)) * case.attrs.get("offset_group", 1)
+    grown = [r(*x.shape[:2], *size, seed=7), w, offsets(x.shape[0], taps * rank, *out, seed=8), *case.inputs[3:4]]
+    if len(case.inputs) > 4:
+        grown.append(_r(x.shape[0], taps, *out, seed=9, low=0.2, high=1.0, dtype=np.float32))
+    return grown
+
+
+SAMPLED = [c for c in CASES if c.op == "DeformConv"] + [c for c in SAMPLING if c.op in ("RoiAlign", "MaxRoiPool")]
+
+
+@pytest.mark.parametrize("case", SAMPLED, ids=lambda c: c.name)
+def test_sampled_windows_serve_every_size(case: Case) -> None:
+    """DeformConv, RoiAlign and MaxRoiPool over run-time image sizes: right at other sizes than the built one."""
+    model, ys, xs, feeds = build(case, dynamic="spatial")
+    names = [f"in{i}" for i in range(len(case.inputs))]
+    if case.op == "DeformConv":  # offsets and mask follow the output's size, as a Conv of X would give them
+        for v in [*model.graph.input[1:], *model.graph.output]:
+            for k, d in enumerate(v.type.tensor_type.shape.dim):
+                if k >= 2 and v.name != "in1":
+                    d.dim_param = f"S{k}_{v.name}"
+    for growth in GROWTHS[:2]:
+        if case.op == "DeformConv":
+            grown = _deform_inputs(case, growth)
+        else:
+            x = np.asarray(case.inputs[0])
+            grown = [r(*x.shape[:2], *(n + g for n, g in zip(x.shape[2:], growth, strict=False)), seed=7)
+                     .astype(x.dtype)]
+        sized = {**feeds, **{n: v for n, v in zip(names, grown, strict=False) if n in feeds and v is not None}}
+        rows = check_gradients(model, ys, xs, sized, seed=case.seed, eps=case.eps, rtol=case.rtol,
+                               provider=provider_for(case))
+        bad = [f"{r.x}: {r.analytic:.6g} vs {r.numeric:.6g}" for r in rows if not r.ok]
+        assert not bad, f"{case.name} grown by {growth}: " + "; ".join(bad)
+
+
+DROPPING = [  # ceil_mode with an end pad: at odd sizes the last window would start in the end pad and is dropped
+    Case("AveragePool", [r(2, 2, 5, 6)], attrs={"kernel_shape": [2, 2], "strides": [2, 2], "pads": [1, 1, 1, 1],
+         "ceil_mode": 1}, opset=19, id="ceil-drop"),
+    Case("AveragePool", [r(2, 2, 5, 6)], attrs={"kernel_shape": [2, 2], "strides": [2, 2], "pads": [1, 1, 1, 1],
+         "ceil_mode": 1, "count_include_pad": 1}, opset=19, id="ceil-drop-include"),
+    Case("MaxPool", [distinct(2, 2, 5, 6)], attrs={"kernel_shape": [2, 2], "strides": [2, 2], "pads": [1, 1, 1, 1],
+         "ceil_mode": 1}, opset=10, id="ceil-drop-windows"),
+    Case("LpPool", [away(2, 2, 5, 6)], attrs={"kernel_shape": [2, 2], "strides": [2, 2], "pads": [1, 1, 1, 1],
+         "ceil_mode": 1}, opset=18, id="ceil-drop"),
+]
+
+
+@pytest.mark.parametrize("case", DROPPING, ids=lambda c: c.name)
+def test_ceil_mode_windows_that_start_in_the_end_pad(case: Case) -> None:
+    """onnxruntime drops a ceil_mode window that would start in the end pad (onnx's shape inference counts it, so
+    only run-time sizes can show it): the windows found in the end pads are cut to dY's own count."""
+    model, ys, xs, feeds = build(case, dynamic="spatial")
+    for growth in [(0, 0), (1, 1), (2, 3)]:
+        sized = {**feeds, xs[0]: _resized(case, growth)}
+        rows = check_gradients(model, ys, xs, sized, seed=case.seed, eps=case.eps, rtol=case.rtol)
+        bad = [f"{r.x}: {r.analytic:.6g} vs {r.numeric:.6g}" for r in rows if not r.ok]
+        assert not bad, f"{case.name} grown by {growth}: " + "; ".join(bad)
+
+
+DYNAMIC_ROWS = [
+    # over run-time sizes no static index table: the one-hot Conv of the windows before ScatterElements
+    Row("MaxPool", "", "MAX_POOL", "windows", {"scatter": NO_SCATTER, "gather": "run time"}),
+    Row("MaxPool", "same-lower", "MAX_POOL", "windows", {"scatter": NO_ADD, "gather": "run time"}),
+    Row("MaxPool", "scatter-tiling-pads", "MAX_POOL", "scatter"),
+    # an unknown output size is taken to outweigh W: the interleaved Conv, but im2col + Gemm for 1x1
+    Row("Conv", "wide-weight-gemm", "WEIGHT_GRAD", "interleaved"),
+    Row("Conv", "1x1-gemm", "WEIGHT_GRAD", "gemm", {"interleaved": "unstrided 1x1 kernel"}),
+    Row("Conv", "stride-gt-kernel", "INPUT_GRAD", "transpose", {"flipped": STRIDED}),
+    Row("Conv", "bias", "INPUT_GRAD", "flipped"),
+    Row("AveragePool", "one-window", "SPREAD", "transpose", {"broadcast": MANY}),
+]
+
+
+@pytest.mark.parametrize("row", DYNAMIC_ROWS, ids=lambda row: row.name)
+def test_plans_over_run_time_sizes(row: Row) -> None:
+    model, _, _, _ = build(_case(row), dynamic="spatial")
+    graph = ir.serde.deserialize_model(model).graph
+    (node,) = [n for n in graph if n.op_type == row.op]
+    em = Emitter(graph, _case(row).opset, "test")
+    x, y = node.inputs[0], node.outputs[0]
+    assert x is not None
+    if row.table in ("MAX_POOL", "SPREAD"):
+        win = pool_window(node, x, em)[0]
+        args: tuple[Any, ...] = (em, node, x, y, win) if row.table == "MAX_POOL" else (em, y, win, 1.0)
+    else:
+        w = node.inputs[1]
+        assert w is not None
+        w.shape = ir.Shape(np.shape(_case(row).inputs[1]))  # a weight's shape is static (the harness leaves M open)
+        win = conv_window(node, x, w, em)
+        args = (em, x, y, win, 1, w) if row.table == "WEIGHT_GRAD" else (em, y, w, win, 1)
+    assert not win.static
+    reasons = plans.explain(getattr(plans, row.table), *args)
+    assert reasons[row.taken] is None, reasons
+    earlier = list(reasons)[: list(reasons).index(row.taken)]
+    assert sorted(row.reasons) == sorted(earlier)
+    for plan, phrase in row.reasons.items():
+        why = reasons[plan]
+        assert why is not None and phrase in why, (plan, why)
+
+
+def test_same_with_strides_over_run_time_sizes_needs_opset_11() -> None:
+    """Before Pad took its pads as an input, auto_pad SAME over run-time sizes cannot be differentiated: a
+    clear error naming the node, the op and what must be static."""
+    case = Case("Conv", [r(1, 2, 5, 6, seed=1), r(3, 2, 3, 3, seed=2)], attrs={"auto_pad": "SAME_UPPER",
+                "strides": [2, 2]}, opset=10, id="same-opset10")
+    model, ys, xs, _ = build(case, dynamic="spatial")
+    with pytest.raises(ValueError, match=r"Conv '.*': auto_pad SAME_UPPER with strides \[2, 2\] over spatial sizes "
+                       r"known only at run time .*opset >= 11"):
+        onnxgrad.add_gradients(model, ys, xs)
+
+
 # ------------------------------------------------------------------ fusions
 RNG = np.random.default_rng(3)
 
@@ -293,3 +481,41 @@ def test_fused_gradients_equal_the_unfused_ones(row: FusionRow, monkeypatch: pyt
     assert fused.keys() == apart.keys() == set(row.xs)
     for x in row.xs:
         np.testing.assert_allclose(fused[x], apart[x], rtol=2e-4, atol=2e-4 * float(np.abs(apart[x]).max()), err_msg=x)
+
+
+@pytest.mark.parametrize("row", [r for r in FUSION_ROWS if r.id in ("bn", "mul-per-channel")], ids=lambda r: r.id)
+@pytest.mark.parametrize("conv", [{}, {"strides": [2, 2], "auto_pad": "SAME_UPPER"}], ids=["plain", "same-strided"])
+def test_fusions_over_run_time_sizes(row: FusionRow, conv: dict[str, Any]) -> None:
+    """With H and W known only at run time the Conv output is taken to outweigh W, so the factor moves onto the
+    kernel; the gradients at several sizes are those of the Conv and BatchNormalization (or Mul) rules apart."""
+    nodes = [N("z", "Conv", "x", "w", "b", **conv), *row.nodes[1:]]
+    g = _fusion_graph(dataclasses.replace(row, nodes=nodes))
+    model = build_graph(g)
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    dims[2].dim_param, dims[3].dim_param = "h", "w"
+    for v in model.graph.output:
+        v.type.tensor_type.ClearField("shape")
+    del model.graph.value_info[:]
+    model = onnx.shape_inference.infer_shapes(model)
+    seen: list[dict[str, str | None]] = []
+    real = plans.fusions
+
+    def spy(ctx: Any, path: Any) -> list[plans.Fusion]:
+        seen.append(plans.explain_fusions(ctx, path))
+        return real(ctx, path)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(plans, "fusions", spy)
+        fused = onnxgrad.add_gradients(model, list(row.outputs), list(row.xs))
+        patch.setattr(plans, "fusions", lambda ctx, path: [])
+        apart = onnxgrad.add_gradients(model, list(row.outputs), list(row.xs))
+    assert seen == [{"y": None}]
+    for size in [(6, 6), (9, 7)]:
+        feeds = {"x": _u(2, 3, *size)}
+        a = run_graph(fused.model, feeds, [fused.gradients[x] for x in row.xs])
+        b = run_graph(apart.model, feeds, [apart.gradients[x] for x in row.xs])
+        for x in row.xs:
+            want = b[apart.gradients[x]]
+            np.testing.assert_allclose(a[fused.gradients[x]], want, rtol=2e-4, atol=2e-4 * float(np.abs(want).max()),
+                                       err_msg=f"{x} at {size}")
+

@@ -41,24 +41,40 @@ def weight_grad_interleaved(em: Emitter, x: ir.Value, g: ir.Value, win: Window, 
     batch = xd[0] if isinstance(xd[0], int) else 1
     m, c, n = wd[0], wd[1], win.rank
     xt = em.Transpose(x, perm=[0, *range(2, n + 2), 1])  # (N, *S, C)
-    # rows no window reads would only widen the output (4x the work for a 1x1 stride-2 conv): cut them
-    *lead, last = [size - extra for size, extra in zip(win.size_in, win.extra, strict=True)]
-    if any(win.extra):
-        xt = em.slice(xt, [0] * n, [*lead, last], list(range(1, n + 1)))
-    xi = em.Reshape(xt, em.ints([1, -1, *lead, last * c]))
-    begin, end = list(win.begin), list(win.end)
+    begin, end = list(win.begin), list(win.pads[n:])
     begin[-1] *= c
     end[-1] *= c
     dilations = [*win.strides[:-1], win.strides[-1] * c]
+    if win.static:
+        # rows no window reads would only widen the output (4x the work for a 1x1 stride-2 conv): cut them
+        *lead, last = [size - extra for size, extra in zip(win.size_in, win.extra, strict=True)]  # type: ignore[operator]
+        if any(win.extra):
+            xt = em.slice(xt, [0] * n, [*lead, last], list(range(1, n + 1)))
+        xi = em.Reshape(xt, em.ints([1, -1, *lead, last * c]))
+        out = win.size_out
+    else:  # run-time sizes: the end pads reach at least the last window; the taps past the kernel are cut below
+        xi = em.unsqueeze(em.Reshape(xt, em.ints([0] * n + [-1])), [0])  # (1, N, *S[:-1], S_last * C)
+        out = tuple(0 if d is None else d for d in win.size_out)  # Reshape's 0: dY's own size there
     if batch > 1:  # static batch: one group per sample, dY (N*M, 1, *out) as is; the N partial dWs summed by
         # a MatMul with ones (2-3% faster on the CNN than transposing dY; onnxruntime's ReduceSum is slower)
-        dw = em.Conv(xi, em.Reshape(g, em.ints([-1, 1, *win.size_out])), dilations=dilations,
+        dw = em.Conv(xi, em.Reshape(g, em.ints([-1, 1, *out])), dilations=dilations,
                      pads=[*begin, *end], group=batch)  # (1, N*M, *k, k_last * C)
+        dw = _cut_taps(em, dw, win, c)
         dw = em.MatMul(em.const(np.ones((1, batch)), like=g), em.Reshape(dw, em.ints([batch, -1])))
     else:
         dw = em.Conv(xi, _channels_first(em, g), dilations=dilations, pads=[*begin, *end])  # (1, M, *k, k_last * C)
+        dw = _cut_taps(em, dw, win, c)
     dw = em.Reshape(dw, em.ints([m, *win.kernel, c]))
     return em.Transpose(dw, perm=[0, n + 1, *range(1, n + 1)])
+
+
+def _cut_taps(em: Emitter, dw: ir.Value, win: Window, c: int) -> ir.Value:
+    """The interleaved dW cut to the kernel's taps, where run-time sizes left end pads past the last window (or
+    rows no window reads)."""
+    if win.static or not any(e is None or e > 0 for e in win.extra):
+        return dw
+    *lead, last = win.kernel
+    return em.slice(dw, [0] * win.rank, [*lead, last * c], list(range(2, win.rank + 2)))
 
 
 def gemm_is_faster(em: Emitter, x: ir.Value, win: Window, w: ir.Value) -> str | None:
@@ -72,7 +88,9 @@ def gemm_is_faster(em: Emitter, x: ir.Value, win: Window, w: ir.Value) -> str | 
     # im2col copies ~2 * C * taps * N * out values, 4x slower when strided taps need phase slices (opset < 10);
     # the interleaved plan's dW transpose costs ~2 * M * C * taps more than the Gemm plan's reshape
     phases = 4 if not em.slice_steps and any(s != 1 for s in win.strides) else 1
-    cost = batch * math.prod(win.size_out) * phases
+    if None in win.size_out:  # run-time sizes: an image-sized output is taken to outweigh W
+        return None
+    cost = batch * math.prod(win.size_out) * phases  # type: ignore[arg-type]
     if wd is not None and cost < wd[0]:
         return f"W outweighs the activations (N * out * phases = {cost} < M = {wd[0]}): im2col + Gemm is faster"
     return None
@@ -88,6 +106,8 @@ def weight_grad_gemm(em: Emitter, x: ir.Value, g: ir.Value, win: Window, group: 
         return NotApplicable("W's shape or the rank of X or dY is not known")
     if any(s != 1 for s in win.strides) and not em.slice_steps and win.rank != 2:
         return NotApplicable("strided taps without Slice steps are cut in 2-D only")
+    if not win.static and not em.slice_steps and any(s != 1 for s in win.strides):
+        return NotApplicable("strided taps over run-time sizes need Slice steps (opset 10)")
     m, c = wd[0], wd[1]
     taps = _taps(em, _channels_first(em, x), win)
     stacked = taps[0] if len(taps) == 1 else em.Concat(*[em.unsqueeze(t, [1]) for t in taps], axis=1)
@@ -108,14 +128,16 @@ def weight_grad_grouped(em: Emitter, x: ir.Value, g: ir.Value, win: Window, grou
         cg = wd if isinstance(wd, int) else xd // group if isinstance(xd, int) else None
         if cg is None:
             raise ValueError(f"grouped weight gradient needs the channel count of '{x.name}' or '{w.name}'")
-        xt = em.Reshape(xt, em.ints([group, cg, -1, *win.size_in]))
+        size = list(win.size_in) if win.static else em.dims(x, range(2, n + 2))
+        xt = em.Reshape(xt, em.cat_ints([group, cg, -1], size))  # type: ignore[arg-type]
         xt = em.Transpose(xt, perm=[1, 0, *range(2, n + 3)])  # (Cg, group, N, *in)
-        xt = em.Reshape(xt, em.ints([0, -1, *win.size_in]))  # (Cg, group * N, *in)
+        xt = em.Reshape(xt, em.cat_ints([0, -1], size))  # type: ignore[arg-type]  # (Cg, group * N, *in)
     dw = em.Conv(
         xt, em.Transpose(g, perm=perm), strides=list(win.dilations), dilations=list(win.strides),
         group=group, pads=win.pads,
     )
-    dw = crop(em, dw, win.kernel, [e - d + 1 for e, d in zip(win.extra, win.dilations, strict=True)])
+    over = [1 if e is None else e - d + 1 for e, d in zip(win.extra, win.dilations, strict=True)]
+    dw = crop(em, dw, win.kernel, over)  # run-time sizes: the end pads reach at least the last window
     return em.Transpose(dw, perm=perm)
 
 
@@ -133,13 +155,16 @@ def _taps(em: Emitter, xt: ir.Value, win: Window) -> list[ir.Value]:
     """For each kernel tap (row-major), the input each output position reads there: (C, N, *size_out).
 
     Strided taps use Slice steps (opset 10); before, 2-D only: whole stride blocks are cut, split by a
-    Reshape and phase 0 taken."""
+    Reshape and phase 0 taken. Over run-time sizes, see ``_run_time_taps``."""
+    if not win.static:
+        return _run_time_taps(em, xt, win)
     n = win.rank
+    size_out = [int(m) for m in win.size_out]  # type: ignore[arg-type]
     strided = any(s != 1 for s in win.strides)
     phases = strided and not em.slice_steps
     reach = [(k - 1) * d + (s * m if phases else s * (m - 1) + 1)
-             for k, d, s, m in zip(win.kernel, win.dilations, win.strides, win.size_out, strict=True)]
-    end = [max(0, r - (size + b)) for r, size, b in zip(reach, win.size_in, win.begin, strict=True)]
+             for k, d, s, m in zip(win.kernel, win.dilations, win.strides, size_out, strict=True)]
+    end = [max(0, r - (size + b)) for r, size, b in zip(reach, win.size_in, win.begin, strict=True)]  # type: ignore[operator]
     if any(win.begin) or any(end):
         xt = em.pad(xt, [0, 0, *win.begin, 0, 0, *end])
     axes = list(range(2, n + 2))
@@ -147,14 +172,35 @@ def _taps(em: Emitter, xt: ir.Value, win: Window) -> list[ir.Value]:
     for tap in np.ndindex(*win.kernel):
         starts = [t * d for t, d in zip(tap, win.dilations, strict=True)]
         if phases:
-            ends = [st + s * m for st, s, m in zip(starts, win.strides, win.size_out, strict=True)]
-            (sh, sw), (mh, mw) = win.strides, win.size_out
+            ends = [st + s * m for st, s, m in zip(starts, win.strides, size_out, strict=True)]
+            (sh, sw), (mh, mw) = win.strides, size_out
             split = em.Reshape(em.slice(xt, starts, ends, axes), em.ints([0, 0, mh, sh, mw, sw]))
             taps.append(em.Reshape(em.slice(split, [0, 0], [1, 1], [3, 5]), em.ints([0, 0, mh, mw])))
         else:
-            ends = [st + s * (m - 1) + 1 for st, s, m in zip(starts, win.strides, win.size_out, strict=True)]
+            ends = [st + s * (m - 1) + 1 for st, s, m in zip(starts, win.strides, size_out, strict=True)]
             taps.append(em.slice(xt, starts, ends, axes, list(win.strides) if strided else None))
     return taps
+
+
+def _run_time_taps(em: Emitter, xt: ir.Value, win: Window) -> list[ir.Value]:
+    """``_taps`` over run-time sizes: X padded by the window's pads, whose end pad reaches the last window but not
+    a whole stride past it, so along an axis the tap at offset o = t * d ends d * (k - 1) - o before the padded
+    end: static Slices (steps for strides) with negative ends."""
+    n = win.rank
+    xt = em.pad(xt, [0, 0, *win.pads[:n], 0, 0, *win.pads[n:]])
+    strided = any(s != 1 for s in win.strides)
+    reach = [d * (k - 1) for k, d in zip(win.kernel, win.dilations, strict=True)]
+    taps = []
+    for tap in np.ndindex(*win.kernel):
+        starts = [t * d for t, d in zip(tap, win.dilations, strict=True)]
+        ends = [st - r if st < r else _END for st, r in zip(starts, reach, strict=True)]
+        whole = not strided and not any(starts) and all(e == _END for e in ends)  # a 1x1 unstrided tap: X itself
+        taps.append(xt if whole else em.slice(xt, starts, ends, list(range(2, n + 2)),
+                                              list(win.strides) if strided else None))
+    return taps
+
+
+_END = 2**62  # a Slice end past any axis
 
 
 WEIGHT_GRAD: dict[str, Plan] = {

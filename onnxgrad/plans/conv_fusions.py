@@ -23,7 +23,7 @@ import onnx_ir as ir
 
 from onnxgrad import registry
 from onnxgrad.emitter import Emitter, attr, static_dims
-from onnxgrad.geometry import Window, conv_window
+from onnxgrad.geometry import Window, conv_window, padded
 from onnxgrad.plans.base import NotApplicable
 from onnxgrad.plans.conv import conv_input_grad, conv_weight_grad
 
@@ -46,12 +46,15 @@ class Fusion:
 def kernel_fold(conv: ir.Node) -> str | None:
     """Why a per-output-channel factor on this Conv's dY is not better moved onto W and dW (work the size of W)
     than applied to dY (work the size of the output), or None when it is: W has no more values than the output
-    (batch 1 if the batch is dynamic). ResNet-50's deep layers at batch 1 have 5-20x more weights than outputs."""
+    (batch 1 if the batch is dynamic; an output of run-time spatial size is taken to be larger, as the dW plans take
+    it). ResNet-50's deep layers at batch 1 have 5-20x more weights than outputs."""
     w, out = conv.inputs[1], conv.outputs[0]
     wd = None if w is None else static_dims(w)
     dims = None if out.shape is None else list(out.shape)
-    if wd is None or not dims or not all(isinstance(d, int) for d in dims[1:]):
-        return "the sizes of W or of the Conv output (but the batch) are not static"
+    if wd is None or not dims or not isinstance(dims[1], int):
+        return "the sizes of W or the Conv output's channel count are not static"
+    if not all(isinstance(d, int) for d in dims[2:]):  # run-time sizes: an image-sized output outweighs W
+        return None
     batch = dims[0] if isinstance(dims[0], int) else 1
     size = batch * math.prod(dims[1:])  # type: ignore[arg-type]
     if math.prod(wd) > size:
@@ -100,7 +103,7 @@ def _folded(em: Emitter, conv: ir.Node, win: Window, g: ir.Value, k: ir.Value,
     kernel = em.Mul(w, c)
     kernel.shape = w.shape
     dx = conv_input_grad(em, g, kernel, win, group)
-    dw = em.Mul(dw if dw is not None else conv_weight_grad(em, x, g, win, group, w), c)
+    dw = em.Mul(dw if dw is not None else conv_weight_grad(em, padded(em, x, win), g, win, group, w), c)
     pairs = [(x, dx), (w, dw)]
     if len(conv.inputs) > 2 and conv.inputs[2] is not None:
         pairs.append((conv.inputs[2], em.Mul(em.reduce_sum(g, [0, *range(2, win.rank + 2)], keepdims=False), k)))
@@ -129,12 +132,12 @@ def conv_batch_norm(ctx: WalkContext, bn: ir.Node, on_path: set[int]) -> Fusion 
         assert scale is not None and bias is not None and mean is not None and var is not None
         z = bn.inputs[0]
         assert z is not None
-        win = conv_window(conv, x, w)
+        win = conv_window(conv, x, w, em)
         axes = [0, *range(2, win.rank + 2)]
         inv = em.Reciprocal(em.Sqrt(em.Add(_as(em, var, z), em.const(attr(bn, "epsilon", 1e-5), like=z))))
         k = em.Mul(_as(em, scale, z), inv)
         d_bias = em.reduce_sum(g, axes, keepdims=False)
-        dw = conv_weight_grad(em, x, g, win, attr(conv, "group", 1), w)  # for dY itself: k is not on it
+        dw = conv_weight_grad(em, padded(em, x, win), g, win, attr(conv, "group", 1), w)  # dY itself: no k on it
         dy_z = em.reduce_sum(em.Mul(w, dw), list(range(1, win.rank + 2)), keepdims=False)
         shift = _as(em, mean, z) if b is None else em.Sub(_as(em, mean, z), _as(em, b, z))
         d_scale = em.Mul(em.Sub(dy_z, em.Mul(shift, d_bias)), inv)  # sum(dY * (Z - mean)) * inv
@@ -170,7 +173,7 @@ def _conv_mul_grad(ctx: WalkContext, conv: ir.Node, mul: ir.Node, index: int) ->
     def grad(em: Emitter, dy: Sequence[ir.Value | None]) -> list[tuple[ir.Value, ir.Value | None]]:
         g, s, x, w = dy[0], mul.inputs[1 - index], conv.inputs[0], conv.inputs[1]
         assert g is not None and s is not None and x is not None and w is not None
-        pairs = _folded(em, conv, conv_window(conv, x, w), g, em.Reshape(s, em.ints([-1])))
+        pairs = _folded(em, conv, conv_window(conv, x, w, em), g, em.Reshape(s, em.ints([-1])))
         if s in ctx.wanted:  # the Mul rule's own gradient for s, reduced to s's shape as the walk would
             rule = registry.lookup(mul.domain, mul.op_type, ctx.opset)
             assert rule is not None and rule.fn is not None

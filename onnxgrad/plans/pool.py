@@ -3,8 +3,10 @@
 A window sum's adjoint (AveragePool, LpPool): ``broadcast`` (one window over the whole input: one broadcast Mul,
 10x faster than onnxruntime's ConvTranspose) or ``transpose`` (a ConvTranspose with a ones kernel; a 5-D
 broadcast that tiles the input is 7x slower than it). MaxPool's routing of dY to each window's first maximum:
-``scatter`` (ONE ScatterElements through the Indices) or ``gather`` (the windows gathered with a static index
-table, the ArgMax routed back by a ConvTranspose with a one-hot kernel; valid at every opset).
+``scatter`` (ONE ScatterElements through the Indices), ``gather`` (the windows gathered with a static index
+table, the ArgMax routed back by a ConvTranspose with a one-hot kernel; valid at every opset) or, over spatial
+sizes known only at run time before ScatterElements, ``windows`` (the taps read by a Conv with that one-hot
+kernel).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxgrad.emitter import Emitter, attr
-from onnxgrad.geometry import Window, adjoint
+from onnxgrad.geometry import Window, adjoint, crop_to, ones_over, padded
 from onnxgrad.plans.base import NotApplicable, Plan, choose
 
 
@@ -73,9 +75,11 @@ def max_pool_scatter(em: Emitter, node: ir.Node, x: ir.Value, g: ir.Value, win: 
     return em.reshape_like(dx, x)
 
 
-def max_pool_gather(em: Emitter, node: ir.Node, x: ir.Value, g: ir.Value, win: Window) -> ir.Value:
+def max_pool_gather(em: Emitter, node: ir.Node, x: ir.Value, g: ir.Value, win: Window) -> ir.Value | NotApplicable:
     """dX: the windows gathered exactly with a static index table, dY routed to each one's ArgMax tap and back
     to X by a ConvTranspose with a one-hot kernel."""
+    if not win.static:
+        return NotApplicable("spatial sizes known only at run time: no static index table")
     index, valid = win.taps()
     taps, count = index.shape
     size = math.prod(win.size_in)
@@ -95,7 +99,29 @@ def max_pool_gather(em: Emitter, node: ir.Node, x: ir.Value, g: ir.Value, win: W
     return em.reshape_like(adjoint(em, routed, one_hot, win), x)
 
 
-MAX_POOL: dict[str, Plan] = {"scatter": max_pool_scatter, "gather": max_pool_gather}
+def max_pool_windows(em: Emitter, node: ir.Node, x: ir.Value, g: ir.Value, win: Window) -> ir.Value:
+    """dX over any sizes: each window's taps read by a Conv with a one-hot kernel (and which of them lie in the
+    input, by the same Conv over ones), dY routed to the first tap equal to the window's maximum Y and back to
+    X by the adjoint ConvTranspose with that kernel."""
+    taps, n = math.prod(win.kernel), win.rank
+    per_channel = em.ints([-1, 1, *[0] * n])  # (N*C, 1, *sizes): Reshape's 0 keeps each spatial size
+    one_hot = em.const(np.eye(taps).reshape(taps, 1, *win.kernel), like=x)
+    geometry = {"strides": list(win.strides), "dilations": list(win.dilations), "pads": win.pads}
+    values = em.Conv(padded(em, em.Reshape(x, per_channel), win), one_hot, **geometry)  # (N*C, taps, *out)
+    inside = em.Conv(padded(em, ones_over(em, win, x), win), one_hot, **geometry)  # (1, taps, *out)
+    y = em.Reshape(node.outputs[0], per_channel)
+    if attr(node, "ceil_mode", 0) and win.may_drop:  # the end pads may hold one window more than the pool
+        values = crop_to(em, values, y, list(range(n)))
+        inside = crop_to(em, inside, y, list(range(n)))
+    half = em.const(0.5, like=x)
+    hit = em.And(em.Not(em.Or(em.Less(values, y), em.Greater(values, y))), em.Greater(inside, half))
+    first = em.ArgMax(em.indicator(hit, x), axis=1, keepdims=1)  # (N*C, 1, *out)
+    tap = em.const(np.arange(taps).reshape(1, taps, *[1] * n), dtype=ir.DataType.INT64)
+    routed = em.where(em.Equal(first, tap), em.Reshape(g, per_channel), em.const(0.0, like=x))
+    return em.reshape_like(adjoint(em, routed, one_hot, win), x)
+
+
+MAX_POOL: dict[str, Plan] = {"scatter": max_pool_scatter, "gather": max_pool_gather, "windows": max_pool_windows}
 
 
 def max_pool_input_grad(em: Emitter, node: ir.Node, x: ir.Value, g: ir.Value, win: Window) -> ir.Value:
