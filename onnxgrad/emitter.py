@@ -864,3 +864,70 @@ def attr(node: ir.Node, name: str, default: Any = None) -> Any:
     if isinstance(value, Sequence) and not isinstance(value, str | bytes):
         return list(value)
     return value
+
+
+def eye_of_size(em: Emitter, n: int | ir.Value, like: ir.Value) -> ir.Value:
+    """An n x n identity in like's dtype, n an int or an int64 scalar (0-D) value, at every opset: ``em.eye`` where
+    it can; before opset 9 with a run-time n, ones spaced n + 1 apart (Tile of [1, 0 x n], n times) read as
+    n + 1 rows of n, the last row (all zeros) dropped."""
+    if isinstance(n, int) or em.has_op("EyeLike"):
+        return em.eye(n, like)
+    assert like.dtype is not None
+    side = em.Reshape(n, em.ints([1]))
+    zeros = em.Tile(em.const(np.zeros(1), dtype=like.dtype), side)
+    row = em.Concat(em.const(np.ones(1), dtype=like.dtype), zeros, axis=0)
+    rows = em.Reshape(em.Tile(row, side), em.Concat(em.ints([-1]), side, axis=0))
+    return em.slice(rows, [0], [-1], [0])
+
+
+def contract_axis(em: Emitter, g: ir.Value, m: ir.Value, axis: int, n_axes: int) -> ir.Value:
+    """g (of rank ``n_axes``) with its ``axis`` (length out) contracted with m (in x out): the result has length
+    in along ``axis`` (one MatMul, with Transposes around it for an axis before the last two)."""
+    if axis == n_axes - 1:
+        return em.MatMul(g, em.Transpose(m, perm=[1, 0]))
+    if axis == n_axes - 2:
+        return em.MatMul(m, g)
+    perm = list(range(n_axes))
+    perm[axis], perm[n_axes - 2] = n_axes - 2, axis
+    return em.Transpose(em.MatMul(m, em.Transpose(g, perm=perm)), perm=perm)
+
+
+def arange_of_size(em: Emitter, n: int | ir.Value) -> ir.Value:
+    """0, 1, ..., n-1 (1-D int64), n an int or an int64 scalar (0-D) value, at every opset: ``em.arange`` where it
+    can; before opset 9 with a run-time n, the ArgMax of each row of an n x n identity (``eye_of_size``)."""
+    if isinstance(n, int) or em.opset >= 9:
+        return em.arange(n)
+    eye = eye_of_size(em, n, em.const(np.zeros(1), dtype=ir.DataType.FLOAT))
+    return em.ArgMax(eye, axis=1, keepdims=0)
+
+
+def static_value(em: Emitter, v: ir.Value | None, depth: int = 24) -> np.ndarray | None:
+    """v's value when the graph fixes it: a constant, the shape of a value of static shape, or any ai.onnx op of
+    such values (``optimize.fold``), as exporters compute pads, scales and sizes (PyTorch writes F.pad's pads as
+    ConstantOfShape, Concat, Slice, Transpose and Cast of constants). Small values only; None otherwise."""
+    if v is None:
+        return None
+    found = em.constant_value(v)
+    node = v.producer()
+    if found is not None or node is None or depth == 0 or node.domain not in ("", "ai.onnx") \
+            or node.op_type in _NOT_PURE or subgraphs(node):
+        return found
+    if node.op_type in ("Shape", "Size") and node.inputs[0] is not None:
+        dims = static_dims(node.inputs[0])
+        if dims is None:
+            return None
+        if node.op_type == "Size":
+            return np.array(int(np.prod(dims)), dtype=np.int64)
+        start, end = attr(node, "start", 0), attr(node, "end", None)
+        return np.array(dims[start:end], dtype=np.int64)
+    arrays = [None if i is None else static_value(em, i, depth - 1) for i in node.inputs]
+    if any(a is None for a, i in zip(arrays, node.inputs, strict=True) if i is not None) \
+            or sum(a.size for a in arrays if a is not None) > 4096:
+        return None
+    from onnxgrad.optimize import fold
+
+    out = fold(node.op_type, arrays, dict(node.attributes), em.opset, len(node.outputs))
+    if out is None or len(out) != len(node.outputs):
+        return None
+    value = np.asarray(out[list(node.outputs).index(v)])
+    return value if value.size <= 4096 else None

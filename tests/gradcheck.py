@@ -69,8 +69,11 @@ def rng_array(*shape: int, seed: int = 0, low: float | None = None, high: float 
     return np.asarray(rng.standard_normal(shape), dtype=dtype)
 
 
-def build(case: Case, dynamic: bool = False) -> tuple[onnx.ModelProto, list[str], list[str], dict[str, np.ndarray]]:
-    """The one-node model of a case: (model, ys, xs, feeds)."""
+def build(case: Case, dynamic: bool | str = False
+          ) -> tuple[onnx.ModelProto, list[str], list[str], dict[str, np.ndarray]]:
+    """The one-node model of a case: (model, ys, xs, feeds). ``dynamic=True`` leaves the leading dimension of
+    every input unknown; ``dynamic="spatial"`` also every dimension of the first input but its channels (axis 1
+    of a rank >= 3 input), as a fully convolutional export with dynamic height and width has it."""
     graph_inputs, inits, names, feeds, xs = [], [], [], {}, []
     before: list[onnx.NodeProto] = []
     for i, v in enumerate(case.inputs):
@@ -93,8 +96,10 @@ def build(case: Case, dynamic: bool = False) -> tuple[onnx.ModelProto, list[str]
             continue
         arr = np.asarray(v)
         shape: list[Any] = list(arr.shape)
-        if dynamic and shape and shape[0] != 1:
+        if dynamic and shape and shape[0] != 1 and (case.dynamic or i == 0):  # others: where the case allows it
             shape[0] = f"N_{name}"
+        if dynamic == "spatial" and i == 0:
+            shape = [d if k == 1 and len(shape) >= 3 else f"S{k}_{name}" for k, d in enumerate(shape)]
         graph_inputs.append(oh.make_tensor_value_info(name, oh.np_dtype_to_tensor_dtype(arr.dtype), shape))
         feeds[name] = arr
         if np.issubdtype(arr.dtype, np.floating):
@@ -131,7 +136,8 @@ def build(case: Case, dynamic: bool = False) -> tuple[onnx.ModelProto, list[str]
         del probe.graph.output[:]
         probe.graph.output.extend(oh.make_value_info(o, onnx.TypeProto()) for o in untyped)
         for o, a in run(probe, feeds, untyped, provider=provider_for(case)).items():
-            dims = [None if dynamic and i == 0 else d for i, d in enumerate(np.shape(a))]
+            dims = [None if (dynamic and i == 0) or (dynamic == "spatial" and i >= 2) else d
+                    for i, d in enumerate(np.shape(a))]
             inferred[o] = oh.make_tensor_value_info(o, oh.np_dtype_to_tensor_dtype(np.asarray(a).dtype), dims)
     del model.graph.output[:]
     ys = []
@@ -155,7 +161,7 @@ def provider_for(case: Case) -> str:
     return "reference" if case.opset > ORT_MAX_OPSET else "cpu"
 
 
-def assert_gradients_match(case: Case, dynamic: bool = False) -> None:
+def assert_gradients_match(case: Case, dynamic: bool | str = False) -> None:
     """Central differences along a random direction agree with onnxgrad for every float input."""
     model, ys, xs, feeds = build(case, dynamic)
     assert ys and xs, f"{case.name}: nothing to differentiate"

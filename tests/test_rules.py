@@ -25,6 +25,19 @@ def test_rule_dynamic_batch(case: Case) -> None:
     assert_gradients_match(case, dynamic=True)
 
 
+# ops whose gradient depends on the spatial sizes: each case also runs with them known only at run time
+SPATIAL_OPS = {
+    "Conv", "ConvTranspose", "DeformConv", "Col2Im", "AveragePool", "MaxPool", "LpPool", "GlobalAveragePool",
+    "GlobalMaxPool", "GlobalLpPool", "MaxUnpool", "MaxRoiPool", "RoiAlign", "Resize", "Upsample", "GridSample",
+    "AffineGrid", "DepthToSpace", "SpaceToDepth", "Pad", "Slice",
+}
+
+
+@pytest.mark.parametrize("case", [c for c in ALL if c.op in SPATIAL_OPS], ids=lambda c: c.name)
+def test_rule_dynamic_spatial(case: Case) -> None:
+    assert_gradients_match(case, dynamic="spatial")
+
+
 def test_every_rule_has_a_case() -> None:
     covered = set()
     for c in ALL:

@@ -15,7 +15,17 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import onnx_ir as ir
 
-from onnxgrad.emitter import Emitter, attr, rank, static_dims
+from onnxgrad.emitter import (
+    Emitter,
+    arange_of_size,
+    attr,
+    contract_axis,
+    eye_of_size,
+    rank,
+    same_dim,
+    static_dims,
+    static_value,
+)
 from onnxgrad.registry import register
 
 Grads = Sequence[ir.Value | None]
@@ -35,7 +45,7 @@ def _fdim(em: Emitter, n: int | ir.Value, like: ir.Value) -> ir.Value:
 
 def _entry(em: Emitter, v: ir.Value, i: int, dtype: ir.DataType) -> tuple[float | None, ir.Value]:
     """Element i of a 1-D input: (its value when constant, a 1-element tensor of it)."""
-    found = em.constant_value(v)
+    found = static_value(em, v)
     if found is not None:
         value = float(np.asarray(found).reshape(-1)[i])
         return value, em.const(np.array([value]), dtype=dtype)
@@ -52,22 +62,12 @@ def _given(em: Emitter, v: ir.Value | None) -> bool:
 
 def _eye(em: Emitter, node: ir.Node, x: ir.Value, axis: int) -> ir.Value:
     """An identity matrix as large as x along ``axis``."""
-    try:
-        return em.eye(em.dim(x, axis), like=x)
-    except ValueError as e:
-        raise ValueError(f"{node.op_type} '{node.name}': the gradient needs a static size along axis {axis} "
-                         f"of '{x.name}' at opset {em.opset} ({e})") from e
+    return eye_of_size(em, em.dim(x, axis), like=x)
 
 
 def _contract(em: Emitter, g: ir.Value, m: ir.Value, axis: int, rank: int) -> ir.Value:
     """Contract g's ``axis`` (length out) with m (in x out): the result has length in along ``axis``."""
-    if axis == rank - 1:
-        return em.MatMul(g, em.Transpose(m, perm=[1, 0]))
-    if axis == rank - 2:
-        return em.MatMul(m, g)
-    perm = list(range(rank))
-    perm[axis], perm[rank - 2] = rank - 2, axis
-    return em.Transpose(em.MatMul(m, em.Transpose(g, perm=perm)), perm=perm)
+    return contract_axis(em, g, m, axis, rank)
 
 
 MatrixFn = Callable[[int, ir.Value], ir.Value]
@@ -99,7 +99,7 @@ def _not_one(values: Sequence[float | None]) -> list[int]:
 
 
 # --------------------------------------------------------------- Upsample
-@register("Upsample", since=7, notes="gradient w.r.t. X; needs static sizes along resized axes before opset 9")
+@register("Upsample", since=7, notes="gradient w.r.t. X; static or run-time sizes alike")
 def upsample_7(em: Emitter, node: ir.Node, dy: Grads) -> Out:
     """dX = dY contracted along each resized axis with that axis's interpolation matrix"""
     scales = [float(s) for s in attr(node, "scales")]
@@ -139,8 +139,10 @@ def _scales_form(em: Emitter, node: ir.Node, dy: Grads, op: str) -> ir.Value:
 
 _RESIZE_ATTRS = ("mode", "coordinate_transformation_mode", "cubic_coeff_a", "exclude_outside", "nearest_mode",
                  "antialias")
-_RESIZE_NOTES = "gradient w.r.t. X only; roi, scales and sizes get none"
-_ASPECT_NOTES = "; keep_aspect_ratio_policy other than 'stretch' needs constant sizes and a static input shape"
+_RESIZE_NOTES = ("gradient w.r.t. X only; roi, scales and sizes get none; each resized axis contracts with its "
+                 "interpolation matrix, the op applied to an identity at run time (memory O(in x out) per axis)")
+_ASPECT_NOTES = ("; keep_aspect_ratio_policy other than 'stretch' with run-time sizes or lengths: each axis's map "
+                 "comes from a Resize of an (n, 1, n, n_j) block (memory O(n^2 n_j))")
 
 
 @register("Resize", since=11, notes=_RESIZE_NOTES)
@@ -169,7 +171,7 @@ def resize(em: Emitter, node: ir.Node, dy: Grads) -> Out:
     for i, k in enumerate(axes):
         value, entry = _entry(em, params, i, I64 if use_sizes else F32)
         box, whole = _crop_box(em, node, i, len(axes)) if crop else (empty, True)
-        same = value == 1.0 if not use_sizes else value == em.dim(x, k)
+        same = value == 1.0 if not use_sizes else value == em.dim(x, k) or (value is None and _kept(node, k, i))
         if same and whole:
             continue
         resized.append(k)
@@ -185,6 +187,48 @@ def resize(em: Emitter, node: ir.Node, dy: Grads) -> Out:
         return em.Resize(e, box, empty, p, **attrs) if use_sizes else em.Resize(e, box, p, **attrs)
 
     return _x_only(node, _separable_grad(em, node, dy[0], resized, matrix))
+
+
+def _kept(node: ir.Node, k: int, i: int) -> bool:
+    """Whether the node's output is known to be as long as its input along axis k (sizes known at run time only):
+    entry i of sizes is read from Shape(X), as in PyTorch's ``size=`` exports, or shape inference says so."""
+    x, y = node.inputs[0], node.outputs[0]
+    sources = _dim_sources(node.inputs[3])
+    if sources is not None and len(sources) > i and sources[i] == (id(x), k):
+        return True
+    return x is not None and x.shape is not None and y.shape is not None and same_dim(x.shape[k], y.shape[k])
+
+
+def _dim_sources(v: ir.Value | None, depth: int = 8) -> list[tuple[int, int] | None] | None:
+    """Per entry of a 1-D int64 value: (id(u), k) where it is u's run-time length along axis k, read through
+    Shape, Cast, Concat and Gather or Slice by constants; None for an entry of another origin; None for all of it
+    when its length is unknown."""
+    if v is None:
+        return None
+    node = v.producer()
+    n = v.shape[0] if v.shape is not None and v.shape.rank() == 1 else None
+    unknown = [None] * n if isinstance(n, int) else None
+    if node is None or depth == 0 or node.domain not in ("", "ai.onnx"):
+        return unknown
+    x = node.inputs[0]
+    if node.op_type == "Shape" and x is not None and x.shape is not None:
+        return [(id(x), k) for k in range(len(x.shape))[attr(node, "start", 0):attr(node, "end", None)]]
+    if node.op_type == "Cast":
+        return _dim_sources(x, depth - 1)
+    if node.op_type == "Concat":
+        parts = [_dim_sources(p, depth - 1) for p in node.inputs]
+        return None if any(p is None for p in parts) else [e for p in parts for e in p]  # type: ignore[union-attr]
+    data = _dim_sources(x, depth - 1) if node.op_type in ("Gather", "Slice") else None
+    consts = [Emitter.constant_value(b) for b in node.inputs[1:]]
+    if data is None or not consts or any(c is None for c in consts):
+        return unknown
+    picks = [int(c) for c in np.asarray(consts[0]).reshape(-1)]
+    if node.op_type == "Gather" and attr(node, "axis", 0) == 0 and all(-len(data) <= j < len(data) for j in picks):
+        return [data[j] for j in picks]
+    rest = [int(np.asarray(c).reshape(-1)[0]) for c in consts[1:]]  # ends, then axes and steps when given
+    if node.op_type == "Slice" and rest and rest[1:] in ([], [0], [0, 1]):
+        return data[picks[0]:rest[0]]
+    return unknown
 
 
 def _crop_box(em: Emitter, node: ir.Node, i: int, n: int, lead: bool = True) -> tuple[ir.Value, bool]:
@@ -211,14 +255,11 @@ def _resize_keep_aspect(
     x, sizes = node.inputs[0], node.inputs[3]
     assert x is not None and sizes is not None
     policy = attr(node, "keep_aspect_ratio_policy")
-    found = em.constant_value(sizes)
+    found = static_value(em, sizes)
     known = {k: em.dim(x, k) for k in axes}
     dims = {k: d for k, d in known.items() if isinstance(d, int)}
     if found is None or len(dims) < len(axes):
-        raise ValueError(
-            f"Resize '{node.name}': keep_aspect_ratio_policy='{policy}' needs constant sizes and a static "
-            f"input shape for its gradient"
-        )
+        return _resize_keep_aspect_runtime(em, node, dy, axes, attrs)
     want = [int(v) for v in np.asarray(found).reshape(-1)]
     ratios = [np.float32(w) / np.float32(dims[k]) for w, k in zip(want, axes, strict=True)]
     j = int(np.argmin(ratios) if policy == "not_larger" else np.argmax(ratios))
@@ -236,6 +277,37 @@ def _resize_keep_aspect(
         return em.Reshape(em.slice(out, [0], [1], [3]), em.ints([n, -1]))
 
     return _separable_grad(em, node, dy, [] if ratios[j] == 1.0 else list(axes), matrix)
+
+
+def _resize_keep_aspect_runtime(
+    em: Emitter, node: ir.Node, dy: ir.Value, axes: Sequence[int], attrs: dict[str, object]
+) -> ir.Value:
+    """``_resize_keep_aspect`` with sizes or input lengths known only at run time: the axis j that sets the
+    common scale is found at run time (the arg min or max of sizes_i / in_i, in float32 as the runtime has it),
+    and every axis k's matrix comes from a Resize of shape (in_k, 1, in_k, in_j) to (sizes_k, sizes_j)."""
+    x, sizes = node.inputs[0], node.inputs[3]
+    assert x is not None and sizes is not None
+    policy = attr(node, "keep_aspect_ratio_policy")
+    lengths = em.dims(x, axes)
+    have = em.ints(lengths) if isinstance(lengths, list) else lengths
+    want = sizes if sizes.dtype == I64 else em.Cast(sizes, to=I64)
+    ratios = em.Div(em.Cast(want, to=F32), em.Cast(have, to=F32))
+    j = em.op("ArgMin" if policy == "not_larger" else "ArgMax", ratios, axis=0, keepdims=1)
+    last = em.Gather(want, j, axis=0), em.Gather(have, j, axis=0)  # sizes_j and in_j, each of shape (1,)
+    crop = "extrapolation_value" in attrs
+    empty = em.const(np.zeros(0), dtype=F32)
+
+    def matrix(k: int, e: ir.Value) -> ir.Value:
+        i = list(axes).index(k)
+        box = _crop_box(em, node, i, len(axes), lead=False)[0] if crop else empty
+        n = em.dim(x, k)
+        side = em.ints([n]) if isinstance(n, int) else em.Reshape(n, em.ints([1]))
+        block = em.Expand(em.Reshape(e, em.ints([0, 1, -1, 1])), em.Concat(side, em.ints([1]), side, last[1], axis=0))
+        out = em.Resize(block, box, empty, em.Concat(em.slice(want, [i], [i + 1], [0]), last[0], axis=0),
+                        axes=[2, 3], keep_aspect_ratio_policy=policy, **attrs)
+        return em.Reshape(em.slice(out, [0], [1], [3]), em.ints([0, -1]))
+
+    return _separable_grad(em, node, dy, list(axes), matrix)
 
 
 # -------------------------------------------------------------- MaxUnpool
@@ -597,7 +669,8 @@ def max_roi_pool(em: Emitter, node: ir.Node, dy: Grads) -> Out:
         index = _positions(em, bins, x, [1, -1, 1])
         lo = em.Add(em.Floor(em.Mul(index, step)), start)
         hi = em.Add(em.Ceil(em.Mul(em.Add(index, one), step)), start)
-        at = _positions(em, em.dim(x, 2 + axis), x, [1, 1, -1])
+        assert x.dtype is not None  # positions along the axis (opset < 9 and a run-time size: arange_of_size)
+        at = em.Reshape(em.Cast(arange_of_size(em, em.dim(x, 2 + axis)), to=x.dtype), em.ints([1, 1, -1]))
         members.append(em.And(em.Not(em.Less(at, lo)), em.Less(at, hi)))  # (R, bins, size)
     inside = em.And(em.unsqueeze(members[0], [1, 3, 5]), em.unsqueeze(members[1], [1, 2, 4]))
     batch = em.Cast(em.Gather(rois, em.const(np.array(0), dtype=I64), axis=1), to=I64)

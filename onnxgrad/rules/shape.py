@@ -7,12 +7,24 @@ the adjoint adds the copies back up.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import numpy as np
 import onnx_ir as ir
 
-from onnxgrad.emitter import Emitter, attr, rank, static_dims, swap_with_last
+from onnxgrad.emitter import (
+    Dims,
+    Emitter,
+    arange_of_size,
+    attr,
+    contract_axis,
+    eye_of_size,
+    rank,
+    static_dims,
+    static_value,
+    swap_with_last,
+)
 from onnxgrad.registry import register
 
 Grads = Sequence[ir.Value | None]
@@ -35,8 +47,8 @@ def _axis(node: ir.Node, x: ir.Value, default: int = 0) -> int:
 
 
 def _ints_of(em: Emitter, v: ir.Value | None) -> list[int] | None:
-    """A constant int tensor's values as a flat list, else None."""
-    found = em.constant_value(v)
+    """An int tensor's values as a flat list when the graph fixes them (``static_value``), else None."""
+    found = static_value(em, v)
     return None if found is None else [int(i) for i in np.asarray(found).reshape(-1)]
 
 
@@ -223,6 +235,11 @@ def _slice_grad(
     plan = None
     if starts is not None and ends is not None and axes is not None and steps is not None:
         plan = _unit_slice_plan(x, starts, ends, axes, steps)
+    if plan is None and starts is not None and ends is not None and axes is not None and steps is not None:
+        if not em.has_op("NonZero"):  # no run-time positions before opset 9
+            return _slice_by_matrices(em, node, g, starts, ends, axes)
+        if em.runtime_pads and (found := _unit_slice_runtime(em, node, g, starts, ends, axes, steps)) is not None:
+            return found
     if plan is None:
         return _selection_adjoint(em, node, g)
     pads, rev = plan
@@ -230,6 +247,56 @@ def _slice_grad(
         k = len(rev)
         g = em.slice(g, [-1] * k, [-INT64_MAX] * k, rev, [-1] * k)
     return em.pad(g, pads)
+
+
+def _unit_slice_runtime(em: Emitter, node: ir.Node, g: ir.Value, starts: Sequence[int], ends: Sequence[int],
+                        axes: Sequence[int], steps: Sequence[int]) -> ir.Value | None:
+    """dx = a zero Pad of dy (reversed along the step -1 axes) for static bounds and steps +-1 on axes of run-time
+    length n: before the slice come min(picked positions, n) elements, found by slicing 0..n-1 alike, after it
+    n - before - len(dy). None where a step is not +-1 or a static axis picks nothing."""
+    x = node.inputs[0]
+    assert x is not None
+    if x.shape is None or any(st not in (1, -1) for st in steps):
+        return None
+    r = len(x.shape)
+    zero: list[int] = [0]
+    before: list[Dims] = [zero] * r
+    after: list[Dims] = [zero] * r
+    rev = []
+    for s, e, a, st in zip(starts, ends, axes, steps, strict=True):
+        a %= r
+        d = x.shape[a]
+        if isinstance(d, int):
+            picked = range(d)[s:e:st]
+            if not picked:
+                return None
+            before[a], after[a] = [min(picked[0], picked[-1])], [d - 1 - max(picked[0], picked[-1])]
+        elif not (st == 1 and s == 0 and e >= 2**31 - 1):  # (the whole of an axis)
+            n = em.dim(x, a, keepdims=True)
+            positions = em.Slice(em.arange(em.dim(x, a)), em.ints([s]), em.ints([e]), em.ints([0]), em.ints([st]))
+            before[a] = em.reduce("ReduceMin", em.Concat(positions, n, axis=0), [0], keepdims=True)
+            count = em.dim(g, a, keepdims=True)
+            after[a] = em.Sub(em.Sub(n, before[a]), em.ints([count]) if isinstance(count, int) else count)
+        if st == -1:
+            rev.append(a)
+    if rev:
+        g = em.slice(g, [-1] * len(rev), [-INT64_MAX] * len(rev), rev, [-1] * len(rev))
+    return em.Pad(g, em.cat_ints(*before, *after))
+
+
+def _slice_by_matrices(em: Emitter, node: ir.Node, g: ir.Value, starts: Sequence[int], ends: Sequence[int],
+                       axes: Sequence[int]) -> ir.Value:
+    """dx = dy with each sliced axis a contracted with S_a = I_n[:, start:end], the slice applied to an identity
+    (unit steps: Slice before opset 10), so the run-time length n clamps the bounds as the runtime does."""
+    x = node.inputs[0]
+    assert x is not None
+    r = rank(x, node)
+    for s, e, a in zip(starts, ends, axes, strict=True):
+        a %= r
+        if s == 0 and e >= 2**31 - 1:  # the whole axis
+            continue
+        g = contract_axis(em, g, em.slice(eye_of_size(em, em.dim(x, a), g), [s], [e], [1]), a, r)
+    return g
 
 
 @register("Slice", since=1)
@@ -487,20 +554,87 @@ def _pad_grad(em: Emitter, node: ir.Node, g: ir.Value, pads: Sequence[int], mode
         if not (b or e):
             continue
         n = x.shape[a] if x.shape is not None else None
-        if not isinstance(n, int):
-            raise ValueError(f"Pad '{node.name}': mode '{mode}' needs the static length of padded axis {a}")
-        g = _pad_axis_adjoint(em, g, a, r, n, b, e, mode)
+        if isinstance(n, int):
+            g = _pad_axis_adjoint(em, g, a, r, n, b, e, mode)
+            continue
+        cut = [0] * (2 * r)  # run-time length: crop first (the adjoint pads back), then fold the border
+        cut[a], cut[a + r] = max(-b, 0), max(-e, 0)
+        if b > 0 or e > 0:
+            kept = em.Sub(em.dim(x, a), em.const(np.array(cut[a] + cut[a + r]), dtype=_INT64))
+            fold = _unwrap if mode == "wrap" else functools.partial(_fold_border, mode=mode)
+            g = fold(em, g, a, r, kept, max(b, 0), max(e, 0))
+        g = em.pad(g, cut)
     return g
 
 
-@register("Pad", since=2, notes="edge/reflect need static pads and static lengths of the padded axes")
+def _fold_border(em: Emitter, g: ir.Value, a: int, r: int, n: ir.Value, b: int, e: int, mode: str) -> ir.Value:
+    """The adjoint of edge/reflect padding axis a, of run-time length n (0-D int64), by (b, e) >= 0: dy's middle,
+    plus each border element added onto the element it copied (a one-hot (b + e) x n MatMul built at run time,
+    as ``_pad_axis_adjoint`` builds it from constants). Edge copies x[0] and x[n - 1], reflect x[b - i] (i < b)
+    and x[n - 2 - i] (i < e)."""
+    core = em.slice(g, [b], [-e if e else INT64_MAX], [a])
+    head = [0] * b if mode == "edge" else list(range(b, 0, -1))
+    back = [1] * e if mode == "edge" else list(range(2, e + 2))  # source n - back[i] for the i-th element after x
+    sources = [em.ints(head)] if b else []
+    if e:
+        sources.append(em.Sub(em.Reshape(n, em.ints([1])), em.ints(back)))
+    source = sources[0] if len(sources) == 1 else em.Concat(*sources, axis=0)
+    hot = em.indicator(em.Equal(em.unsqueeze(source, [1]), em.unsqueeze(arange_of_size(em, n), [0])), g)
+    pieces = ([em.slice(g, [0], [b], [a])] if b else []) + ([em.slice(g, [-e], [INT64_MAX], [a])] if e else [])
+    taken = pieces[0] if len(pieces) == 1 else em.Concat(*pieces, axis=a)
+    perm = swap_with_last(r, a)
+    folded = em.MatMul(taken if a == r - 1 else em.Transpose(taken, perm=perm), hot)
+    return em.Add(core, folded if a == r - 1 else em.Transpose(folded, perm=perm))
+
+
+def _unwrap(em: Emitter, g: ir.Value, a: int, r: int, n: ir.Value, b: int, e: int) -> ir.Value:
+    """The adjoint of wrap-padding an axis of run-time length n (0-D int64) by (b, e) >= 0: padded element i is
+    x[(i - b) mod n], so dy zero-padded to start at a multiple of n and end on a whole period, summed over periods."""
+    side = em.Reshape(n, em.ints([1]))
+    front = em.Mod(em.Sub(side, em.Mod(em.ints([b]), side)), side)
+    total = em.Add(front, em.Add(side, em.ints([b + e])))
+    back = em.Mod(em.Sub(side, em.Mod(total, side)), side)
+    padded = em.Pad(g, em.cat_ints([0] * a, front, [0] * (r - 1), back, [0] * (r - a - 1)))
+    periods = em.Reshape(padded, em.cat_ints([0] * a, [-1], side, em.dims(g, range(a + 1, r))))
+    return em.reduce_sum(periods, [a], keepdims=False)
+
+
+def _pad_runtime(em: Emitter, node: ir.Node, g: ir.Value, mode: str) -> ir.Value:
+    """dx for an edge/reflect/wrap Pad whose pads (or axes) are known only at run time: the same Pad applied to
+    each element's flat position says where each element of dY was copied from; dY is added back there."""
+    x, pads_v, _, axes_v = [*node.inputs, None, None][:4]
+    assert x is not None and pads_v is not None
+    if em.can_scatter("add"):
+        source = em.Pad(_positions(em, x), pads_v, None, axes_v, mode=mode)
+        flat = em.ints([-1])
+        summed = em.ScatterElements(em.zeros(em.Reshape(em.Size(x), flat), like=g), em.Reshape(source, flat),
+                                    em.Reshape(g, flat), axis=0, reduction="add")
+        return em.reshape_like(summed, x)
+    if axes_v is not None:  # (Pad takes axes from opset 18, ScatterElements adds from 16: not reached)
+        raise ValueError(f"Pad '{node.name}': mode '{mode}' with run-time axes needs ScatterElements' add")
+    r = rank(x, node)
+    for a in range(r):  # each axis: contract with Pad(I_n) along its second axis, the 0/1 map of padded -> source
+        pads = em.cat_ints([0], em.slice(pads_v, [a], [a + 1], [0]), [0], em.slice(pads_v, [a + r], [a + r + 1], [0]))
+        hot = em.Pad(eye_of_size(em, em.dim(x, a), g), pads, mode=mode)
+        g = contract_axis(em, g, hot, a, r)
+    return g
+
+
+_PAD_NOTES = (
+    "edge/reflect/wrap with pads (and axes) the graph fixes: the border folded back, at any length of the padded "
+    "axes; with pads known only at run time: dY scattered back by source position (opset 16+), before that one "
+    "0/1 matrix per axis (memory O(n^2), time O(n) per element)"
+)
+
+
+@register("Pad", since=2, notes="edge/reflect: the border folded back onto what it copied, at any length of the axes")
 def pad_v2(em: Emitter, node: ir.Node, dy: Grads) -> Out:
     """constant: dx = Pad(dy, -pads); edge/reflect: the border folded back onto what it copied"""
     assert dy[0] is not None
     return [_pad_grad(em, node, dy[0], attr(node, "pads"), attr(node, "mode", "constant"))]
 
 
-@register("Pad", since=11, notes="edge/reflect/wrap need static pads (and axes) and static lengths of the padded axes")
+@register("Pad", since=11, notes=_PAD_NOTES)
 def pad_v11(em: Emitter, node: ir.Node, dy: Grads) -> Out:
     """dx as for Pad-2; dconstant_value = sum(dy) - sum(dx)"""
     x, pads_v, cval, axes_v = [*node.inputs, None, None][:4]
@@ -515,9 +649,7 @@ def pad_v11(em: Emitter, node: ir.Node, dy: Grads) -> Out:
             full[ax % r], full[ax % r + r] = pads[i], pads[i + len(axes)]
         pads = full
     if pads is None or (axes_v is not None and axes is None):
-        if mode != "constant":
-            raise ValueError(f"Pad '{node.name}': mode '{mode}' needs constant pads and axes")
-        dx = em.Pad(g, em.Neg(pads_v), None, axes_v)
+        dx = em.Pad(g, em.Neg(pads_v), None, axes_v) if mode == "constant" else _pad_runtime(em, node, g, mode)
     else:
         dx = _pad_grad(em, node, g, pads, mode)
     dc = None

@@ -72,6 +72,9 @@ CASES: list[Case] = [
     Case("Slice", [r(3, 5), i64(1), i64(-1), i64(-1), i64(1)], opset=13, id="neg-end"),
     Case("Slice", [r(3, 5), np.array([1]), np.array([4]), np.array([1]), np.array([2])], opset=13,
          id="runtime"),
+    # a center crop x[:, :, 1:-1, 2:-1]: before opset 9 the run-time form contracts with slices of an identity
+    Case("Slice", [r(2, 2, 5, 6)], attrs={"starts": [1, 2], "ends": [-1, -1], "axes": [2, 3]}, opset=8, id="crop"),
+    Case("Slice", [r(2, 2, 5, 6), i64(1, 2), i64(-1, -1), i64(2, 3)], opset=13, id="crop"),
     Case("Compress", [r(3, 4), Const(np.array([True, False, True]))], attrs={"axis": 1}, opset=9),
     Case("Compress", [r(3, 4), Const(np.array([True, False, True, True]))], attrs={"axis": 1}, opset=11,
          id="v11"),
@@ -153,4 +156,17 @@ CASES: list[Case] = [
     Case("Pad", [r(2, 3, 4), i64(1, 2, 1, 3), r(seed=5), i64(1, -1)], opset=18, id="axes"),
     Case("Pad", [r(2, 3, 4), i64(2, 3), None, i64(-1)], attrs={"mode": "reflect"}, opset=18, id="axes-reflect"),
     Case("Pad", [r(2, 3), i64(0, 4, 0, 5)], attrs={"mode": "wrap"}, opset=19, id="wrap"),
+    # reflect/edge/wrap with pads known only at run time (PyTorch computes F.pad's pads with a Shape subgraph):
+    # a scatter of dY by source position from opset 16, one 0/1 matrix per axis before
+    Case("Pad", [r(2, 2, 4, 5), np.array([0, 0, 1, 2, 0, 0, 2, 1])], attrs={"mode": "reflect"}, opset=11,
+         id="reflect-runtime"),
+    Case("Pad", [r(2, 3, 4), np.array([0, 1, -1, 0, 2, 3])], attrs={"mode": "edge"}, opset=13, id="edge-runtime"),
+    Case("Pad", [r(2, 2, 4, 5), np.array([0, 0, 3, 1, 0, 0, 1, 4])], attrs={"mode": "reflect"}, opset=17,
+         id="reflect-runtime"),
+    Case("Pad", [r(2, 3, 4), np.array([2, -1, 1, 3]), None, i64(1, 2)], attrs={"mode": "edge"}, opset=18,
+         id="edge-runtime-axes"),
+    Case("Pad", [r(2, 3), np.array([1, 4, 2, 5])], attrs={"mode": "wrap"}, opset=19, id="wrap-runtime"),
+    # static pads on 4-D images, as a reflection-padded conv net has them
+    Case("Pad", [r(2, 2, 4, 5), i64(0, 0, 1, 3, 0, 0, 3, 1)], attrs={"mode": "reflect"}, opset=11, id="reflect4d"),
+    Case("Pad", [r(2, 2, 4, 5), i64(0, 0, 1, 3, 0, 0, 3, 1)], attrs={"mode": "edge"}, opset=17, id="edge4d"),
 ]

@@ -6,6 +6,8 @@ linear in X, and the coordinates fed to grid-based ops stay away from integer ki
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from tests.gradcheck import Case, Const
@@ -78,6 +80,29 @@ CASES: list[Case] = [
 ]
 
 
+# what segmentation nets export: F.interpolate(scale_factor=2) as bilinear (half_pixel: align_corners=False;
+# align_corners) or nearest (asymmetric, floor) at opsets 11 and 17, on odd sizes; and to a size computed at run time
+# (sizes a graph input here, as a Shape subgraph is to the rule). tests/test_resample_exports.py has the exports.
+XS = _x(2, 3, 5, 7, seed=3)
+_BILINEAR = {"mode": "linear", "coordinate_transformation_mode": "half_pixel"}
+_ALIGNED = {"mode": "linear", "coordinate_transformation_mode": "align_corners"}
+_NEAREST = {"mode": "nearest", "coordinate_transformation_mode": "asymmetric", "nearest_mode": "floor"}
+CASES += [
+    Case("Resize", [XS, _f(), _f(1, 1, 2, 2)], _BILINEAR, opset=11, id="bilinear-x2"),
+    Case("Resize", [XS, _f(), _f(1, 1, 2, 2)], _ALIGNED, opset=11, id="bilinear-x2-align"),
+    Case("Resize", [XS, _f(), _f(1, 1, 2, 2)], _NEAREST, opset=11, id="nearest-x2"),
+    Case("Resize", [XS, None, _f(1, 1, 2, 2)], _BILINEAR, opset=17, id="bilinear-x2"),
+    Case("Resize", [XS, None, _f(1, 1, 2, 2)], _ALIGNED, opset=17, id="bilinear-x2-align"),
+    Case("Resize", [XS, _f(), _f(), np.array([2, 3, 9, 12], dtype=np.int64)], _BILINEAR, opset=11,
+         id="bilinear-runtime-sizes", dynamic=False, second_order=False),  # output shape known only at run time
+    Case("Resize", [XS, None, None, np.array([2, 3, 11, 13], dtype=np.int64)], _ALIGNED, opset=17,
+         id="align-runtime-sizes", dynamic=False, second_order=False),
+    Case("Resize", [X4, None, None, np.array([7, 6], dtype=np.int64)],
+         {"mode": "linear", "axes": [2, 3], "keep_aspect_ratio_policy": "not_larger"}, opset=18,
+         id="not-larger-runtime-sizes", dynamic=False, second_order=False),
+]
+
+
 def _unpool_indices(pooled: tuple[int, ...], out: tuple[int, ...], seed: int) -> Const:
     """Distinct flat indices into a tensor of shape ``out``, one per element of the pooled input, each
     inside its own (n, c) plane as MaxPool's indices are."""
@@ -142,6 +167,12 @@ CASES += [
     _gs(22, "linear", "border", 0, r(2, 1, 3, 2, 3, seed=8), (2, 1, 2), 13),
     _gs(22, "cubic", "zeros", 1, X64, (2, 3), 14),
     _gs(22, "linear", "zeros", 0, X64, (2, 3), 15),
+    # F.grid_sample as segmentation and flow nets call it: bilinear, zeros or border, on odd sizes
+    *(replace(c, id=f"{c.id}-odd") for c in (
+        _gs(16, "bilinear", "zeros", 0, XS, (4, 6), 16),
+        _gs(16, "bilinear", "border", 0, XS, (3, 5), 17),
+        _gs(20, "linear", "border", 0, r(2, 3, 5, 7, seed=9), (4, 3), 18),
+    )),
 ]
 
 
