@@ -7,9 +7,12 @@ PyTorch eager training step (forward, loss, backward, optimizer step), on the be
 Each model gets a loss (cross-entropy against labels for the classifiers, mean squared error against a target for
 the transformer) and AdamW (lr 1e-3, weight decay 1e-2, gradients clipped at norm 1.0), the same on both sides;
 BatchNorm trains in training mode on both. Steps/s: the median of rounds of ``ROUND`` steps of each engine in turn,
-same threads (2), same input batch. Peak MiB: resident memory that the first 3 steps add to the loaded model and
-optimizer, in a fresh process (median of 3). loss rel. err: the losses of the first 2 steps, ours against PyTorch's
-(the same batch every step: by the third the loss is near 0, and its relative error means little).
+same threads (2), same input batch. CPU ms/step: the process's CPU time (both threads) over the same rounds,
+median; neither engine spins while it waits, so it is the work done, which other processes on a shared machine
+disturb much less than wall time (steps/s also show how well each keeps both cores busy). Peak MiB: resident
+memory that the first 3 steps add to the loaded model and optimizer, in a fresh process (median of 3). loss rel.
+err: the losses of the first 2 steps, ours against PyTorch's (the same batch every step: by the third the loss is
+near 0, and its relative error means little).
 """
 
 from __future__ import annotations
@@ -149,16 +152,20 @@ def measure(name: str, steps: int, memory: bool) -> dict[str, Any]:
     b = [theirs() for _ in range(3)]
     err = max(abs(x - y) / abs(y) for x, y in zip(a[:2], b[:2], strict=True))  # the 3rd is near 0 (one batch)
     times: dict[str, list[float]] = {"ort": [], "torch": []}
+    cpu: dict[str, list[float]] = {"ort": [], "torch": []}
     for _ in range(max(1, steps // ROUND)):
         for key, fn in (("ort", ours), ("torch", theirs)):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             for _ in range(ROUND):
                 fn()
             times[key].append((time.perf_counter() - t0) / ROUND)
+            cpu[key].append((time.process_time() - c0) / ROUND)
     ort_s, torch_s = statistics.median(times["ort"]), statistics.median(times["torch"])
+    ort_cpu, torch_cpu = statistics.median(cpu["ort"]), statistics.median(cpu["torch"])
     n_params = sum(int(v.size) for k, v in case.step.initial.items() if k in case.step.params)
     row = {"model": name, "params": n_params, "nodes": len(case.step.model.graph.node), "build_s": case.build_s,
            "ort_steps_s": 1 / ort_s, "torch_steps_s": 1 / torch_s, "speedup": torch_s / ort_s, "loss_err": err,
+           "ort_cpu_ms": 1e3 * ort_cpu, "torch_cpu_ms": 1e3 * torch_cpu, "cpu_ratio": torch_cpu / ort_cpu,
            "peak_ort": None, "peak_torch": None}
     if memory:
         row["peak_ort"], row["peak_torch"] = peak("ort", name), peak("torch", name)
@@ -177,8 +184,9 @@ def main() -> None:
         return
     names = ["mlp", "cnn", "transformer"] if args.model == "all" else [args.model]
     print("| model | params | nodes | build s | ORT steps/s | PyTorch steps/s | ours / PyTorch (speed) | "
-          "peak MiB ORT | peak MiB PyTorch | loss rel. err |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "CPU ms/step ORT | CPU ms/step PyTorch | ours / PyTorch (CPU) | peak MiB ORT | peak MiB PyTorch | "
+          "loss rel. err |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory():
         for name in names:
             r = measure(name, args.steps, not args.no_memory)
@@ -187,7 +195,8 @@ def main() -> None:
                 return "" if v is None else f"{v:.0f}"
 
             print(f"| {r['model']} | {r['params']:,} | {r['nodes']} | {r['build_s']:.2f} | {r['ort_steps_s']:.1f} | "
-                  f"{r['torch_steps_s']:.1f} | **{r['speedup']:.2f}x** | {mib(r['peak_ort'])} | "
+                  f"{r['torch_steps_s']:.1f} | **{r['speedup']:.2f}x** | {r['ort_cpu_ms']:.1f} | "
+                  f"{r['torch_cpu_ms']:.1f} | {r['cpu_ratio']:.2f}x | {mib(r['peak_ort'])} | "
                   f"{mib(r['peak_torch'])} | {r['loss_err']:.1e} |", flush=True)
 
 

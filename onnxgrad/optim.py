@@ -70,9 +70,10 @@ class Optimizer:
         """True when the update reads the step number."""
         return False
 
-    def update(self, s: Scalars, p: ir.Value, g: ir.Value, state: dict[str, ir.Value]
-               ) -> tuple[ir.Value, dict[str, ir.Value]]:
-        """The new param and the new state slots."""
+    def update(self, s: Scalars, p: ir.Value, g: ir.Value, state: dict[str, ir.Value],
+               scale: ir.Value | None = None) -> tuple[ir.Value, dict[str, ir.Value]]:
+        """The new param and the new state slots. ``scale``: a float scalar the gradient is multiplied by first
+        (the clipping coefficient of ``clip_coefficient``), or None."""
         raise NotImplementedError
 
     def config(self) -> dict[str, Any]:
@@ -87,6 +88,13 @@ class Optimizer:
             raise ValueError(f"{self.name}: invalid learning rate {self.lr} (it must be >= 0)")
         if getattr(self, "weight_decay", 0.0) < 0:
             raise ValueError(f"{self.name}: invalid weight_decay {getattr(self, 'weight_decay', 0.0)} (>= 0)")
+
+
+def _scaled(s: Scalars, g: ir.Value, scale: ir.Value | None) -> ir.Value:
+    """g * scale (the clipped gradient), or g."""
+    if scale is None:
+        return g
+    return s.em.Mul(g, scale if scale.dtype == g.dtype else s.em.Cast(scale, to=int(g.dtype or ir.DataType.FLOAT)))
 
 
 def _decayed(s: Scalars, p: ir.Value, g: ir.Value, weight_decay: float) -> ir.Value:
@@ -119,10 +127,10 @@ class SGD(Optimizer):
     def needs_step(self) -> bool:
         return bool(self.momentum and self.dampening)
 
-    def update(self, s: Scalars, p: ir.Value, g: ir.Value, state: dict[str, ir.Value]
-               ) -> tuple[ir.Value, dict[str, ir.Value]]:
+    def update(self, s: Scalars, p: ir.Value, g: ir.Value, state: dict[str, ir.Value],
+               scale: ir.Value | None = None) -> tuple[ir.Value, dict[str, ir.Value]]:
         em = s.em
-        g = _decayed(s, p, g, self.weight_decay)
+        g = _decayed(s, p, _scaled(s, g, scale), self.weight_decay)
         new: dict[str, ir.Value] = {}
         if self.momentum:
             buf = em.Add(em.Mul(state["momentum_buffer"], em.const(self.momentum, like=p)),
@@ -137,7 +145,10 @@ class SGD(Optimizer):
 @dataclass(frozen=True)
 class Adam(Optimizer):
     """torch.optim.Adam: m = lerp(m, g, 1 - b1); v = b2 v + (1 - b2) g^2;
-    p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps); g includes weight_decay p (L2)."""
+    p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps); g includes weight_decay p (L2).
+    Emitted with the scalar factors folded first (float64): m b1 + g (1 - b1) (times the clipping scale c, as
+    v's factor by c^2); p -= m / (sqrt(v) + eps sqrt(1 - b2^t)) (lr sqrt(1 - b2^t) / (1 - b1^t)): AdamW with
+    clipping is 13 ops over each tensor, where scaling g first and dividing sqrt(v) by sqrt(1 - b2^t) made 15."""
 
     name: ClassVar[str] = "adam"
     betas: tuple[float, float] = (0.9, 0.999)
@@ -163,26 +174,38 @@ class Adam(Optimizer):
     def _decoupled(self, s: Scalars, p: ir.Value) -> ir.Value:
         return p
 
+    def _adds_l2(self) -> bool:
+        return bool(self.weight_decay)
+
     def _gradient(self, s: Scalars, p: ir.Value, g: ir.Value) -> ir.Value:
         return _decayed(s, p, g, self.weight_decay)
 
-    def update(self, s: Scalars, p: ir.Value, g: ir.Value, state: dict[str, ir.Value]
-               ) -> tuple[ir.Value, dict[str, ir.Value]]:
+    def update(self, s: Scalars, p: ir.Value, g: ir.Value, state: dict[str, ir.Value],
+               scale: ir.Value | None = None) -> tuple[ir.Value, dict[str, ir.Value]]:
         em = s.em
         b1, b2 = self.betas
-        g = self._gradient(s, p, g)
+        # the clipping scale c goes into the scalar factors, m b1 + g (c (1 - b1)) and v b2 + g^2 (c^2 (1 - b2)),
+        # unless an L2 term is added to the clipped gradient: one pass over the tensors fewer
+        fold = scale is not None and not self._adds_l2()
+        g = self._gradient(s, p, g if fold else _scaled(s, g, scale))
         p = self._decoupled(s, p)
+        k1, k2 = s.d(1.0 - b1), s.d(1.0 - b2)
+        if fold:
+            assert scale is not None
+            c = em.Cast(scale, to=int(F64))
+            k1, k2 = em.Mul(k1, c), em.Mul(k2, em.Mul(c, c))
         m, v = state["exp_avg"], state["exp_avg_sq"]
-        m = em.Add(m, em.Mul(em.const(1.0 - b1, like=p), em.Sub(g, m)))  # torch's lerp for weights below 0.5
-        v = em.Add(em.Mul(v, em.const(b2, like=p)), em.Mul(em.const(1.0 - b2, like=p), em.Mul(g, g)))
+        m = em.Add(em.Mul(m, em.const(b1, like=p)), em.Mul(g, s.to(k1, p)))
+        v = em.Add(em.Mul(v, em.const(b2, like=p)), em.Mul(em.Mul(g, g), s.to(k2, p)))
         new = {"exp_avg": m, "exp_avg_sq": v}
         if self.amsgrad:
             v = new["max_exp_avg_sq"] = em.Max(state["max_exp_avg_sq"], v)
+        # m / (sqrt(v) / c2 + eps) lr / c1 as m / (sqrt(v) + eps c2) (lr c2 / c1): one pass fewer again
         bias1 = em.Sub(s.d(1.0), em.Pow(s.d(b1), s.step))
         bias2_sqrt = em.Sqrt(em.Sub(s.d(1.0), em.Pow(s.d(b2), s.step)))
-        step_size = s.to(em.Div(s.lr, bias1), p)
-        denom = em.Add(em.Div(em.Sqrt(v), s.to(bias2_sqrt, p)), em.const(self.eps, like=p))
-        return em.Sub(p, em.Mul(step_size, em.Div(m, denom))), new
+        step_size = s.to(em.Div(em.Mul(s.lr, bias2_sqrt), bias1), p)
+        denom = em.Add(em.Sqrt(v), s.to(em.Mul(bias2_sqrt, s.d(self.eps)), p))
+        return em.Sub(p, em.Mul(em.Div(m, denom), step_size)), new
 
 
 @dataclass(frozen=True)
@@ -191,6 +214,9 @@ class AdamW(Adam):
 
     name: ClassVar[str] = "adamw"
     weight_decay: float = 1e-2
+
+    def _adds_l2(self) -> bool:
+        return False
 
     def _gradient(self, s: Scalars, p: ir.Value, g: ir.Value) -> ir.Value:
         return g
@@ -225,10 +251,10 @@ class Adagrad(Optimizer):
     def needs_step(self) -> bool:
         return bool(self.lr_decay)
 
-    def update(self, s: Scalars, p: ir.Value, g: ir.Value, state: dict[str, ir.Value]
-               ) -> tuple[ir.Value, dict[str, ir.Value]]:
+    def update(self, s: Scalars, p: ir.Value, g: ir.Value, state: dict[str, ir.Value],
+               scale: ir.Value | None = None) -> tuple[ir.Value, dict[str, ir.Value]]:
         em = s.em
-        g = _decayed(s, p, g, self.weight_decay)
+        g = _decayed(s, p, _scaled(s, g, scale), self.weight_decay)
         clr = s.lr
         if self.lr_decay:
             clr = em.Div(s.lr, em.Add(s.d(1.0), em.Mul(em.Sub(s.step, s.d(1.0)), s.d(self.lr_decay))))
@@ -263,15 +289,21 @@ def from_config(config: dict[str, Any]) -> Optimizer:
     return make_optimizer(config.pop("name"), **config)
 
 
-def clip_by_global_norm(em: Emitter, grads: Sequence[ir.Value], max_norm: float) -> list[ir.Value]:
-    """torch.nn.utils.clip_grad_norm_: n = ||(||g_1||, ..., ||g_k||)||; g_i *= min(max_norm / (n + 1e-6), 1)."""
+def clip_coefficient(em: Emitter, grads: Sequence[ir.Value], max_norm: float) -> ir.Value:
+    """torch.nn.utils.clip_grad_norm_'s scale (float32): min(max_norm / (n + 1e-6), 1), n = ||(||g_1||, ...)||."""
     if max_norm <= 0 or not math.isfinite(max_norm):
         raise ValueError(f"clip_grad_norm must be a positive number, got {max_norm}")
     f32 = int(ir.DataType.FLOAT)
     norms = [em.Cast(em.reduce("ReduceL2", g, None, keepdims=False), to=f32) for g in grads]
     total = em.reduce("ReduceL2", em.Concat(*[em.unsqueeze(n, [0]) for n in norms], axis=0), None, keepdims=False)
     f = ir.DataType.FLOAT
-    coef = em.Min(em.Div(em.const(max_norm, dtype=f), em.Add(total, em.const(1e-6, dtype=f))), em.const(1.0, dtype=f))
+    return em.Min(em.Div(em.const(max_norm, dtype=f), em.Add(total, em.const(1e-6, dtype=f))), em.const(1.0, dtype=f))
+
+
+def clip_by_global_norm(em: Emitter, grads: Sequence[ir.Value], max_norm: float) -> list[ir.Value]:
+    """torch.nn.utils.clip_grad_norm_: g_i *= min(max_norm / (n + 1e-6), 1), n = ||(||g_1||, ..., ||g_k||)||."""
+    coef = clip_coefficient(em, grads, max_norm)
+    f = ir.DataType.FLOAT
     out = []
     for g in grads:
         assert g.dtype is not None

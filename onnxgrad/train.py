@@ -26,8 +26,8 @@ import onnx_ir as ir
 from onnxgrad.api import GradientNote, gradients
 from onnxgrad.emitter import FLOAT_TYPES, Emitter, attr, rank_of
 from onnxgrad.io import atomic_path, load_model, save_model
-from onnxgrad.optim import Optimizer, Scalars, clip_by_global_norm, make_optimizer
-from onnxgrad.registry import opset_of
+from onnxgrad.optim import Optimizer, Scalars, clip_coefficient, make_optimizer
+from onnxgrad.registry import Rule, opset_of, register_fallback
 from onnxgrad.shapes import infer_missing_types
 from onnxgrad.shorthands import expand_xs
 from onnxgrad.upgrade import upgrade
@@ -183,7 +183,10 @@ def make_train_step(
     graph.outputs.extend([loss_v, *extra])
     ir.passes.common.TopologicalSortPass()(m)
 
-    names = gradients(m, loss_v.name or "", [p.name or "" for p in trainable], name=unique_scope(graph, "grad"))
+    try:
+        names = gradients(m, loss_v.name or "", [p.name or "" for p in trainable], name=unique_scope(graph, "grad"))
+    finally:
+        _lower_batchnorms(m)
     table = value_table(graph)
     pairs = []
     for p, g in zip(trainable, names, strict=True):
@@ -238,15 +241,14 @@ def _finish(m: ir.Model, source: str | None, opt: Optimizer, pairs: list[tuple[i
         state_pairs += [(acc, em.Where(apply, em.const(0.0, like=acc), total)) for acc, total in totals]
         state_pairs.append((count, em.Where(apply, zero, n)))
         grads = [em.Div(total, em.Cast(n, to=int(dtype_of(acc)))) for acc, total in totals]
-    if clip is not None:
-        grads = clip_by_global_norm(em, grads, clip)
+    scale = None if clip is None else clip_coefficient(em, grads, clip)  # the optimizers apply it
     param_pairs = []
     opt_pairs = []
     for (p, _), g in zip(pairs, grads, strict=True):
         slots = {name: fresh(f"optim/{p.name}/{name}", dtype_of(p), shape_of(p)) for name, _ in opt.slots()}
         for (_, fill), v in zip(opt.slots(), slots.values(), strict=True):
             initial[v.name or ""] = np.full(shape_of(p), fill, dtype_of(p).numpy())
-        new_p, new_slots = opt.update(scalars, p, g, slots)
+        new_p, new_slots = opt.update(scalars, p, g, slots, scale)
         if apply is not None:
             new_p = em.Where(apply, new_p, p)
             new_slots = {k: em.Where(apply, v, slots[k]) for k, v in new_slots.items()}
@@ -497,7 +499,11 @@ def _batchnorms(em: Emitter, graph: ir.Graph, kept: list[ir.Value]
                 ) -> list[tuple[ir.Value, ir.Value, ir.Value, ir.Value]]:
     """Every BatchNormalization in PyTorch's training mode: y = (x - mean) / sqrt(var + eps) scale + bias with the
     batch's mean and (biased) variance; running = m running + (1 - m) batch statistic, with the UNBIASED batch
-    variance, m being ONNX's momentum (PyTorch's is 1 - m). Returns (mean, var, new mean, new var) per node."""
+    variance, m being ONNX's momentum (PyTorch's is 1 - m). Returns (mean, var, new mean, new var) per node.
+
+    The normalization itself is a private ``BatchNormTrain`` node while the loss is differentiated, so that its
+    gradient is the closed form of ``_batchnorm_train_grad`` (not the chain rule through the statistics), and then
+    a BatchNormalization in inference mode fed the batch statistics (``_lower_batchnorms``)."""
     found = []
     seen: set[str | None] = set()
     for node in [n for n in graph if n.op_type == "BatchNormalization" and n.domain in ("", "ai.onnx")]:
@@ -519,19 +525,15 @@ def _batchnorms(em: Emitter, graph: ir.Graph, kept: list[ir.Value]
         axes = [0, *range(2, r)]
         batch_mean = em.reduce("ReduceMean", x, axes, keepdims=True)
         d = em.Sub(x, batch_mean)
-        squares = em.reduce_sum(em.Mul(d, d), axes, keepdims=True)
+        squares = em.reduce_sum(em.Mul(d, d), axes, keepdims=True)  # ReduceSumSquare sums less accurately
         n = _like(em, count, x)
-        inv = em.Reciprocal(em.Sqrt(em.Add(em.Div(squares, n), em.const(eps, like=x))))
-
-        def view(v: ir.Value, x: ir.Value = x, r: int = r) -> ir.Value:
-            return em.unsqueeze(_like(em, v, x), list(range(1, r - 1)))
-
-        alpha = em.Mul(inv, view(scale))  # PyTorch's CPU form: y = x alpha + (bias - mean alpha)
-        y = em.Add(em.Mul(x, alpha), em.Sub(view(bias), em.Mul(batch_mean, alpha)))
         flat = em.ints([-1])
+        mean_c, var_c = em.Reshape(batch_mean, flat), em.Reshape(em.Div(squares, n), flat)
+        y = em.op(_BN_TRAIN, x, scale, bias, mean_c, var_c, d, n, _domain=_PRIVATE, epsilon=eps)
+        y.dtype, y.shape = x.dtype, x.shape
         unbiased = em.Div(squares, em.Sub(n, em.const(1.0, like=x)))
         new_mean = em.Add(em.Mul(mean, em.const(mom, like=mean)),
-                          em.Mul(_like(em, em.Reshape(batch_mean, flat), mean), em.const(1.0 - mom, like=mean)))
+                          em.Mul(_like(em, mean_c, mean), em.const(1.0 - mom, like=mean)))
         new_var = em.Add(em.Mul(var, em.const(mom, like=var)),
                          em.Mul(_like(em, em.Reshape(unbiased, flat), var), em.const(1.0 - mom, like=var)))
         _replace(graph, node, [y], kept)
@@ -541,6 +543,72 @@ def _batchnorms(em: Emitter, graph: ir.Graph, kept: list[ir.Value]
 
 def _like(em: Emitter, v: ir.Value, like: ir.Value) -> ir.Value:
     return v if v.dtype == like.dtype else em.Cast(v, to=int(dtype_of(like)))
+
+
+_PRIVATE = "onnxgrad.train"  # a domain that lives only inside make_train_step: no model ever leaves with it
+_BN_TRAIN = "BatchNormTrain"  # (x, scale, bias, batch mean, batch var, x - mean, count) -> y, attribute epsilon
+
+
+def _batchnorm_train_grad(em: Emitter, node: ir.Node, dy: Sequence[ir.Value | None]) -> list[ir.Value | None]:
+    """dx = k dy - k sum(dy)/n - d k inv^2 sum(dy d)/n, k = scale inv; dscale = inv sum(dy d); dbias = sum(dy)."""
+    # y = d inv scale + bias with the batch's statistics: d = x - mean(x), inv = 1/sqrt(var(d) + eps), n per channel
+    x, scale, bias, _, var, d, n = node.inputs
+    g = dy[0]
+    assert x is not None and scale is not None and bias is not None and var is not None and d is not None
+    assert n is not None
+    if g is None:
+        return [None, None, None]
+    r = rank_of(x)
+    assert r is not None
+    axes = [0, *range(2, r)]
+
+    def view(v: ir.Value) -> ir.Value:
+        return em.unsqueeze(v, list(range(1, r - 1)))
+
+    inv = em.Reciprocal(em.Sqrt(em.Add(var, em.const(float(attr(node, "epsilon", 1e-5)), like=var))))
+    sum_dy = em.reduce_sum(g, axes, keepdims=False)
+    d_scale = em.Mul(em.reduce_sum(em.Mul(g, d), axes, keepdims=False), inv)
+    k_n = em.Div(em.Mul(_like(em, scale, x), inv), n)
+    c1 = em.Neg(em.Mul(em.Mul(k_n, inv), d_scale))
+    c2 = em.Neg(em.Mul(k_n, sum_dy))
+    dx = em.Add(em.Add(em.Mul(g, view(em.Mul(k_n, n))), em.Mul(d, view(c1))), view(c2))
+    return [dx, _like(em, d_scale, scale), _like(em, sum_dy, bias)]
+
+
+_BN_TRAIN_RULE = Rule(_BN_TRAIN, _PRIVATE, 1, _batchnorm_train_grad, wrt=3,
+                      notes="make_train_step's BatchNorm in training mode, while it differentiates")
+
+
+@register_fallback
+def _private_rules(domain: str, op_type: str, opset: int) -> Rule | None:
+    """The rule of the private BatchNormTrain node (no registered rule: ``onnxgrad ops`` never lists it)."""
+    return _BN_TRAIN_RULE if (domain, op_type) == (_PRIVATE, _BN_TRAIN) else None
+
+
+def _lower_batchnorms(m: ir.Model) -> None:
+    """Replace every private BatchNormTrain node by BatchNormalization in inference mode fed the batch mean and
+    (biased) variance: y = (x - mean) / sqrt(var + eps) scale + bias, as PyTorch computes it (x alpha + beta)."""
+    graph = m.graph
+    nodes = [n for n in graph if n.domain == _PRIVATE]
+    if not nodes:
+        return
+    em = Emitter(graph, opset_of(m.opset_imports), unique_scope(graph, "train_bn"), m.ir_version or 8)
+    news = []
+    for node in nodes:
+        x, scale, bias, mean, var = node.inputs[:5]
+        y = em.BatchNormalization(x, scale, bias, mean, var, epsilon=float(attr(node, "epsilon", 1e-5)))
+        old = node.outputs[0]
+        name = old.name
+        y.dtype, y.shape = old.dtype, old.shape
+        old.replace_all_uses_with(y, replace_graph_outputs=True)
+        old.name = f"{name}/private"
+        y.name = name
+        news.append(y)
+        for i in range(len(node.inputs)):
+            node.replace_input_with(i, None)
+        graph.remove(node, safe=True)
+    em.commit(news)
+    ir.passes.common.TopologicalSortPass()(m)
 
 
 def _dropouts(em: Emitter, graph: ir.Graph, opset: int, train: bool, kept: list[ir.Value]) -> ir.Value | None:

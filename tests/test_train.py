@@ -23,7 +23,7 @@ from onnxgrad.check import convert_floats  # noqa: E402
 from onnxgrad.optim import lower_optimizer_ops  # noqa: E402
 from onnxgrad.train import make_train_step  # noqa: E402
 from tests.conftest import Cli  # noqa: E402
-from tests.train_twins import MODELS, TWINS, Twin, run_onnx, run_torch, schedule, weights  # noqa: E402
+from tests.train_twins import MODELS, TWINS, Twin, export, run_onnx, run_torch, schedule, weights  # noqa: E402
 
 STEPS = 200
 CLIP = 0.5
@@ -228,6 +228,48 @@ def _dropout_model(ratio: float, n: int = 4000) -> onnx.ModelProto:
                           [numpy_helper.from_array(np.ones(n, np.float32), "w"),
                            numpy_helper.from_array(np.asarray(ratio, np.float32), "ratio")])
     return oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)], ir_version=8)
+
+
+@pytest.mark.parametrize("shape", [(8, 6), (8, 6, 5), (4, 6, 3, 5, 4)], ids=["1d", "1d-seq", "3d"])
+def test_batchnorm_train_mode_gradient_matches_torch(shape: tuple[int, ...]) -> None:
+    """BatchNorm in training mode on inputs of rank 2, 3 and 5 (its gradient is written in closed form), after a
+    layer whose weights need its input gradient: one SGD step with lr 1 moves every param by PyTorch's gradient,
+    and the running statistics as PyTorch's; the model holds standard ops only."""
+    nn = torch.nn
+    torch.manual_seed(1)
+    bn = nn.BatchNorm3d(6) if len(shape) == 5 else nn.BatchNorm1d(6)
+    before = {2: nn.Linear(6, 6, bias=False), 3: nn.Conv1d(6, 6, 1, bias=False),  # its weights need dx
+              5: nn.Conv3d(6, 6, 1, bias=False)}[len(shape)]  # (no bias: BatchNorm removes it, its gradient is 0)
+    net = nn.Sequential(before, bn, nn.Flatten(), nn.Linear(int(np.prod(shape[1:])), 3))
+    with torch.no_grad():  # distinct values everywhere: the exporter merges equal initializers
+        bn.weight.copy_(1.0 + 0.1 * torch.randn(6))
+        bn.bias.copy_(0.1 * torch.randn(6))
+        bn.running_mean.copy_(0.1 * torch.randn(6))
+        bn.running_var.copy_(1.0 + 0.2 * torch.rand(6))
+    x = (3.0 * torch.randn(shape) + 2.0).float()
+    labels = torch.arange(shape[0]) % 3
+    model = export(net, x, "x", "logits")
+    net.train()
+    loss = torch.nn.functional.cross_entropy(net(x), labels)
+    loss.backward()
+    ts = make_train_step(model, "cross_entropy:logits:labels", optimizer="sgd", lr=1.0)
+    standard_ops_only(ts.model)
+    sess = ort.InferenceSession(ts.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    out = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {
+        "x": x.numpy(), "labels": labels.numpy(), **ts.initial, ts.lr: np.asarray(1.0, np.float32)}), strict=True))
+    np.testing.assert_allclose(out[ts.loss], loss.item(), rtol=1e-6)
+    grads = {k: p.grad.numpy() for k, p in net.named_parameters()}  # type: ignore[union-attr]
+    for k, p in net.named_parameters():  # the exporter stores a Linear's weight transposed, named onnx::MatMul_*
+        grads.update({name: grads[k].T for name in ts.params if name not in grads and p.dim() == 2
+                      and np.array_equal(ts.initial[name], p.detach().numpy().T)})
+    assert set(ts.params) <= set(grads) and len(ts.params) == len(list(net.parameters()))
+    for name, (_, new) in ts.params.items():
+        want = grads[name]
+        np.testing.assert_allclose(ts.initial[name] - out[new], want, rtol=0, atol=1e-5 * np.abs(want).max(),
+                                   err_msg=name)
+    buffers = dict(net.named_buffers())
+    for name in ts.buffers:
+        np.testing.assert_allclose(out[ts.state[name][1]], buffers[name].numpy(), rtol=0, atol=1e-6, err_msg=name)
 
 
 def test_dropout_train_mode_takes_a_seed() -> None:
