@@ -121,7 +121,7 @@ def _faithful_ops() -> list[type]:
     batch statistics otherwise. Its Dropout before opset 12 drops at random; in inference (every opset's default)
     Dropout is the identity. Its LRN sums the squares for the first channels only (it loops over the batch axis).
     Its Softmax, LogSoftmax and Hardmax ignore the opset: before 13 they act on the input flattened to 2D at
-    ``axis`` (default 1)."""
+    ``axis`` (default 1). Its Pad hands negative pads (a crop, valid ONNX) to numpy.pad, which refuses them."""
     import math
 
     from onnx.reference.op_run import OpRun
@@ -245,8 +245,27 @@ def _faithful_ops() -> list[type]:
 
         return type(kind, (OpRun,), {"op_domain": "", "_run": _run})
 
+    class Pad(OpRun):
+        op_domain = ""
+
+        def _run(self, data: np.ndarray, pads: np.ndarray | None = None,  # type: ignore[override]
+                 constant_value: np.ndarray | None = None, axes: np.ndarray | None = None, mode: str | None = None,
+                 value: float | None = None) -> tuple[np.ndarray]:
+            r = data.ndim
+            chosen = [int(a) % r for a in axes] if axes is not None else list(range(r))
+            given = [int(p) for p in np.asarray(pads).reshape(-1)]
+            begin, end = [0] * r, [0] * r
+            for k, a in enumerate(chosen):
+                begin[a], end[a] = given[k], given[k + len(chosen)]
+            crop = tuple(slice(max(-b, 0), n - max(-e, 0)) for n, b, e in zip(data.shape, begin, end, strict=True))
+            widths = [(max(b, 0), max(e, 0)) for b, e in zip(begin, end, strict=True)]
+            how = (mode or "constant").decode() if isinstance(mode, bytes) else (mode or "constant")
+            fill = value if constant_value is None else np.asarray(constant_value).reshape(-1)[0]
+            kwargs = {"constant_values": 0 if fill is None else fill} if how == "constant" else {}
+            return (np.pad(data[crop], widths, mode=how, **kwargs).astype(data.dtype),)
+
     softmaxes = [_softmax_kind(k) for k in ("Softmax", "LogSoftmax", "Hardmax")]
-    return [Erf, Conv, ConvTranspose, BatchNormalization, Dropout, LRN, *softmaxes]
+    return [Erf, Conv, ConvTranspose, BatchNormalization, Dropout, LRN, Pad, *softmaxes]
 
 
 class ReferenceSession:
