@@ -88,33 +88,10 @@ def _weights(model: onnx.ModelProto, module: Any) -> list[str]:
     return found
 
 
-def _simplify(model: onnx.ModelProto) -> onnx.ModelProto:
-    """onnxruntime's basic (ONNX-op-only) graph optimisation, saved back: it folds the shape arithmetic that
-    nn.MultiheadAttention exports (Reshape to Concat(Slice(Shape), Mod...)), which onnx's shape inference
-    cannot see through. onnxruntime does the same folding when it loads the model, so the forward-only
-    baseline is not changed by it."""
-    import tempfile
-
-    import onnxruntime as ort
-
-    with tempfile.TemporaryDirectory() as tmp:
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-        opts.optimized_model_filepath = os.path.join(tmp, "basic.onnx")
-        ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-        out = onnx.load(opts.optimized_model_filepath)
-    used = {n.domain for n in out.graph.node}
-    keep = [o for o in out.opset_import if o.domain in ("", "ai.onnx") or o.domain in used]
-    del out.opset_import[:]
-    out.opset_import.extend(keep)
-    return out
-
-
-def _torch_bench(name: str, simplify: bool = False) -> Bench:
+def _torch_bench(name: str) -> Bench:
+    """The raw export of a PyTorch benchmark module, as a user differentiates it (no pre-simplification)."""
     module, x = torch_twin(name)
     model = _export(module, x)
-    if simplify:
-        model = _simplify(model)
     return Bench(name, model, "x", x.numpy(), ["x", *_weights(model, module)], module)
 
 
@@ -264,7 +241,7 @@ def _calibrate_batchnorm(model: onnx.ModelProto, x: np.ndarray) -> None:
 def build(name: str) -> Bench:
     if name == "resnet50":
         return resnet50()
-    return _torch_bench(name, simplify=name == "transformer")
+    return _torch_bench(name)
 
 
 def resnet18(width: int = 64, classes: int = 1000) -> Any:

@@ -2,13 +2,18 @@
 
     .venv/bin/python bench/run.py --model all          # mlp, cnn, transformer, resnet50
     .venv/bin/python bench/run.py --model cnn --profile /tmp/prof   # also write onnxruntime profiles
+    .venv/bin/python bench/run.py --model cnn resnet50 --bind-outputs  # also time with every output bound
 
 For each model: build the gradient graph (the input and every weight as xs; ones as grad_ys, except for
 ResNet-50 whose softmax output sums to 1: a fixed random seed there), then time in rounds, (a) onnxruntime
 forward only, (b) onnxruntime forward + gradients and (c) PyTorch eager forward + backward, and report
-medians. Peak memory of (b) and (c) is measured in fresh processes (see ``bench/peakmem.py``). The input
-gradient is checked against PyTorch's. Idle threads sleep (onnxruntime: no spinning; OpenMP: PASSIVE) so
-that one engine's idle workers do not slow the next one's run.
+medians. ``--bind-outputs`` adds two engines to the same rounds, (a) and (b) with onnxruntime's IOBinding: the
+input and every output (the model's outputs and the gradients) bound once to arrays allocated before the timed
+runs, which each run overwrites, as a training loop reusing its gradient buffers would (their values are checked
+against the unbound run's). The models are those a user exports (no pre-simplification). Peak memory of (b)
+and (c) is measured in fresh processes (see ``bench/peakmem.py``). The input gradient is checked against
+PyTorch's. Idle threads sleep (onnxruntime: no spinning; OpenMP: PASSIVE) so that one engine's idle workers do
+not slow the next one's run.
 """
 
 from __future__ import annotations
@@ -105,9 +110,33 @@ def _torch_step(module: object, x: np.ndarray) -> Callable[[], object]:
     return step
 
 
+def bound_run(sess: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> Callable[[], object]:
+    """A run of ``sess`` with the inputs and every output bound once (IOBinding) to preallocated arrays: the
+    steady state of a training loop that reuses its buffers. The bound outputs are checked against a plain run."""
+    names = [o.name for o in sess.get_outputs()]
+    expected = sess.run(names, feeds)
+    buffers = [np.empty_like(e) for e in expected]
+    binding = sess.io_binding()
+    for name, value in feeds.items():
+        binding.bind_cpu_input(name, value)
+    for name, buf in zip(names, buffers, strict=True):
+        binding.bind_output(name, "cpu", 0, buf.dtype, list(buf.shape), buf.ctypes.data)
+
+    def run() -> object:
+        sess.run_with_iobinding(binding)
+        return buffers
+
+    run()
+    for name, buf, ref in zip(names, buffers, expected, strict=True):
+        np.testing.assert_allclose(buf, ref, rtol=1e-5, atol=1e-6 * float(np.max(np.abs(ref), initial=1.0)),
+                                   err_msg=f"bound output {name!r} differs from the unbound run's")
+    return run
+
+
 def time_model(bench: models.Bench, build: Build, threads: int, budget_s: float, min_reps: int,
-               profile: str | None) -> tuple[Timing, float]:
-    """Interleaved repetitions of the three runs; returns the timings and the input gradient's error."""
+               profile: str | None, bind: bool = False) -> tuple[Timing, float]:
+    """Interleaved repetitions of the three runs (five with ``bind``); returns the timings and the input gradient's
+    error."""
     fwd = ort_session(bench.model, threads)
     fb = ort_session(build.model, threads, profile)
     feeds = {bench.input_name: bench.x}
@@ -116,6 +145,9 @@ def time_model(bench: models.Bench, build: Build, threads: int, budget_s: float,
         "fwd": lambda: fwd.run(None, feeds),
         "fwd+bwd": lambda: fb.run(fb_names, feeds),
     }
+    if bind:  # separate sessions, so that the bound buffers are the only difference
+        runs["fwd bound"] = bound_run(ort_session(bench.model, threads), feeds)
+        runs["fwd+bwd bound"] = bound_run(ort_session(build.model, threads), feeds)
     err = float("nan")
     if bench.torch_module is not None:
         import torch
@@ -166,13 +198,18 @@ class Row:
     mem_ort: float = float("nan")
     mem_torch: float = float("nan")
 
-    def cells(self) -> list[str]:
+    def cells(self, bound: bool = False) -> list[str]:
         t = self.timing
         fwd, fb, pt = t.median("fwd"), t.median("fwd+bwd"), t.median("torch")
         reps = len(t.samples["fwd"])
+        extra = []
+        if bound:
+            bf, bfb = t.median("fwd bound"), t.median("fwd+bwd bound")
+            extra = [f"{bf * 1e3:.1f}", f"{bfb * 1e3:.1f}", f"**{bfb / bf:.2f}**", f"{bfb / fwd:.2f}",
+                     f"{bfb / fb:.2f}", "" if pt != pt else f"**{bfb / pt:.2f}**"]
         return [
             self.name, f"{fwd * 1e3:.1f}", f"{fb * 1e3:.1f}", f"**{fb / fwd:.2f}**",
-            "" if pt != pt else f"{pt * 1e3:.1f}", "" if pt != pt else f"**{fb / pt:.2f}**",
+            "" if pt != pt else f"{pt * 1e3:.1f}", "" if pt != pt else f"**{fb / pt:.2f}**", *extra,
             f"{self.build.seconds:.3f}", f"{self.build.total_seconds:.3f}",
             f"{self.build.nodes_before} → {self.build.nodes_after}",
             "" if self.mem_ort != self.mem_ort else f"{self.mem_ort:.0f}",
@@ -186,9 +223,14 @@ HEADER = ["model", "ORT fwd ms", "ORT fwd+bwd ms", "fwd+bwd / fwd", "PyTorch fwd
           "dx rel. err", "reps"]
 
 
-def table(rows: list[Row]) -> str:
-    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
-    lines += ["| " + " | ".join(r.cells()) + " |" for r in rows]
+BOUND_HEADER = ["ORT fwd ms, all outputs bound", "ORT fwd+bwd ms, input + all outputs (y, every gradient) bound",
+                "bound fwd+bwd / bound fwd", "bound fwd+bwd / fwd", "bound / unbound fwd+bwd", "bound / PyTorch"]
+
+
+def table(rows: list[Row], bound: bool = False) -> str:
+    header = [*HEADER[:6], *BOUND_HEADER, *HEADER[6:]] if bound else HEADER
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r.cells(bound)) + " |" for r in rows]
     return "\n".join(lines)
 
 
@@ -200,6 +242,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--min-reps", type=int, default=10)
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
     parser.add_argument("--profile", help="write onnxruntime profiles of the fwd+bwd runs with this prefix")
+    parser.add_argument("--bind-outputs", action="store_true",
+                        help="also time both onnxruntime runs with the input and every output bound once (IOBinding)")
     parser.add_argument("--save", help="folder to save each model and its gradient model to")
     parser.add_argument("--write", help="write the table to this markdown file (e.g. bench/RESULTS.md)")
     args = parser.parse_args(argv)
@@ -217,7 +261,8 @@ def main(argv: list[str] | None = None) -> None:
                 onnx.save(bench.model, os.path.join(args.save, f"{name}.onnx"))
                 onnx.save(build.model, os.path.join(args.save, f"{name}_grad.onnx"))
             profile = f"{args.profile}_{name}" if args.profile else None
-            timing, err = time_model(bench, build, args.threads, args.budget, args.min_reps, profile)
+            timing, err = time_model(bench, build, args.threads, args.budget, args.min_reps, profile,
+                                     args.bind_outputs)
             row = Row(name, build, timing, err)
             if not args.no_memory:
                 path, x_path = os.path.join(tmp, f"{name}_grad.onnx"), os.path.join(tmp, f"{name}_x.npy")
@@ -227,8 +272,9 @@ def main(argv: list[str] | None = None) -> None:
                 if bench.torch_module is not None:
                     row.mem_torch = peak_memory(name, "torch", None, x_path, args.threads)
             rows.append(row)
-            print(table([row]).splitlines()[-1], f"({time.perf_counter() - t0:.0f} s)", flush=True)
-    text = table(rows)
+            print(table([row], args.bind_outputs).splitlines()[-1], f"({time.perf_counter() - t0:.0f} s)",
+                  flush=True)
+    text = table(rows, args.bind_outputs)
     print()
     print(text)
     if args.write:

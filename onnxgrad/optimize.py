@@ -14,7 +14,13 @@ nodes no gradient needs dropped at commit), that covers the usual clean-up passe
   ``Cast`` to a value's own dtype, ``Neg`` of a ``Neg``;
 * ``Squeeze(ReduceSum(x, axes, keepdims=1), axes)`` is one ``ReduceSum(x, axes, keepdims=0)``;
 * the ``Sum`` of ``ScatterND`` into zeros at disjoint constant rows that cover the first axis (a tensor
-  split with Gathers, e.g. the q/k/v of PyTorch's attention) is a ``Concat`` of the updates.
+  split with Gathers, e.g. the q/k/v of PyTorch's attention) is a ``Concat`` of the updates;
+* shape arithmetic: ``Shape(u)`` (and ``Gather`` of constant indices from it) of known static dims is a
+  constant; ``shape_dims`` reads the dims (ints, or named symbols such as a dynamic batch) that a shape value
+  built from ``Shape``/``Gather``/``Concat`` holds, so that a run-time seed or zeros (``ConstantOfShape``) of a
+  symbolic shape is known for what it is (``x * ones`` -> ``x``, the ScatterND sum above), ``Reshape`` to
+  ``Shape(u)`` becomes a constant target (0 for a matching symbol, one -1), and ``ConstantOfShape``,
+  ``Expand`` and ``MatMul`` outputs get shapes (so the walk's unbroadcast needs no run-time form).
 
 A rewrite only ever returns a value made by the same ``gradients()`` call (never a forward value: the
 caller may name or shape what it gets back).
@@ -116,7 +122,80 @@ def _keeps_shape(a: ir.Value, fill_shape: tuple[int, ...]) -> bool:
     if dims is None or len(fill_shape) > len(dims):
         return False
     tail = dims[len(dims) - len(fill_shape):]
-    return all(f == 1 or (isinstance(d, int) and d == f) for d, f in zip(tail, fill_shape, strict=True))
+    return all((type(f) is int and f == 1) or _same_dim(d, f) for d, f in zip(tail, fill_shape, strict=True))
+
+
+def _same_dim(a: Any, b: Any) -> bool:
+    """True when two dimensions are known to be equal (ints, or symbols with the same name)."""
+    if type(a) is int or type(b) is int:
+        return type(a) is int and type(b) is int and a == b
+    return a is not None and b is not None and a.value is not None and a.value == b.value
+
+
+def _dims_of(u: ir.Value | None, start: int = 0, end: int | None = None) -> list[Any] | None:
+    """What ``Shape(u, start, end)`` holds, ints or named symbols, when u's dims are known (or u is a Reshape of a
+    static value to a constant target with a -1 or 0 in it)."""
+    dims = _reshaped_dims(u) if u is not None and (u.shape is None or not _known(u.shape.dims)) else None
+    if dims is None and (u is None or u.shape is None or not _known(u.shape.dims)):
+        return None
+    dims = list(u.shape.dims) if dims is None else dims  # type: ignore[union-attr]
+    rank = len(dims)
+
+    def clamp(i: int) -> int:
+        return max(0, min(rank, i + rank if i < 0 else i))
+
+    return dims[clamp(int(start)):rank if end is None else clamp(int(end))]
+
+
+def _reshaped_dims(v: ir.Value) -> list[Any] | None:
+    """v's dims when v = Reshape(x, constant target) with x static (the -1 and 0 of the target resolved)."""
+    node = v.producer()
+    if node is None or node.op_type != "Reshape" or node.domain != "" or len(node.inputs) < 2 \
+            or node.inputs[0] is None:
+        return None
+    source, target = _static(node.inputs[0]), const_array(node.inputs[1])
+    if source is None or target is None:
+        return None
+    out = _reshape_target(source, target.reshape(-1).tolist(), bool(_node_attr(node, "allowzero", 0)))
+    return None if out is None else list(out)
+
+
+def shape_dims(v: ir.Value | None) -> list[Any] | None:
+    """The dims a 1-D int64 shape value holds, ints or named symbols, when the graph knows them: a constant,
+    ``Shape(u)`` of a u of known dims, ``Gather`` of constant indices from one, a ``Concat`` of them."""
+    if v is None:
+        return None
+    array = const_array(v)
+    if array is not None:
+        return [int(d) for d in array.reshape(-1)] if array.ndim == 1 and array.dtype.kind in "iu" else None
+    node = v.producer()
+    if node is None or node.domain != "":
+        return None
+    if node.op_type == "Shape":
+        return _dims_of(node.inputs[0], _node_attr(node, "start", 0), _node_attr(node, "end"))
+    if node.op_type == "Gather" and int(_node_attr(node, "axis", 0)) == 0:
+        data, idx = shape_dims(node.inputs[0]), const_array(node.inputs[1])
+        if data is None or idx is None or idx.ndim != 1 or not np.all((idx >= -len(data)) & (idx < len(data))):
+            return None
+        return [data[int(i)] for i in idx]
+    if node.op_type == "Concat":
+        parts = [shape_dims(p) for p in node.inputs]
+        return None if any(p is None for p in parts) else [d for p in parts for d in p]  # type: ignore[union-attr]
+    return None
+
+
+def run_time_fill(v: ir.Value | None) -> tuple[float, tuple[Any, ...]] | None:
+    """(value, dims) when v is ``ConstantOfShape(s)`` of a shape value s whose dims are known (``shape_dims``): ints
+    or named symbols (a seed or zeros of a value's run-time shape under a symbolic batch)."""
+    node = None if v is None else v.producer()
+    if node is None or node.op_type != "ConstantOfShape" or node.domain != "":
+        return None
+    dims = shape_dims(node.inputs[0])
+    if dims is None:
+        return None
+    attr = node.attributes.get("value")
+    fill = 0.0 if attr is None else float(np.asarray(attr.as_tensor().numpy()).reshape(-1)[0])
+    return fill, tuple(dims)
 
 
 def _attr(attrs: dict[str, Any], name: str, default: Any = None) -> Any:
@@ -155,11 +234,21 @@ def _known(dims: tuple[Any, ...]) -> bool:
 
 
 def elementwise_shape(op: str, inputs: Inputs) -> ir.Shape | None:
-    """The output shape of an elementwise op from its inputs' shapes, or None unless every dim is known
-    (an int, or a named symbol that the broadcast does not have to reconcile with another)."""
+    """The output shape of an elementwise op (or a MatMul, ConstantOfShape, Expand) from its inputs' shapes, or
+    None unless every dim is known (an int, or a named symbol that the broadcast does not have to reconcile with
+    another)."""
     if op in _UNARY:
         shape = inputs[0].shape if inputs and inputs[0] is not None else None
         return shape if shape is not None and _known(shape.dims) else None
+    if op == "MatMul":
+        return _matmul_shape(inputs)
+    if op in ("ConstantOfShape", "Expand") and inputs and inputs[-1] is not None:
+        dims = shape_dims(inputs[-1])
+        if dims is None or not _known(tuple(dims)):
+            return None
+        if op == "ConstantOfShape":
+            return ir.Shape(dims)
+        return elementwise_shape("Add", [inputs[0], ir.Value(shape=ir.Shape(dims))])
     if op not in _BROADCAST:
         return None
     shapes = [v.shape for v in inputs if v is not None]
@@ -196,6 +285,20 @@ def elementwise_shape(op: str, inputs: Inputs) -> ir.Shape | None:
                 return None
         out.append(dim)
     return ir.Shape(out)
+
+
+def _matmul_shape(inputs: Inputs) -> ir.Shape | None:
+    """MatMul's output shape (operands of rank >= 2): the batch axes broadcast, then (rows of a, columns of b)."""
+    if len(inputs) != 2 or inputs[0] is None or inputs[1] is None:
+        return None
+    a, b = inputs[0].shape, inputs[1].shape
+    if a is None or b is None or a.rank() < 2 or b.rank() < 2:
+        return None
+    batch = elementwise_shape("Add", [ir.Value(shape=ir.Shape(list(a.dims[:-2]))),
+                                      ir.Value(shape=ir.Shape(list(b.dims[:-2])))])
+    if batch is None or not _known((a.dims[-2], b.dims[-1])):
+        return None
+    return ir.Shape([*batch.dims, a.dims[-2], b.dims[-1]])
 
 
 # -------------------------------------------------------------------------------------------- folding
@@ -351,13 +454,13 @@ def _mul(em: Emitter, inputs: Inputs, attrs: dict[str, Any]) -> ir.Value | None:
     a, b = inputs[0], inputs[1]
     assert a is not None and b is not None
     for x, one in ((a, b), (b, a)):
-        fill = fill_value(one)
+        fill = fill_value(one) or run_time_fill(one)
         if fill is None or fill[0] != 1.0:
             continue
         if _keeps_shape(x, fill[1]):  # a forward value is passed on through an Identity (free at run time)
             return x if is_new(x) else em.Identity(x)
         xs = _static(x)
-        if xs is None or em.opset < 8:
+        if xs is None or em.opset < 8 or not all(type(d) is int for d in fill[1]):
             continue
         try:
             out_shape = np.broadcast_shapes(xs, fill[1])
@@ -371,7 +474,7 @@ def _mul(em: Emitter, inputs: Inputs, attrs: dict[str, Any]) -> ir.Value | None:
 
 def _drop_neutral(x: ir.Value | None, c: ir.Value | None, neutral: float) -> ir.Value | None:
     """x, when ``c`` is filled with ``neutral`` and broadcasting it leaves x's shape alone."""
-    fill = fill_value(c)
+    fill = fill_value(c) or run_time_fill(c)
     if x is not None and fill is not None and fill[0] == neutral and _keeps_shape(x, fill[1]) and is_new(x):
         return x
     return None
@@ -416,14 +519,14 @@ def _cast(em: Emitter, inputs: Inputs, attrs: dict[str, Any]) -> ir.Value | None
 
 
 def _reshape(em: Emitter, inputs: Inputs, attrs: dict[str, Any]) -> ir.Value | None:
-    """Reshape(x, shape(x)) -> x; Reshape(Reshape(x, s1), s2) -> Reshape(x, s2)"""
+    """Reshape(x, shape(x)) -> x; Reshape(Reshape(x, s1), s2) -> Reshape(x, s2); Reshape(x, Shape(u)) -> constant"""
     x, target = inputs[0], inputs[1]
     assert x is not None and target is not None
+    allowzero = bool(_attr(attrs, "allowzero", 0))
     shape = const_array(target)
     if shape is None:
-        return None
+        return _reshape_to_known_dims(em, x, target, allowzero)
     shape = shape.reshape(-1)
-    allowzero = bool(_attr(attrs, "allowzero", 0))
     dims = _static(x)
     if dims is not None and is_new(x):
         out = _reshape_target(dims, shape.tolist(), allowzero)
@@ -439,6 +542,47 @@ def _reshape(em: Emitter, inputs: Inputs, attrs: dict[str, Any]) -> ir.Value | N
                 return source
         return em.Reshape(source, target, allowzero=attrs.get("allowzero"))
     return None
+
+
+def _reshape_to_known_dims(em: Emitter, x: ir.Value, target: ir.Value, allowzero: bool) -> ir.Value | None:
+    """Reshape(x, Shape(u)) with u's dims known but one or more symbolic -> Reshape(x, constant target): 0 copies
+    x's dim where it is the same symbol, one -1 infers the rest (the gradient of a Reshape under a symbolic batch)."""
+    dims = shape_dims(target)
+    if dims is None or allowzero or not _known(tuple(dims)):
+        return None
+    xdims = _dims(x) or []
+    if dims.count(-1) == 1:  # a -1 of the target itself: known when the other dims account for all of x but ints
+        dims[dims.index(-1)] = _inferred_dim(xdims, [d for d in dims if not (type(d) is int and d == -1)])
+        if dims.count(None):
+            return None
+    out: list[int] = []
+    for i, d in enumerate(dims):
+        if type(d) is int:
+            if d < 1:
+                return None
+            out.append(d)
+        elif i < len(xdims) and type(xdims[i]) is not int and _same_dim(xdims[i], d):
+            out.append(0)
+        else:
+            out.append(-1)
+    if out.count(-1) > 1:
+        return None
+    reshaped = em.Reshape(x, em.ints(out))
+    reshaped.shape = ir.Shape(dims)
+    return reshaped
+
+
+def _inferred_dim(xdims: Sequence[Any], others: Sequence[Any]) -> int | None:
+    """The size a -1 of a Reshape target stands for, given x's dims and the target's other dims (ints, symbols):
+    the quotient of their int products once each symbol of one side cancels one of the same name on the other."""
+    if not xdims or not _known(tuple(xdims)):
+        return None
+    names = sorted(d.value for d in xdims if type(d) is not int)
+    if names != sorted(d.value for d in others if type(d) is not int):
+        return None
+    have = int(np.prod([d for d in xdims if type(d) is int]))
+    rest = int(np.prod([d for d in others if type(d) is int]))
+    return have // rest if rest > 0 and have % rest == 0 else None
 
 
 def _transpose(em: Emitter, inputs: Inputs, attrs: dict[str, Any]) -> ir.Value | None:
@@ -525,8 +669,8 @@ def _sum(em: Emitter, inputs: Inputs, attrs: dict[str, Any]) -> ir.Value | None:
         if rows is None or rows.ndim != 2 or rows.shape[1] != 1:
             return None
         runs.append((rows.reshape(-1), node.inputs[2]))
-    fill = fill_value(data)
-    if fill is None or fill[0] != 0.0 or not fill[1]:
+    fill = fill_value(data) or run_time_fill(data)
+    if fill is None or fill[0] != 0.0 or not fill[1] or type(fill[1][0]) is not int:
         return None
     m = fill[1][0]
     runs = [((r % m if m else r), u) for r, u in runs]
@@ -564,6 +708,25 @@ def _slice(em: Emitter, inputs: Inputs, attrs: dict[str, Any]) -> ir.Value | Non
     return x
 
 
+def _shape(em: Emitter, inputs: Inputs, attrs: dict[str, Any]) -> ir.Value | None:
+    """Shape(u) -> its dims, when u's (selected) dims are static"""
+    dims = _dims_of(inputs[0], _attr(attrs, "start", 0), attrs.get("end"))
+    return em.ints(dims) if dims is not None and all(type(d) is int for d in dims) else None
+
+
+def _gather(em: Emitter, inputs: Inputs, attrs: dict[str, Any]) -> ir.Value | None:
+    """Gather(shape, i) -> the dims at i, when those are static (a shape value of a partly symbolic tensor)"""
+    if len(inputs) != 2 or int(_attr(attrs, "axis", 0)) != 0:
+        return None
+    dims, idx = shape_dims(inputs[0]), const_array(inputs[1])
+    if dims is None or idx is None or idx.ndim > 1 or not np.all((idx >= -len(dims)) & (idx < len(dims))):
+        return None
+    picked = [dims[int(i)] for i in idx.reshape(-1)]
+    if not all(type(d) is int for d in picked):
+        return None
+    return em.ints(picked) if idx.ndim == 1 else em.const(np.array(picked[0]), dtype=ir.DataType.INT64)
+
+
 def _node_attr(node: ir.Node, name: str, default: Any = None) -> Any:
     a = node.attributes.get(name)
     if a is None:
@@ -584,6 +747,8 @@ _REWRITES: dict[str, Rewrite] = {
     "Squeeze": _squeeze,
     "Unsqueeze": _unsqueeze,
     "Sum": _sum,
+    "Shape": _shape,
+    "Gather": _gather,
     "Slice": _slice,
 }
 

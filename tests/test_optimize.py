@@ -102,6 +102,58 @@ def test_no_op_shape_chains_leave_nothing() -> None:
     assert ops["Reshape"] <= 1 and ops["Transpose"] <= 1
 
 
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "symbolic-batch"])
+def test_batched_matmul_gradient_needs_no_run_time_shapes(dynamic: bool) -> None:
+    """y = tanh(x @ W), x of shape (batch, 3, 5): dx is one MatMul whose shape the folder knows (MatMul, the ones
+    seed of y's run-time shape), so no run-time unbroadcast follows it under a symbolic batch; dW one Gemm (the
+    MatMul rule); the values are numpy's."""
+    g = Graph([N("h", "MatMul", "x", "w"), N("y", "Tanh", "h")], inputs={"x": _u(4, 3, 5)}, inits={"w": _u(5, 6)},
+              dynamic=dynamic)
+    model, grads = _grads(g, ["y"], ["x", "w"])
+    ops = _ops(model)
+    assert ops["Gemm"] == 1 and ops["MatMul"] == 1 and ops["ReduceSum"] == 0 and ops["NonZero"] == 0, ops
+    assert ops["Mul"] == 1, ops  # y * y of 1 - y^2: the ones seed (of y's run-time shape) is not multiplied in
+    x, w = g.inputs["x"], g.inits["w"]
+    dh = 1 - np.tanh(x @ w) ** 2
+    np.testing.assert_allclose(grads["gradients/w_grad"], x.reshape(-1, 5).T @ dh.reshape(-1, 6), rtol=1e-12)
+    np.testing.assert_allclose(grads["gradients/x_grad"], dh @ w.T, rtol=1e-12)
+
+
+# The same split under a symbolic batch: the reshape keeps the batch (0), the gradient's zeros, seed and reshape
+# targets are run-time shapes whose dims the graph knows (ints and the symbol ``batch``).
+DYN_QKV = Graph(
+    [N("p", "MatMul", "x", "w"), N("r", "Reshape", "p", "shape3"), N("t", "Transpose", "r", perm=[2, 0, 1]),
+     N("q", "Gather", "t", "i0", axis=0), N("k", "Gather", "t", "i1", axis=0), N("v", "Gather", "t", "i2", axis=0),
+     N("qk", "Mul", "q", "k"), N("s", "Add", "qk", "v"), N("flat", "Reshape", "s", "m1"),
+     N("back", "Reshape", "flat", "sh2"), N("y", "Add", "back", "b")],
+    inputs={"x": _u(4, 5)}, inits={"w": _u(5, 6), "b": _u(2)}, dynamic=True,
+    consts={"shape3": np.array([0, 2, 3]), "i0": np.array(0), "i1": np.array(1), "i2": np.array(2),
+            "m1": np.array([-1]), "sh2": np.array([-1, 2])},
+)
+
+
+def test_symbolic_batch_shape_arithmetic_is_folded() -> None:
+    """Under a symbolic batch the gradient needs no run-time shape arithmetic where the graph knows the dims: the
+    ones seed (the one Shape left) is not multiplied in, the split's gradient is a Concat, Reshape targets are
+    constants, no run-time unbroadcast (NonZero) is left; the values are those of the unsimplified gradient graph
+    and of numpy."""
+    with plain():
+        before, expected = _grads(DYN_QKV, ["y"], ["x", "w", "b"])
+    after, got = _grads(DYN_QKV, ["y"], ["x", "w", "b"])
+    for name, value in expected.items():
+        np.testing.assert_allclose(got[name], value, rtol=1e-12, atol=1e-12, err_msg=name)
+    ops = _ops(after)
+    assert ops["ScatterND"] == 0 and ops["NonZero"] == 0 and ops["Gather"] == 0, ops
+    assert ops["Shape"] == 1 and ops["ConstantOfShape"] == 1 and ops["Mul"] == 2, ops  # the seed; dq, dk
+    assert len(after.graph.node) < len(before.graph.node)
+    x, w = DYN_QKV.inputs["x"], DYN_QKV.inits["w"]
+    p = (x @ w).reshape(4, 2, 3)
+    dp = np.stack([p[..., 1], p[..., 0], np.ones((4, 2))], axis=-1).reshape(4, 6)
+    np.testing.assert_allclose(got["gradients/x_grad"], dp @ w.T, rtol=1e-12)
+    np.testing.assert_allclose(got["gradients/w_grad"], x.T @ dp, rtol=1e-12)
+    np.testing.assert_allclose(got["gradients/b_grad"], np.full(2, 4.0), rtol=1e-12)
+
 def test_large_ones_seed_does_not_stay_in_the_model() -> None:
     g = Graph([N("y", "Mul", "x", "w")], inputs={"x": _u(64, 128)}, inits={"w": _u(128)})
     model, grads = _grads(g, ["y"], ["x", "w"])
@@ -187,6 +239,29 @@ def test_shape_rewrites() -> None:
     assert twice.producer().inputs[0] is t
     assert optimize.simplify(em, "Tanh", [t], {}) is None
 
+
+
+def test_shape_arithmetic_of_known_dims_is_folded() -> None:
+    """Shape of a static value, of a Reshape to -1 of one, Gather of its static dims from a partly symbolic shape
+    are constants; a Reshape to Shape(u) with u partly symbolic gets a constant target; a symbolic dim is left to
+    the runtime."""
+    em, x = _emitter()
+    t = em.Tanh(x)
+    np.testing.assert_array_equal(em.constant_value(em.Shape(t)), [2, 3])
+    np.testing.assert_array_equal(em.constant_value(em.Shape(em.Reshape(t, em.ints([-1])))), [6])
+    np.testing.assert_array_equal(em.constant_value(em.Shape(t, start=-1)), [3])
+    u = ir.Value(name="u", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(["batch", 4, 5]))
+    shape = em.Shape(em.Tanh(u))
+    assert shape.producer().op_type == "Shape"  # type: ignore[union-attr]
+    np.testing.assert_array_equal(em.constant_value(em.Gather(shape, em.ints([2, 1]), axis=0)), [5, 4])
+    assert em.constant_value(em.Gather(shape, em.ints([0]), axis=0)) is None
+    g = em.Tanh(ir.Value(name="g", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(["batch", 20])))
+    back = em.Reshape(g, shape)
+    np.testing.assert_array_equal(em.constant_value(back.producer().inputs[1]), [0, 4, 5])  # type: ignore[union-attr]
+    assert [str(d) for d in back.shape] == ["batch", "4", "5"]  # type: ignore[union-attr]
+    zeros = em.zeros(shape, like=g)
+    assert zeros.producer().op_type == "ConstantOfShape"  # type: ignore[union-attr]
+    assert [str(d) for d in zeros.shape] == ["batch", "4", "5"]  # type: ignore[union-attr]
 
 # ------------------------------------------------------------------------------------ the one folder
 _I = np.array([[3, -1], [0, 2]], np.int64)
