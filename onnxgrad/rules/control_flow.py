@@ -280,6 +280,7 @@ def _saving_loop(em: Emitter, node: ir.Node, body: ir.Graph, n_state: int) -> tu
     _close(ems, g, outs, [g.outputs[0], *g.outputs[1:1 + n_state], count_in, *states])
     zero = em.const(np.array(0), dtype=INT64)
     made = em.op("Loop", *node.inputs[:2], *node.inputs[2:], zero, _outputs=2 * n_state + 1, body=g)
+    made = made if isinstance(made, tuple) else (made,)  # a Loop of scan outputs only: the count alone
     count, stacks = made[n_state], list(made[n_state + 1:])
     _fix_outputs(made[:n_state], node.outputs[:n_state])
     count.type, count.shape = ir.TensorType(INT64), ir.Shape([])

@@ -153,6 +153,14 @@ def _row(em: Emitter, v: ir.Value, d: int) -> ir.Value:
     return out if v.shape is None else _shaped(out, *list(v.shape)[1:])
 
 
+def _named(d: Dim, node: ir.Node, what: str) -> Dim:
+    """d, or a symbol of its own for an unnamed run-time length of a named node (every value recorded with it has
+    that length)."""
+    if isinstance(d, int) or (isinstance(d, ir.SymbolicDim) and d.value) or not node.name:
+        return d
+    return ir.SymbolicDim(f"{node.name}_{what}")
+
+
 def _like(v: ir.Value, other: ir.Value) -> ir.Value:
     """v, with other's shape recorded."""
     if other.shape is not None:
@@ -255,19 +263,20 @@ def _cell(em: Emitter, spec: Spec, acts: list[Act], xw: ir.Value, hr: ir.Value, 
         z_pre, r_pre = _cut(em, _like(em.Add(rz_w, rz_h), rz_w), [hid, hid], axis=-1)
         z, r = activate(em, z_pre, acts[0], spec.clip), activate(em, r_pre, acts[0], spec.clip)
         if n_part is None:
-            n_pre = em.Add(n_w, em.Mul(r, n_h))
+            n_pre = em.Add(n_w, _like(em.Mul(r, n_h), r))
         else:
             n_pre = em.Add(n_w, n_part(_like(em.Mul(r, h), h)))
         n = activate(em, _like(n_pre, n_w), acts[1], spec.clip)
-        return _like(em.Add(n, em.Mul(z, em.Sub(h, n))), h), None  # (1 - z) n + z h
+        # every operand is [.., B, hid]: the shapes recorded, so the walk needs no run-time unbroadcast
+        return _like(em.Add(n, _like(em.Mul(z, _like(em.Sub(h, n), h)), h)), h), None  # (1 - z) n + z h
     pre = _like(em.Add(xw, hr), xw)
     if spec.op == "RNN":
         return activate(em, pre, acts[0], spec.clip), None
     assert c is not None
     i, f, g, o_pre = _lstm_gates(em, spec, acts, pre, c, p)
-    c_new = _like(em.Add(em.Mul(f, c), em.Mul(i, g)), c)
+    c_new = _like(em.Add(_like(em.Mul(f, c), c), _like(em.Mul(i, g), c)), c)
     if p is not None:
-        o_pre = em.Add(o_pre, em.Mul(p[1], c_new))
+        o_pre = em.Add(o_pre, _like(em.Mul(p[1], c_new), c_new))
     o = activate(em, _like(o_pre, c), acts[0], spec.clip)
     return _like(em.Mul(o, activate(em, c_new, acts[2], None)), c), c_new
 
@@ -477,7 +486,8 @@ def gradient_from_y(em: Emitter, node: ir.Node, grads: Grads, spec: Spec) -> Out
     steps = int(dims[0]) if isinstance(dims[0], int) else None  # None: known at run time only
     tdim = em.dim(x, 0)
     hid, gates = spec.hidden, spec.gates
-    bdim, idim = dims[1], dims[2]
+    # the recorded shapes name run-time lengths, so the walks see equal dims and unbroadcast nothing at run time
+    tsz, bdim, idim = _named(dims[0], node, "steps"), _named(dims[1], node, "batch"), dims[2]
     batch = em.dim(x, 1)
     state_shape = em.cat_ints(em._as_vector(batch), [hid])
     by_step = em.cat_ints(em._as_vector(tdim), [-1, gates * hid])
@@ -512,26 +522,26 @@ def gradient_from_y(em: Emitter, node: ir.Node, grads: Grads, spec: Spec) -> Out
         index = None
         if lens is not None and reverse:
             index = _reverse_index(em, lens, steps, tdim, batch, x)
-        xd = _shaped(_reorder(em, x, steps, tdim, index, reverse), steps, bdim, idim)
+        xd = _shaped(_reorder(em, x, steps, tdim, index, reverse), tsz, bdim, idim)
         x2 = _shaped(em.Reshape(xd, em.cat_ints([-1], em._as_vector(em.dim(x, 2)))), None, idim)
         xw = _product(em, x2, wt)
         if wb is not None:
             xw = _shaped(em.Add(xw, wb), None, gates * hid)
-        xw = _shaped(em.Reshape(xw, by_step), steps, bdim, gates * hid)
+        xw = _shaped(em.Reshape(xw, by_step), tsz, bdim, gates * hid)
         mask = None
         if lens is not None:
             t = em.Reshape(_time(em, steps, tdim, x), em.ints([-1, 1, 1]))
             mask = _shaped(em.indicator(em.Less(t, em.unsqueeze(em.Cast(lens, to=x.dtype), [0, 2])), x),
-                           steps, bdim, 1)
+                           tsz, bdim, 1)
         h_first = _shaped(_row(em, h0, d) if h0 is not None else em.zeros(state_shape, like=x), bdim, hid)
         h_first = _shaped(em.unsqueeze(h_first, [0]), 1, bdim, hid)
-        y_d = _shaped(em.squeeze(em.slice(y_all, [d], [d + 1], [1]), [1]), steps, bdim, hid)
+        y_d = _shaped(em.squeeze(em.slice(y_all, [d], [d + 1], [1]), [1]), tsz, bdim, hid)
         y_d = _reorder(em, y_d, steps, tdim, index, reverse)
         h_prev = h_first
         if steps != 1:
-            h_prev = _shaped(em.Concat(h_first, em.slice(y_d, [0], [-1], [0]), axis=0), steps, bdim, hid)
+            h_prev = _shaped(em.Concat(h_first, em.slice(y_d, [0], [-1], [0]), axis=0), tsz, bdim, hid)
         h2 = _shaped(em.Reshape(h_prev, em.ints([-1, hid])), None, hid)
-        hr = _shaped(em.Reshape(_product(em, h2, rt), by_step), steps, bdim, gates * hid)
+        hr = _shaped(em.Reshape(_product(em, h2, rt), by_step), tsz, bdim, gates * hid)
         if rb is not None:
             hr = _like(em.Add(hr, rb), hr)
         p = _cut(em, _shaped(_row(em, peep, d), 3 * hid), [hid] * 3, axis=0) if lstm and peep is not None else None
@@ -570,7 +580,7 @@ def gradient_from_y(em: Emitter, node: ir.Node, grads: Grads, spec: Spec) -> Out
                 cs = _recur(em, steps, tdim, seqs, [c_first], c_step, backward=False)[0]
                 later = _shaped(em.slice(cs, [0], [-1], [0]), None if steps is None else steps - 1, bdim, hid)
                 stop.add(later)
-                c_prev = _shaped(em.Concat(c_first, later, axis=0), steps, bdim, hid)
+                c_prev = _shaped(em.Concat(c_first, later, axis=0), tsz, bdim, hid)
         h_new, c_new = _cell(em, spec, spec.acts[d], xw, hr, h_prev, c_prev, p)
         y_v, h_v, c_v = h_new, h_new, c_new
         if mask is not None:
@@ -586,11 +596,11 @@ def gradient_from_y(em: Emitter, node: ir.Node, grads: Grads, spec: Spec) -> Out
     big = 2 ** 62
     for dd, direction in zip(dirs, spec.directions, strict=True):
         y_orig = _reorder(em, dd.y, steps, tdim, dd.index, direction == "reverse")
-        parts.append(_shaped(em.unsqueeze(y_orig, [1]), steps, 1, bdim, hid))
+        parts.append(_shaped(em.unsqueeze(y_orig, [1]), tsz, 1, bdim, hid))
         lasts_h.append(_shaped(em.slice(dd.h, [-1], [big], [0]), 1, bdim, hid))
         if dd.c is not None:
             lasts_c.append(_shaped(em.slice(dd.c, [-1], [big], [0]), 1, bdim, hid))
-    y_out = _shaped(em.Concat(*parts, axis=1), steps, len(dirs), bdim, hid) if len(parts) > 1 else parts[0]
+    y_out = _shaped(em.Concat(*parts, axis=1), tsz, len(dirs), bdim, hid) if len(parts) > 1 else parts[0]
     yh_out = em.Concat(*lasts_h, axis=0) if len(lasts_h) > 1 else lasts_h[0]
     yc_out = (em.Concat(*lasts_c, axis=0) if len(lasts_c) > 1 else lasts_c[0]) if lstm else None
     if spec.layout == 1:
@@ -658,10 +668,10 @@ def gradient_from_y(em: Emitter, node: ir.Node, grads: Grads, spec: Spec) -> Out
             init.append(dc_last[k] if dc_last[k] is not None else zero)
         stacked = _recur(em, steps, tdim, seqs, init, back_step, backward=True)  # type: ignore[arg-type]
         ys_final.append(dd.h)
-        seeds_final.append(_shaped(stacked[0], steps, bdim, hid))
+        seeds_final.append(_shaped(stacked[0], tsz, bdim, hid))
         if dd.c is not None:
             ys_final.append(dd.c)
-            seeds_final.append(_shaped(stacked[1], steps, bdim, hid))
+            seeds_final.append(_shaped(stacked[1], tsz, bdim, hid))
 
     inputs = list(dict.fromkeys(v for k, v in enumerate(node.inputs) if v is not None and k != 4))
     found = _walk(em, forward_nodes, ys_final, seeds_final, inputs, where, stop)

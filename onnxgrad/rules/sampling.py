@@ -208,8 +208,8 @@ def _dim_sources(v: ir.Value | None, depth: int = 8) -> list[tuple[int, int] | N
     node = v.producer()
     n = v.shape[0] if v.shape is not None and v.shape.rank() == 1 else None
     unknown = [None] * n if isinstance(n, int) else None
-    if node is None or depth == 0 or node.domain not in ("", "ai.onnx"):
-        return unknown
+    if node is None or depth == 0 or node.domain not in ("", "ai.onnx") or not node.inputs:
+        return unknown  # a graph input, a Constant (no inputs: PyTorch's sizes of Concat(Shape, Constant))
     x = node.inputs[0]
     if node.op_type == "Shape" and x is not None and x.shape is not None:
         return [(id(x), k) for k in range(len(x.shape))[attr(node, "start", 0):attr(node, "end", None)]]
