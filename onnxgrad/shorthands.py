@@ -8,9 +8,10 @@ an operand of any other op (a bias added, a gain multiplied, a token concatenate
 holds no mask-like value. Reads through Identity, Cast, Transpose, Reshape, Flatten, (Un)Squeeze, Expand, Tile and
 Slice count as the reads they feed. Left out, with the reason (``onnxgrad info`` lists them): the running statistics
 of BatchNormalization, exponents (Pow), bounds (Clip), pad values, quantization scales, resize scales, dropout
-ratios, the initial states of recurrent layers, masks (values of -inf, NaN or at least 1e8 in magnitude) and
-initializers no node reads. Only the tensors whose role is ambiguous (an operand of an elementwise op) are read, to
-look for mask values (its first ``MASK_PROBE`` values only); every other decision reads names, types and shapes."""
+ratios, the initial states of recurrent layers, tensors read only for their shape (tf2onnx's kernel copies), masks
+(values of -inf, NaN or at least 1e8 in magnitude) and initializers no node reads. Only the tensors whose role is
+ambiguous (an operand of an elementwise op) are read, to look for mask values (its first ``MASK_PROBE`` values
+only); every other decision reads names, types and shapes."""
 
 from __future__ import annotations
 
@@ -54,6 +55,7 @@ CONSTANT_INPUTS: dict[str, dict[int, str]] = {
     "DequantizeLinear": {1: "quantization scale"}, "QuantizeLinear": {1: "quantization scale"},
     "LSTM": {5: "initial state of LSTM", 6: "initial state of LSTM"},
     "GRU": {5: "initial state of GRU"}, "RNN": {5: "initial state of RNN"},
+    "Shape": {0: "read only for its shape (Shape)"}, "Size": {0: "read only for its size (Size)"},
 }
 # ops that pass a tensor on (their data input) without making it something else: the reads after them count
 PASS_THROUGH = frozenset({"Identity", "Cast", "Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Expand",

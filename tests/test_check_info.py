@@ -430,7 +430,7 @@ def _roles_model() -> onnx.ModelProto:
         "W": np.ones((4, 3)), "b": np.zeros(3), "gamma": np.ones(3), "beta": np.zeros(3), "mean": np.zeros(3),
         "var": np.ones(3), "exponent": np.array(2.0), "lo": np.array(-1.0), "hi": np.array(1.0),
         "mask": np.triu(np.full((3, 3), -np.inf), 1), "huge": np.full(3, -1e9), "table": np.ones((5, 3)),
-        "temperature": np.array(0.5), "unused": np.ones(2), "Wt": np.ones((3, 4)),
+        "temperature": np.array(0.5), "unused": np.ones(2), "Wt": np.ones((3, 4)), "shaped": np.ones((3, 3)),
     }
     nodes = [
         oh.make_node("Transpose", ["Wt"], ["Wt_T"], perm=[1, 0]),  # read through: a MatMul operand
@@ -449,6 +449,7 @@ def _roles_model() -> onnx.ModelProto:
         oh.make_node("Gather", ["table", "ids"], ["e"]),
         oh.make_node("Add", ["h11", "e"], ["h12"]),
         oh.make_node("Mul", ["h12", "temperature"], ["y"]),
+        oh.make_node("Shape", ["shaped"], ["shape_only"]),  # read for its shape alone (tf2onnx writes these)
     ]
     i64 = [numpy_helper.from_array(np.array(v, np.int64), n) for n, v in
            (("axes", [2]), ("axes2", [3]), ("axes3", [2, 3]))]
@@ -471,7 +472,7 @@ def test_weights_selection_rule() -> None:
         "var": "running variance of BatchNormalization (a statistic, not trained)",
         "exponent": "exponent of Pow", "lo": "lower bound of Clip", "hi": "upper bound of Clip",
         "huge": "a mask (holds -inf, NaN or values of magnitude 1e+08 or more) read by Add",
-        "unused": "read by no node",
+        "unused": "read by no node", "shaped": "read only for its shape (Shape)",
     }
 
 
@@ -479,11 +480,11 @@ def test_info_lists_what_weights_leaves_out(cli: Cli, tmp_path: Path) -> None:
     path = save(_roles_model(), tmp_path / "roles.onnx")
     r = cli("info", path)
     assert r.code == 0, r.err
-    assert f"float weights ({WEIGHTS}): 8 trainable, 7 left out" in r.out
+    assert f"float weights ({WEIGHTS}): 8 trainable, 8 left out" in r.out
     assert "    left out: exponent (exponent of Pow)" in r.out and "    left out: unused (read by no node)" in r.out
     info = json.loads(cli("info", path, "--json").out)
-    assert {w["name"] for w in info["differentiable"]["left_out"]} == {"mean", "var", "exponent", "lo", "hi", "huge",
-                                                                        "unused"}
+    assert {w["name"] for w in info["differentiable"]["left_out"]} == {
+        "mean", "var", "exponent", "lo", "hi", "huge", "shaped", "unused"}
     r = cli("check", path, "--ys", "y", "--xs", WEIGHTS, "--json")  # no NaN from an exponent, no false alarm
     assert r.code == 0, r.err
     assert [row["x"] for row in json.loads(r.out)["rows"]] == ["W", "b", "gamma", "beta", "mask", "table",
