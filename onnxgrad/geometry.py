@@ -30,7 +30,9 @@ class Window:
     (see ``_spill``) where it does not depend on the sizes (stride 1: minus the end pad), and ``bound``, an end
     pad at least ``end`` (the forward's own end pad, plus stride - 1 under ceil_mode). ``source`` is a value whose
     axes 2.. have the sizes ``size_in`` at run time (before ``run_pads``, auto_pad SAME's pads computed at run
-    time, 1-D int64 [begins, ends], are applied: the window then slides over the padded value, begins 0)."""
+    time, 1-D int64 [begins, ends], are applied: the window then slides over the padded value, begins 0). ``top``:
+    the largest spill the run-time sizes can give, where the structure bounds it (s - 1 - the end pad without
+    ceil_mode: the last window starts less than a stride before the end of the padded input)."""
 
     size_in: tuple[int | None, ...]
     size_out: tuple[int | None, ...]
@@ -42,6 +44,7 @@ class Window:
     bound: tuple[int, ...] | None = None
     source: ir.Value | None = field(default=None, compare=False)
     run_pads: ir.Value | None = field(default=None, compare=False)
+    top: tuple[int | None, ...] | None = None
 
     @property
     def rank(self) -> int:
@@ -204,8 +207,9 @@ def _padded_window(size: Sizes, kernel: Sequence[int], strides: Sequence[int], d
                 for n, *a in zip(size, kernel, strides, dilations, begin, end, strict=True))
     hint = tuple(-e if s == 1 and not ceil else None for s, e in zip(strides, end, strict=True))
     bound = tuple(e + (s - 1 if ceil else 0) for s, e in zip(strides, end, strict=True))
+    top = None if ceil else tuple(s - 1 - e for s, e in zip(strides, end, strict=True))
     return Window(tuple(size), out, tuple(kernel), tuple(strides), tuple(dilations), tuple(begin), hint, bound,
-                  source)
+                  source, top=top)
 
 
 def _run_time_same(em: Emitter | None, node: ir.Node, x: ir.Value, kernel: Sequence[int], strides: Sequence[int],
@@ -449,7 +453,8 @@ def unpad(em: Emitter, v: ir.Value, win: Window) -> ir.Value:
 def adjoint(em: Emitter, g: ir.Value, kernel: ir.Value, win: Window, group: int = 1) -> ir.Value:
     """The adjoint of a window op whose output gradient is g: a ConvTranspose back to ``size_in``. Where the
     rows no window reads depend on run-time sizes, output_padding stride - 1 (and no end pad) covers the input
-    whatever they are, and a Slice cuts the result to the source's run-time size."""
+    whatever they are, and a Slice cuts the result to the source's run-time size. Where the spill is at most
+    ``top``, output_padding minus end pad = top is enough (the output is then S + top - spill rows)."""
     extra, end = list(win.extra), list(win.end)
     if None not in extra and win.run_pads is None:
         return em.ConvTranspose(
@@ -457,6 +462,10 @@ def adjoint(em: Emitter, g: ir.Value, kernel: ir.Value, win: Window, group: int 
             output_padding=extra if any(extra) else None,
         )
     unknown = [a for a, e in enumerate(extra) if e is None]
+    top = win.top if win.top is not None and win.run_pads is None else (None,) * win.rank
+    for a in unknown:
+        if top[a] is not None and top[a] < win.strides[a]:  # type: ignore[operator]
+            extra[a], end[a] = max(0, top[a]), max(0, -top[a])  # type: ignore[operator]
     extra = [s - 1 if e is None else e for e, s in zip(extra, win.strides, strict=True)]
     out = em.ConvTranspose(
         g, kernel, strides=list(win.strides), dilations=list(win.dilations), group=group,

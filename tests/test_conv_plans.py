@@ -519,3 +519,44 @@ def test_fusions_over_run_time_sizes(row: FusionRow, conv: dict[str, Any]) -> No
             np.testing.assert_allclose(a[fused.gradients[x]], want, rtol=2e-4, atol=2e-4 * float(np.abs(want).max()),
                                        err_msg=f"{x} at {size}")
 
+
+
+@pytest.mark.parametrize("size", [(9, 10), (10, 11), (11, 12), (12, 9)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_run_time_sizes_compute_no_more_rows_than_the_static_graph(size: tuple[int, int]) -> None:
+    """A stride-2 conv over run-time H and W (pads 1, 3x3): the weight gradient's Conv yields exactly the kernel's
+    taps (X end-padded or cut at run time, as the static graph pads it), and the input gradient's ConvTranspose
+    S - spill rows, spill = S + begin - (s * (m - 1) + k) in [-1, 0] (output_padding 0, end pad 0), not S + 1 -
+    spill; the gradients match the static graph's."""
+    x_info = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 3, "h", "w"])
+    y_info = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)
+    w = onnx.numpy_helper.from_array(_r(4, 3, 3, 3, seed=2).astype(np.float32), "W")
+    node = onnx.helper.make_node("Conv", ["x", "W"], ["y"], strides=[2, 2], pads=[1, 1, 1, 1])
+    graph = onnx.helper.make_graph([node], "conv", [x_info], [y_info], [w])
+    model = onnx.shape_inference.infer_shapes(onnx.helper.make_model(graph, opset_imports=[
+        onnx.helper.make_opsetid("", 17)], ir_version=8))
+    aug = onnxgrad.add_gradients(model, ["y"], ["x", "W"])
+    inner = [n for n in aug.model.graph.node if n.op_type in ("Conv", "ConvTranspose") and n.output[0] != "y"]
+    assert sorted(n.op_type for n in inner) == ["Conv", "ConvTranspose"]
+    probe = onnx.ModelProto()
+    probe.CopyFrom(aug.model)
+    probe.graph.output.extend(onnx.helper.make_tensor_value_info(n.output[0], onnx.TensorProto.FLOAT, None)
+                              for n in inner)
+    x = _r(2, 3, *size, seed=1).astype(np.float32)
+    got = runtime.run(probe, {"x": x})
+    for n in inner:
+        out = got[n.output[0]].shape[2:]
+        if n.op_type == "Conv":  # the interleaved layout: taps (kh, kw * C)
+            assert out == (3, 3 * 3), out
+        else:
+            m = [(s + 2 - 3) // 2 + 1 for s in size]
+            spill = [s + 1 - (2 * (k - 1) + 3) for s, k in zip(size, m, strict=True)]
+            assert out == tuple(s - p for s, p in zip(size, spill, strict=True)), (out, size, spill)
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    for d, v in zip(fixed.graph.input[0].type.tensor_type.shape.dim[2:], size, strict=True):
+        d.ClearField("dim_param")
+        d.dim_value = v
+    ref = onnxgrad.add_gradients(onnx.shape_inference.infer_shapes(fixed), ["y"], ["x", "W"])
+    want = runtime.run(ref.model, {"x": x})
+    for v in ("x", "W"):
+        np.testing.assert_allclose(got[aug.gradients[v]], want[ref.gradients[v]], rtol=1e-5, atol=1e-5)

@@ -53,6 +53,9 @@ def weight_grad_interleaved(em: Emitter, x: ir.Value, g: ir.Value, win: Window, 
         xi = em.Reshape(xt, em.ints([1, -1, *lead, last * c]))
         out = win.size_out
     else:  # run-time sizes: the end pads reach at least the last window; the taps past the kernel are cut below
+        if _pads_at_run_time(em, win):  # or exactly to it: X end-padded (or cut) at run time
+            xt = em.Pad(xt, _run_time_end_pads(em, x, g, win))
+            end = [0] * n
         xi = em.unsqueeze(em.Reshape(xt, em.ints([0] * n + [-1])), [0])  # (1, N, *S[:-1], S_last * C)
         out = tuple(0 if d is None else d for d in win.size_out)  # Reshape's 0: dY's own size there
     if batch > 1:  # static batch: one group per sample, dY (N*M, 1, *out) as is; the N partial dWs summed by
@@ -68,10 +71,28 @@ def weight_grad_interleaved(em: Emitter, x: ir.Value, g: ir.Value, win: Window, 
     return em.Transpose(dw, perm=[0, n + 1, *range(1, n + 1)])
 
 
+def _pads_at_run_time(em: Emitter, win: Window) -> bool:
+    """Whether the interleaved dW pads X's ends at run time: where the spill depends on run-time sizes (strides
+    > 1) and Pad takes its pads as an input."""
+    return em.runtime_pads and win.run_pads is None and None in win.extra
+
+
+def _run_time_end_pads(em: Emitter, x: ir.Value, g: ir.Value, win: Window) -> ir.Value:
+    """Pads of X^T (N, *S, C) that end it where the last window ends, reach = s * (m - 1) + k - begin with m
+    dY's size: s * m - S + k - begin - s past each axis S (negative: rows no window reads, cut)."""
+    n = win.rank
+    size, count = em.dims(x, range(2, n + 2)), em.dims(g, range(2, n + 2))
+    size = em.ints(size) if isinstance(size, list) else size
+    count = em.ints(count) if isinstance(count, list) else count
+    past = [k - b - s for k, b, s in zip(win.kernel, win.begin, win.strides, strict=True)]
+    end = em.Add(em.Sub(em.Mul(count, em.ints(win.strides)), size), em.ints(past))
+    return em.cat_ints([0] * (n + 3), end, [0])
+
+
 def _cut_taps(em: Emitter, dw: ir.Value, win: Window, c: int) -> ir.Value:
     """The interleaved dW cut to the kernel's taps, where run-time sizes left end pads past the last window (or
     rows no window reads)."""
-    if win.static or not any(e is None or e > 0 for e in win.extra):
+    if win.static or not any(e is None or e > 0 for e in win.extra) or _pads_at_run_time(em, win):
         return dw
     *lead, last = win.kernel
     return em.slice(dw, [0] * win.rank, [*lead, last * c], list(range(2, win.rank + 2)))

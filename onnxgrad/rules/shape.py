@@ -228,10 +228,16 @@ def _slice_grad(
     ends: list[int] | None,
     axes: list[int] | None,
     steps: list[int] | None,
+    runtime_starts: ir.Value | None = None,
 ) -> ir.Value:
-    """A zero Pad of dy when the slice has static bounds and steps +-1; else a scatter at the sliced positions."""
+    """A zero Pad of dy when the slice has steps +-1 (and static axes); else a scatter at the sliced positions."""
     x = node.inputs[0]
     assert x is not None
+    if (starts is None or ends is None) and runtime_starts is not None and axes is not None and steps is not None \
+            and em.runtime_pads:
+        found = _unit_slice_runtime_bounds(em, x, g, runtime_starts, axes, steps)
+        if found is not None:
+            return found
     plan = None
     if starts is not None and ends is not None and axes is not None and steps is not None:
         plan = _unit_slice_plan(x, starts, ends, axes, steps)
@@ -284,6 +290,47 @@ def _unit_slice_runtime(em: Emitter, node: ir.Node, g: ir.Value, starts: Sequenc
     return em.Pad(g, em.cat_ints(*before, *after))
 
 
+def _unit_slice_runtime_bounds(em: Emitter, x: ir.Value, g: ir.Value, starts: ir.Value, axes: Sequence[int],
+                               steps: Sequence[int]) -> ir.Value | None:
+    """dx = a zero Pad of dy (reversed along the step -1 axes) for steps +-1 and starts known at run time: with
+    n = x's length and s = starts + n where starts < 0, the first picked position is p = clamp(s, 0, n - 1) for
+    step -1 (pads n - 1 - p after) and clamp(s, 0, n) for step +1 (pads p before), len(dy) fills the rest.
+    None where a step is not +-1 or x's rank is unknown."""
+    if x.shape is None or any(st not in (1, -1) for st in steps):
+        return None
+    r, k = len(x.shape), len(axes)
+    axes = [a % r for a in axes]
+    n = em.dims(x, axes)
+    count = em.dims(g, axes)
+    n_v = em.ints(n) if isinstance(n, list) else n
+    count_v = em.ints(count) if isinstance(count, list) else count
+    zero = em.ints([0] * k)
+    s = starts if starts.dtype == _INT64 else em.Cast(starts, to=_INT64)
+    s = em.Where(em.Less(s, zero), em.Add(s, n_v), s)
+    s = em.Where(em.Less(s, zero), zero, s)
+    rev = [st == -1 for st in steps]
+    top = em.Sub(n_v, em.ints([int(b) for b in rev])) if any(rev) else n_v  # the largest start that picks
+    p = em.Where(em.Less(top, s), top, s)
+    if all(rev):
+        after = em.Sub(top, p)
+        before = em.Sub(em.Sub(n_v, after), count_v)
+    elif any(rev):  # before = p where step +1, p + 1 - len(dy) where step -1
+        flag = em.ints([int(b) for b in rev])
+        before = em.Add(p, em.Mul(flag, em.Sub(em.ints([1] * k), count_v)))
+        after = em.Sub(em.Sub(n_v, before), count_v)
+    else:
+        before = p
+        after = em.Sub(em.Sub(n_v, before), count_v)
+    slot = {a: i for i, a in enumerate(axes)}  # pads = [before..., after...] over every axis, 0 off the slice
+    index = [slot.get(a, 2 * k) for a in range(r)] + [slot[a] + k if a in slot else 2 * k for a in range(r)]
+    pads = em.Gather(em.Concat(before, after, em.ints([0]), axis=0), em.ints(index))
+    flipped = [a for a, b in zip(axes, rev, strict=True) if b]
+    if flipped:
+        m = len(flipped)
+        g = em.slice(g, [-1] * m, [-INT64_MAX] * m, flipped, [-1] * m)
+    return em.Pad(g, pads)
+
+
 def _slice_by_matrices(em: Emitter, node: ir.Node, g: ir.Value, starts: Sequence[int], ends: Sequence[int],
                        axes: Sequence[int]) -> ir.Value:
     """dx = dy with each sliced axis a contracted with S_a = I_n[:, start:end], the slice applied to an identity
@@ -308,16 +355,23 @@ def slice_v1(em: Emitter, node: ir.Node, dy: Grads) -> Out:
     return [_slice_grad(em, node, dy[0], starts, ends, axes, [1] * len(starts))]
 
 
+def _static_length(v: ir.Value | None) -> int | None:
+    """The length of a 1-D value whose shape the graph fixes, else None."""
+    shape = None if v is None else v.shape
+    return int(shape[0]) if shape is not None and len(shape) == 1 and isinstance(shape[0], int) else None
+
+
 @register("Slice", since=10)
 def slice_v10(em: Emitter, node: ir.Node, dy: Grads) -> Out:
     """dx = zeros_like(x) with dy at the sliced positions  (starts/ends/axes/steps inputs)"""
     ins = [*node.inputs, None, None][:5]
     starts, ends = _ints_of(em, ins[1]), _ints_of(em, ins[2])
-    n = len(starts) if starts is not None else None
+    n = len(starts) if starts is not None else (len(ends) if ends is not None else _static_length(ins[1]))
     axes = _ints_of(em, ins[3]) if ins[3] is not None else (None if n is None else list(range(n)))
+    n = len(axes) if n is None and axes is not None else n
     steps = _ints_of(em, ins[4]) if ins[4] is not None else (None if n is None else [1] * n)
     assert dy[0] is not None
-    return _first(node, _slice_grad(em, node, dy[0], starts, ends, axes, steps))
+    return _first(node, _slice_grad(em, node, dy[0], starts, ends, axes, steps, ins[1]))
 
 
 @register("Compress", since=9)

@@ -75,6 +75,20 @@ CASES: list[Case] = [
     # a center crop x[:, :, 1:-1, 2:-1]: before opset 9 the run-time form contracts with slices of an identity
     Case("Slice", [r(2, 2, 5, 6)], attrs={"starts": [1, 2], "ends": [-1, -1], "axes": [2, 3]}, opset=8, id="crop"),
     Case("Slice", [r(2, 2, 5, 6), i64(1, 2), i64(-1, -1), i64(2, 3)], opset=13, id="crop"),
+    # bounds known only at run time (a center crop to another tensor's size), axes and steps constant: a zero Pad
+    # of dY with pads from the clamped starts, Shape(x) and Shape(dY)
+    Case("Slice", [r(2, 2, 5, 6), np.array([1, 2]), np.array([-1, 5]), i64(2, 3)], opset=11, id="runtime-bounds"),
+    Case("Slice", [r(2, 2, 5, 6), np.array([1, 2], dtype=np.int32), np.array([4, -1], dtype=np.int32),
+                   Const(np.array([2, 3], dtype=np.int32)), Const(np.array([1, 1], dtype=np.int32))], opset=13,
+         id="runtime-bounds"),
+    # negative and out-of-range starts, unsorted negative axes: starts + n, then clamped to [0, n]
+    Case("Slice", [r(2, 2, 5, 6), np.array([-4, -100]), np.array([-1, 3]), i64(-1, 2), i64(1, 1)], opset=13,
+         id="runtime-neg-start"),
+    # step -1 (alone and beside +1): starts clamped to [0, n - 1]
+    Case("Slice", [r(3, 5, 2), np.array([-1, 3]), np.array([-1000, 0]), i64(0, -2), i64(-1, -1)], opset=13,
+         id="runtime-reverse"),
+    Case("Slice", [r(3, 5, 2), np.array([100, 1]), np.array([0, 4]), i64(1, 0), i64(-1, 1)], opset=13,
+         id="runtime-mixed"),
     Case("Compress", [r(3, 4), Const(np.array([True, False, True]))], attrs={"axis": 1}, opset=9),
     Case("Compress", [r(3, 4), Const(np.array([True, False, True, True]))], attrs={"axis": 1}, opset=11,
          id="v11"),
