@@ -212,6 +212,15 @@ def _padded_window(size: Sizes, kernel: Sequence[int], strides: Sequence[int], d
                   source, top=top)
 
 
+def _needs_runtime_pads(em: Emitter | None, node: ir.Node, x: ir.Value, what: str) -> ValueError:
+    """The error for a window whose pads depend on sizes known only at run time, where Pad takes no run-time pads."""
+    return ValueError(
+        f"{node.op_type} '{node.name}': {what} known only at run time ('{x.name}': {x.shape}) needs Pad with "
+        "run-time pads (opset >= 11)" + ("" if em is None else f", the model has opset {em.opset}")
+        + ": make the spatial sizes static or convert the model to a newer opset"
+    )
+
+
 def _run_time_same(em: Emitter | None, node: ir.Node, x: ir.Value, kernel: Sequence[int], strides: Sequence[int],
                    dilations: Sequence[int]) -> Window:
     """auto_pad SAME over sizes known only at run time: the pads computed from Shape(x), 1-D int64
@@ -219,12 +228,8 @@ def _run_time_same(em: Emitter | None, node: ir.Node, x: ir.Value, kernel: Seque
     padded by them."""
     auto_pad = attr(node, "auto_pad", "NOTSET")
     if em is None or not em.runtime_pads:
-        raise ValueError(
-            f"{node.op_type} '{node.name}': auto_pad {auto_pad} with strides {list(strides)} over spatial sizes "
-            f"known only at run time ('{x.name}': {x.shape}) needs Pad with run-time pads (opset >= 11)"
-            + ("" if em is None else f", the model has opset {em.opset}")
-            + ": make the spatial sizes static or convert the model to a newer opset"
-        )
+        raise _needs_runtime_pads(em, node, x, f"auto_pad {auto_pad} with strides {list(strides)} over spatial "
+                                               "sizes")
     n = len(kernel)
     i64 = ir.DataType.INT64
     size = em.dims(x, range(2, n + 2))
@@ -329,12 +334,7 @@ def _run_time_transpose_pads(em: Emitter | None, node: ir.Node, x: ir.Value, tar
     s * (m - 1) + output_padding + reach - target (m from Shape(X)), split as ``conv_transpose_window`` does,
     and a VALID window over dY padded by it."""
     if em is None or not em.runtime_pads:
-        raise ValueError(
-            f"ConvTranspose '{node.name}': output_shape over an input size known only at run time ('{x.name}': "
-            f"{x.shape}) needs Pad with run-time pads (opset >= 11)"
-            + ("" if em is None else f", the model has opset {em.opset}")
-            + ": make the spatial sizes static or convert the model to a newer opset"
-        )
+        raise _needs_runtime_pads(em, node, x, "output_shape over an input size")
     n = len(target)
     upper = attr(node, "auto_pad", "NOTSET") == "SAME_UPPER"
     m = em.dims(x, range(2, n + 2))
