@@ -119,22 +119,10 @@ def _chain(layers: int = 16, width: int = 64, batch: int = 32, opset: int = 17) 
 
 def _peak_live_bytes(model: onnx.ModelProto) -> int:
     """The most bytes of node outputs alive at once when the nodes run in the model's order (graph outputs kept)."""
-    inferred = onnx.shape_inference.infer_shapes(model)
-    size = {}
-    for vi in [*inferred.graph.value_info, *inferred.graph.output]:
-        t = vi.type.tensor_type
-        size[vi.name] = int(np.prod([d.dim_value for d in t.shape.dim])) * 4
-    last = {i: k for k, n in enumerate(model.graph.node) for i in n.input}
-    outputs = {o.name for o in model.graph.output}
-    live: dict[str, int] = {}
-    peak = 0
-    for k, n in enumerate(model.graph.node):
-        live.update({o: size[o] for o in n.output})
-        peak = max(peak, sum(live.values()))
-        for v in [*n.input, *n.output]:
-            if v in live and last.get(v, k) <= k and v not in outputs:
-                del live[v]
-    return peak
+    from bench.memtrace import live_peak, value_sizes
+
+    fixed, sizes = value_sizes(model, {"x": np.zeros((32, 64), np.float32)})
+    return live_peak(list(fixed.graph.node), sizes, {o.name for o in fixed.graph.output})[0]
 
 
 @pytest.mark.parametrize("opset", [9, 17])
