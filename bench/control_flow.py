@@ -29,12 +29,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import onnxgrad
+from bench.run import ort_session
 
 
 class LoopRNN(torch.nn.Module):
@@ -49,16 +49,6 @@ class LoopRNN(torch.nn.Module):
         for t in range(x.shape[0]):
             h = torch.tanh(self.w(x[t]) + self.r(h))
         return h
-
-
-def session(model: onnx.ModelProto, threads: int) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    opts.add_session_config_entry("session.set_denormal_as_zero", "1")
-    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
 def median_ms(fn: Callable[[], object], rounds: int) -> float:
@@ -97,7 +87,7 @@ def main() -> None:
     aug = onnxgrad.add_gradients(model, ["y"], ["x", "h0", *weights])
     built = time.perf_counter() - built
     feeds = {"x": x.numpy(), "h0": h0.numpy()}
-    fwd, both = session(model, args.threads), session(aug.model, args.threads)
+    fwd, both = ort_session(model, args.threads), ort_session(aug.model, args.threads)
     grads = [g for g in aug.gradients.values() if g is not None]
 
     def torch_step() -> None:

@@ -30,15 +30,7 @@ import onnxruntime as ort
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import onnxgrad
-
-
-def session(model: onnx.ModelProto, threads: int) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+from bench.run import ort_session
 
 
 def median_ms(fn: Callable[[], object], rounds: int) -> float:
@@ -69,7 +61,7 @@ def bench(kind: str, layers: int, hidden: int, batch: int, seq: int, threads: in
     aug = onnxgrad.add_gradients(model, ["y"], xs)
     build_s = time.perf_counter() - t0
     feeds = {"x": x.numpy()}
-    fwd, both = session(model, threads), session(aug.model, threads)
+    fwd, both = ort_session(model, threads), ort_session(aug.model, threads)
     grad_names = [aug.gradients[n] for n in xs]
     outs = both.run(["y", grad_names[0]], feeds)
 

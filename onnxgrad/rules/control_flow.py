@@ -429,6 +429,26 @@ def _ints_attr(node: ir.Node, name: str, n: int, default: int = 0) -> list[int]:
     return [default] * n if found is None else [int(v) for v in found]
 
 
+def _reverse_body(emb: Emitter, g: ir.Graph, node: ir.Node, ys: list[ir.Value], seeds: list[ir.Value],
+                  s_t: list[ir.Value], x_t: list[ir.Value], carried: list[int], scanned: list[int],
+                  cap_x: list[ir.Value], dv_in: list[ir.Value], dc_in: list[ir.Value], dy_in: list[ir.Value]) -> bool:
+    """Walk a Scan body (its copy g) back from ys and close g as the reverse body: state gradients, captured
+    gradients accumulated, scanned-input gradients out; False (g left open) when a gradient in it is undefined."""
+    xs = [s_t[k] for k in carried] + [x_t[k] for k in scanned] + cap_x
+    found = _walk(emb, list(g), ys, seeds, xs, f" in the body of Scan node {node_label(node)}")
+    if UNDEFINED in found:
+        return False
+    f_state, f_x, f_cap = (found[:len(carried)], found[len(carried):len(carried) + len(scanned)],
+                           found[len(carried) + len(scanned):])
+    dv_out = [emb.zeros_like(s_t[k]) if d is None else d for k, d in zip(carried, f_state, strict=True)]
+    dc_out = [dc if d is None else emb.Add(dc, d) for dc, d in zip(dc_in, f_cap, strict=True)]
+    dx_out = [emb.zeros_like(x_t[k]) if d is None else d for k, d in zip(scanned, f_x, strict=True)]
+    _close(emb, g, [*dv_out, *dc_out, *dx_out], [*dv_in, *dc_in, *(x_t[k] for k in scanned)])  # type: ignore[list-item]
+    g.inputs.clear()
+    g.inputs.extend([*dv_in, *dc_in, *s_t, *x_t, *dy_in])
+    return True
+
+
 @register("Scan", since=9, captures=True,
           notes="a saving Scan (each step's state), then a Scan over the reversed sequences (directions flipped, "
                 "axes kept) recomputing each body; captured weights' gradients accumulate in the carry")
@@ -479,20 +499,10 @@ def scan_grad(em: Emitter, node: ir.Node, grads: Sequence[ir.Value | None]) -> l
         dy_outer.append(gs)
         dy_axes.append(out_axes[s])
         dy_dirs.append(1 - out_dirs[s])
-    xs = [s_t[k] for k in carried] + [x_t[k] for k in scanned] + cap_x
-    found = _walk(emb, list(g), ys, seeds, xs, f" in the body of Scan node {node_label(node)}")
-    if UNDEFINED in found:
+    if not _reverse_body(emb, g, node, ys, seeds, s_t, x_t, carried, scanned, cap_x, dv_in, dc_in, dy_in):
         return [*(UNDEFINED if k in carried else None for k in range(n_state)),
                 *(UNDEFINED if k in scanned else None for k in range(n_in)),
                 *(UNDEFINED if is_float(c) else None for c in caps)]
-    f_state, f_x, f_cap = (found[:len(carried)], found[len(carried):len(carried) + len(scanned)],
-                           found[len(carried) + len(scanned):])
-    dv_out = [emb.zeros_like(s_t[k]) if d is None else d for k, d in zip(carried, f_state, strict=True)]
-    dc_out = [dc if d is None else emb.Add(dc, d) for dc, d in zip(dc_in, f_cap, strict=True)]
-    dx_out = [emb.zeros_like(x_t[k]) if d is None else d for k, d in zip(scanned, f_x, strict=True)]
-    _close(emb, g, [*dv_out, *dc_out, *dx_out], [*dv_in, *dc_in, *(x_t[k] for k in scanned)])  # type: ignore[list-item]
-    g.inputs.clear()
-    g.inputs.extend([*dv_in, *dc_in, *s_t, *x_t, *dy_in])
 
     seeds_in = [em.zeros_like(node.outputs[k]) if grads[k] is None else grads[k] for k in carried]
     n_made = len(carried) + len(cap_x) + len(scanned)
@@ -554,20 +564,10 @@ def scan8_grad(em: Emitter, node: ir.Node, grads: Sequence[ir.Value | None]) -> 
             seeds.append(d)
             dy_in.append(d)
             dy_outer.append(gs)
-    xs = [s_t[k] for k in carried] + [x_t[k] for k in scanned] + cap_x
-    found = _walk(emb, list(g), ys, seeds, xs, f" in the body of Scan node {node_label(node)}")
-    if UNDEFINED in found:
+    if not _reverse_body(emb, g, node, ys, seeds, s_t, x_t, carried, scanned, cap_x, dv_in, dc_in, dy_in):
         return [None, *(UNDEFINED if k in carried else None for k in range(n_state)),
                 *(UNDEFINED if k in scanned else None for k in range(n_in)),
                 *(UNDEFINED if is_float(c) else None for c in caps)]
-    f_state, f_x, f_cap = (found[:len(carried)], found[len(carried):len(carried) + len(scanned)],
-                           found[len(carried) + len(scanned):])
-    dv_out = [emb.zeros_like(s_t[k]) if d is None else d for k, d in zip(carried, f_state, strict=True)]
-    dc_out = [dc if d is None else emb.Add(dc, d) for dc, d in zip(dc_in, f_cap, strict=True)]
-    dx_out = [emb.zeros_like(x_t[k]) if d is None else d for k, d in zip(scanned, f_x, strict=True)]
-    _close(emb, g, [*dv_out, *dc_out, *dx_out], [*dv_in, *dc_in, *(x_t[k] for k in scanned)])  # type: ignore[list-item]
-    g.inputs.clear()
-    g.inputs.extend([*dv_in, *dc_in, *s_t, *x_t, *dy_in])
 
     # the accumulated captured gradients are per batch element here (states carry a batch axis): summed after
     seeds_in = [em.zeros_like(node.outputs[k]) if grads[k] is None else grads[k] for k in carried]
