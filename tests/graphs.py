@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import onnx
 import onnx_ir as ir
+import onnx_ir.passes.common
 from onnx import helper as oh
 
 from onnxgrad.runtime import run as ort_run
@@ -122,3 +123,13 @@ def new_names(before: onnx.ModelProto, after: onnx.ModelProto) -> tuple[set[str]
 
     (n0, v0), (n1, v1) = names(before), names(after)
     return n1 - n0, v1 - v0
+
+
+def only(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:
+    """The model pruned to what ``outputs`` need."""
+    m = ir.serde.deserialize_model(model)
+    keep = [v for v in m.graph.outputs if v.name in outputs]
+    m.graph.outputs.clear()
+    m.graph.outputs.extend(keep)
+    onnx_ir.passes.common.RemoveUnusedNodesPass()(m)
+    return ir.serde.serialize_model(m)

@@ -9,7 +9,8 @@ scatter form trusts each runtime's Indices: two runtimes must agree."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -436,12 +437,9 @@ class Differentiated:
     kernel_scaled: bool  # the gradient part multiplies the Conv's weight (by the factor moved onto it)
 
 
-def _differentiate(row: FusionRow) -> Differentiated:
-    g = _fusion_graph(row)
-    model = build_graph(g)
-    rng = np.random.default_rng(5)  # the same seeds on every call
-    outs = run_graph(model, g.feeds, list(row.outputs))
-    seeds = [rng.uniform(-1, 1, outs[o].shape).astype(np.float32) for o in row.outputs]
+@contextmanager
+def _fusion_spy() -> Iterator[tuple[pytest.MonkeyPatch, list[dict[str, str | None]]]]:
+    """A patch context in which every walk records what each fusion said (``plans.explain_fusions``) in ``seen``."""
     seen: list[dict[str, str | None]] = []
     real = plans.fusions
 
@@ -451,6 +449,16 @@ def _differentiate(row: FusionRow) -> Differentiated:
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(plans, "fusions", spy)
+        yield patch, seen
+
+
+def _differentiate(row: FusionRow) -> Differentiated:
+    g = _fusion_graph(row)
+    model = build_graph(g)
+    rng = np.random.default_rng(5)  # the same seeds on every call
+    outs = run_graph(model, g.feeds, list(row.outputs))
+    seeds = [rng.uniform(-1, 1, outs[o].shape).astype(np.float32) for o in row.outputs]
+    with _fusion_spy() as (_, seen):
         aug = onnxgrad.add_gradients(model, list(row.outputs), list(row.xs), grad_ys=seeds,
                                      stop_gradients=list(row.stop))
     names = [aug.gradients[x] for x in row.xs]
@@ -497,15 +505,7 @@ def test_fusions_over_run_time_sizes(row: FusionRow, conv: dict[str, Any]) -> No
         v.type.tensor_type.ClearField("shape")
     del model.graph.value_info[:]
     model = onnx.shape_inference.infer_shapes(model)
-    seen: list[dict[str, str | None]] = []
-    real = plans.fusions
-
-    def spy(ctx: Any, path: Any) -> list[plans.Fusion]:
-        seen.append(plans.explain_fusions(ctx, path))
-        return real(ctx, path)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(plans, "fusions", spy)
+    with _fusion_spy() as (patch, seen):
         fused = onnxgrad.add_gradients(model, list(row.outputs), list(row.xs))
         patch.setattr(plans, "fusions", lambda ctx, path: [])
         apart = onnxgrad.add_gradients(model, list(row.outputs), list(row.xs))

@@ -16,8 +16,6 @@ from typing import Any
 
 import numpy as np
 import onnx
-import onnx_ir as ir
-import onnx_ir.passes.common
 import pytest
 from onnx import TensorProto as TP
 from onnx import helper as oh
@@ -27,6 +25,7 @@ from onnxgrad.api import GradientNote
 from onnxgrad.backprop import UndefinedGradient
 from onnxgrad.runtime import run
 from tests.gradcheck import IR_VERSION
+from tests.graphs import only
 
 SHAPE = (2, 3)
 
@@ -350,16 +349,6 @@ def probe_model(p: Probe) -> tuple[onnx.ModelProto, np.ndarray, np.ndarray]:
         model = onnx.shape_inference.infer_shapes(model, strict_mode=True)
     x = np.array([[0.3, -1.2, 2.1], [-0.45, 0.8, 1.7]], dtype=p.dtype)
     return model, x, w_value
-
-
-def only(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:
-    """The model pruned to what ``outputs`` need."""
-    m = ir.serde.deserialize_model(model)
-    keep = [v for v in m.graph.outputs if v.name in outputs]
-    m.graph.outputs.clear()
-    m.graph.outputs.extend(keep)
-    onnx_ir.passes.common.RemoveUnusedNodesPass()(m)
-    return ir.serde.serialize_model(m)
 
 
 def _param(p: Probe) -> Any:

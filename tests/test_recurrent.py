@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 import onnx
 import onnx_ir as ir
-import onnx_ir.passes.common
 import pytest
 
 from onnxgrad import NEW_INPUT, add_gradients, registry
@@ -26,6 +25,7 @@ from onnxgrad.rules.recurrent import expand
 from onnxgrad.runtime import run
 from tests.cases.recurrent import BI, CASES, RAGGED, rc
 from tests.gradcheck import Case, build
+from tests.graphs import only
 
 RECURRENT = ("LSTM", "GRU", "RNN")
 
@@ -59,16 +59,6 @@ def expanded(model: onnx.ModelProto) -> onnx.ModelProto:
             g.outputs[k] = ident.outputs[0]
         old.replace_all_uses_with(new)
     g.remove(node, safe=False)
-    return ir.serde.serialize_model(m)
-
-
-def only(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:
-    """The model computing just ``outputs``."""
-    m = ir.serde.deserialize_model(model)
-    keep = [v for v in m.graph.outputs if v.name in outputs]
-    m.graph.outputs.clear()
-    m.graph.outputs.extend(keep)
-    onnx_ir.passes.common.RemoveUnusedNodesPass()(m)
     return ir.serde.serialize_model(m)
 
 
