@@ -65,6 +65,12 @@ def _forward_nodes(graph: ir.Graph, emitted: Iterable[ir.Node]) -> set[int]:
     return {id(n) for n in graph if id(n) not in mine}
 
 
+def _forward_positions(graph: ir.Graph, emitted: Iterable[ir.Node]) -> dict[int, int]:
+    """Each forward node's position among the forward nodes, by id."""
+    forward = _forward_nodes(graph, emitted)
+    return {id(n): k for k, n in enumerate(n for n in graph if id(n) in forward)}
+
+
 def read_residuals(graph: ir.Graph, grad_nodes: Sequence[ir.Node]) -> list[ir.Value]:
     """The outputs of forward nodes (not graph inputs or initializers) that ``grad_nodes`` read for more than their
     shape (a Shape or Size reader runs as soon as the value exists), in first-read order."""
@@ -144,9 +150,8 @@ def boundaries(graph: ir.Graph, grad_nodes: Sequence[ir.Node]) -> list[tuple[int
     that, once the node at that position has run, ``v`` is the only recomputable value a later forward node still
     reads (integer shape arithmetic, weights and values that cannot be recomputed do not count: they stay saved).
     Cutting there splits the forward into segments that each recompute from the boundary before them alone."""
-    forward = _forward_nodes(graph, grad_nodes)
-    order = [n for n in graph if id(n) in forward]
-    pos = {id(n): k for k, n in enumerate(order)}
+    pos = _forward_positions(graph, grad_nodes)
+    order = [n for n in graph if id(n) in pos]
     ends: dict[int, list[ir.Value]] = {}
     for k, n in enumerate(order):
         for v in n.outputs:
@@ -179,8 +184,7 @@ def segment(graph: ir.Graph, grad_nodes: Sequence[ir.Node], residuals: Sequence[
     cuts = boundaries(graph, grad_nodes)
     if not cuts or not chosen:
         return set(), set(), {}
-    forward = _forward_nodes(graph, grad_nodes)
-    pos = {id(n): k for k, n in enumerate(n for n in graph if id(n) in forward)}
+    pos = _forward_positions(graph, grad_nodes)
     sizes = _sizes(chosen, dims)
     total = sum(sizes.values())
     per_cut = max(1, sum(max(value_bytes(v, dims), 0) for _, v in cuts) // len(cuts))
@@ -338,15 +342,16 @@ def apply(em: Emitter, roots: Sequence[ir.Value], recompute: Sequence[str] | Non
     dims = None if spec is None else spec.dims
     chosen = plan(residuals, recompute, policy, None if spec is None else parse_bytes(spec.bytes), dims)
     saved: set[ir.Value] = set()
-    triggers: dict[ir.Value, ir.Value] = {}
     if policy == "nothing-saveable":  # one segment at a time, not the whole forward at once
         saved, tail, end_of = segment(em.graph, live, residuals, chosen, dims)
         chosen -= tail | saved
         triggers = {v: totals[b] for v, b in end_of.items() if totals and b in totals}
     else:  # each recomputation waits for the gradient that reaches the value's last forward reader
         triggers = _hold(em.graph, live, list(chosen), totals or {})
+    if not chosen:
+        return {}
     hold = _hold(em.graph, live, [r for r in residuals if r not in chosen], totals or {})
-    return rematerialize(em, chosen, policy, residuals, live, saved, triggers, hold) if chosen else {}
+    return rematerialize(em, chosen, policy, residuals, live, saved, triggers, hold)
 
 
 def _hold(graph: ir.Graph, grad_nodes: Sequence[ir.Node], kept: Sequence[ir.Value],
@@ -354,8 +359,7 @@ def _hold(graph: ir.Graph, grad_nodes: Sequence[ir.Node], kept: Sequence[ir.Valu
     """For each saved value, the gradient its reads in the gradient part wait for: that of an output of its last
     forward reader (computed before any rule reads the value, and from later nodes' rules only, which do not read
     it)."""
-    forward = _forward_nodes(graph, grad_nodes)
-    pos = {id(n): k for k, n in enumerate(n for n in graph if id(n) in forward)}
+    pos = _forward_positions(graph, grad_nodes)
     out = {}
     for v in kept:
         readers = [u.node for u in v.uses() if id(u.node) in pos]
