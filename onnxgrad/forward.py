@@ -23,9 +23,10 @@ from onnxgrad import registry
 from onnxgrad.api import GradientNote, GradInput, UnconnectedGradients, _unconnected
 from onnxgrad.backprop import Request, UndefinedGradient, _backward_reach, _forward_reach, backprop, gc_paused
 from onnxgrad.emitter import Emitter, attr, implicit_inputs, is_float, rank_of, same_dim, static_dims, subgraphs
+from onnxgrad.plans.normalization import standardize
 from onnxgrad.registry import UNDEFINED, Undefined, opset_of
 from onnxgrad.rules.activations import _sum_over_softmax_axes
-from onnxgrad.rules.normalization import _moments, _standardize_back
+from onnxgrad.rules.normalization import _standardize_back
 from onnxgrad.rules.reductions import kept, reduced_axes
 from onnxgrad.shapes import infer_node, shape_from, type_proto
 from onnxgrad.validate import check_graph, check_versions
@@ -357,7 +358,7 @@ def layer_norm(em: Emitter, node: ir.Node, t: Tans) -> Out | None:
     if n is None or any(o.uses() or o.is_graph_output() for o in node.outputs[1:]) or x.dtype != scale.dtype:
         return None  # its statistics are read: the fallback differentiates them too
     axes = list(range(attr(node, "axis", -1) % n, n))
-    _, xhat, inv = _moments(em, x, axes, attr(node, "epsilon", 1e-5))
+    xhat, inv = standardize(em, x, axes, attr(node, "epsilon", 1e-5))
     tb = t[2] if len(t) > 2 else None
     out = em.add_all(None if t[0] is None else em.Mul(_standardize_back(em, t[0], xhat, inv, axes), scale),
                      None if t[1] is None else em.Mul(xhat, t[1]), tb)

@@ -1,8 +1,9 @@
 """Gradient rules: normalization.
 
-Every rule works in X's dtype (stash_type is not followed: a float16 X gets a float16 gradient computed in
-float16) and recomputes the statistics it needs (LayerNormalization reuses its Mean/InvStdDev outputs
-when they exist in X's dtype). ``xhat`` is the standardized input, ``inv`` 1/sqrt(var + epsilon)."""
+Every rule works in X's dtype (stash_type is not followed: a float16 X gets a float16 gradient) and recomputes
+the statistics it needs (LayerNormalization reuses its Mean/InvStdDev outputs when they exist in X's dtype).
+``xhat`` is the standardized input, ``inv`` 1/sqrt(var + epsilon), both from ``plans.normalization.standardize``
+(over trailing axes in float32 and float16, one LayerNormalization kernel computes them, in float32)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxgrad.emitter import Emitter, attr, rank, rank_of, static_dims
+from onnxgrad.plans.normalization import standardize
 from onnxgrad.registry import register
 
 Grads = Sequence[ir.Value | None]
@@ -35,20 +37,6 @@ def _count(em: Emitter, x: ir.Value, axes: Sequence[int]) -> ir.Value:
     assert x.dtype is not None
     sizes = em.Gather(em.shape_of(x), em.ints(list(axes)), axis=0)
     return em.Cast(em.reduce("ReduceProd", sizes, None, keepdims=False), to=x.dtype)
-
-
-def _moments(em: Emitter, x: ir.Value, axes: Sequence[int], eps: float) -> tuple[ir.Value, ir.Value, ir.Value]:
-    """(mean, xhat, inv) of x over ``axes`` (keepdims), by the corrected two-pass algorithm: d = x - mean(x) and
-    c = mean(d), which is 0 but for the rounding of the first mean; var = mean(d^2) - c^2, xhat = (d - c) * inv.
-    Measured (bench/accuracy.py, 50k-element statistics of inputs whose mean is 30x their spread): the float32
-    mean onnxruntime computes is off by 7e-6 of the spread and shifts every xhat alike, which sum(dY * xhat)
-    (dscale) amplifies to 4-12x PyTorch's error (its CPU kernels accumulate in float64); c removes it."""
-    mu = _mean(em, x, axes)
-    d = em.Sub(x, mu)
-    c = _mean(em, d, axes)
-    var = em.Sub(_mean(em, em.Mul(d, d), axes), em.Mul(c, c))
-    inv = em.Reciprocal(em.Sqrt(em.Add(var, em.const(eps, like=x))))
-    return em.Add(mu, c), em.Mul(em.Sub(d, c), inv), inv
 
 
 def _standardize_back(em: Emitter, g: ir.Value, xhat: ir.Value, inv: ir.Value, axes: Sequence[int],
@@ -112,7 +100,7 @@ def _batch_norm(em: Emitter, node: ir.Node, dy: Grads, training: bool) -> Out:
         d_var = em.Mul(em.Mul(d_scale, em.Mul(k, inv)), em.const(-0.5, like=x))
         return [em.Mul(g, factor), _as(em, d_scale, scale), _as(em, d_bias, bias),
                 _as(em, em.Neg(em.Mul(d_bias, k)), mean), _as(em, d_var, var)]
-    _, xhat, inv = _moments(em, x, axes, eps)
+    xhat, inv = standardize(em, x, axes, eps)
     g_rm, g_rv = (dy[i] if len(dy) > i else None for i in (1, 2))
     g_sm, g_sv = (dy[i] if len(dy) > i else None for i in (3, 4))  # saved_mean/var, before opset 14
     g_mean = em.add_all(_scale(em, view(g_rm), 1.0 - mom, x), view(g_sm))
@@ -158,7 +146,7 @@ def instance_norm(em: Emitter, node: ir.Node, dy: Grads) -> Out:
     assert x is not None and scale is not None and bias is not None and dy[0] is not None
     n_axes = rank(x, node)
     axes, per_channel = list(range(2, n_axes)), [0, *range(2, n_axes)]
-    _, xhat, inv = _moments(em, x, axes, attr(node, "epsilon", 1e-5))
+    xhat, inv = standardize(em, x, axes, attr(node, "epsilon", 1e-5))
     g = em.Mul(dy[0], em.unsqueeze(scale, list(range(1, n_axes - 1))))
     return [_standardize_back(em, g, xhat, inv, axes), em.reduce_sum(em.Mul(dy[0], xhat), per_channel, False),
             em.reduce_sum(dy[0], per_channel, False)]
@@ -176,10 +164,10 @@ def layer_norm(em: Emitter, node: ir.Node, dy: Grads) -> Out:
     stats = [v if v is not None and v.name and v.dtype == x.dtype else None for v in node.outputs[1:3]]
     if len(stats) == 2 and stats[0] is not None and stats[1] is not None:
         mu, inv = stats
-        d = em.Sub(x, mu)  # onnxruntime's float32 Mean, corrected as in _moments
+        d = em.Sub(x, mu)  # onnxruntime's float32 Mean, corrected as in plans.normalization
         xhat = em.Mul(em.Sub(d, _mean(em, d, axes)), inv)
     else:
-        mu, xhat, inv = _moments(em, x, axes, attr(node, "epsilon", 1e-5))
+        xhat, inv = standardize(em, x, axes, attr(node, "epsilon", 1e-5))
     g_mean, g_inv = (_as(em, g, x) if g is not None else None for g in [*dy[1:3], None, None][:2])
     g_var = None if g_inv is None else em.Mul(em.Mul(g_inv, em.Mul(inv, em.Mul(inv, inv))), em.const(-0.5, like=x))
     dx = _stat_back(em, x, axes, xhat, inv, g_mean, g_var)
@@ -196,7 +184,7 @@ def _group_norm(em: Emitter, node: ir.Node, dy: Grads, per_group: bool) -> Out:
     assert x is not None and scale is not None and bias is not None and dy[0] is not None
     groups, n_axes = int(attr(node, "num_groups")), rank(x, node)
     grouped = em.ints([0, groups, -1])
-    _, xhat, inv = _moments(em, em.Reshape(x, grouped), [2], attr(node, "epsilon", 1e-5))
+    xhat, inv = standardize(em, em.Reshape(x, grouped), [2], attr(node, "epsilon", 1e-5))
     if per_group:
         dyg = em.Reshape(dy[0], grouped)
         g = em.Mul(dyg, em.unsqueeze(scale, [1]))

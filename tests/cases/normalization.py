@@ -47,6 +47,11 @@ CASES: list[Case] = [
                                    r(3, seed=3, dtype=F32)], attrs={"epsilon": 1e-3}, opset=22),
     Case("LayerNormalization", [r(2, 3, 4, seed=1), r(4, seed=2), r(4, seed=3)], opset=17),
     Case("LayerNormalization", [r(2, 3, 4, seed=1), r(3, 4, seed=2)], attrs={"axis": 1}, opset=17, id="axis1-noB"),
+    # float32 X: xhat and inv come from one LayerNormalization kernel (plans/normalization.py "kernel")
+    Case("LayerNormalization", [r(2, 3, 4, seed=1, dtype=F32), r(4, seed=2, dtype=F32), r(4, seed=3, dtype=F32)],
+         opset=17, id="f32"),
+    Case("LayerNormalization", [r(2, 3, 4, seed=1, dtype=F32), r(3, 4, seed=2, dtype=F32)], attrs={"axis": 1},
+         opset=17, id="f32-axis1-noB"),
     # Mean and InvStdDev come out in stash_type (float32): float32 cases so the whole forward is float32.
     Case("LayerNormalization", [r(2, 3, 4, seed=1, dtype=F32), r(4, seed=2, dtype=F32), r(4, seed=3, dtype=F32)],
          opset=17, n_outputs=3, id="stats"),
