@@ -725,8 +725,10 @@ class Emitter:
                 # Before opset 13 an undecidable axis is taken as not broadcast (see README).
                 if not axes:
                     return g
-                if axes == list(range(lead)):  # leading axes only: one ReduceSum, no Squeeze
-                    out = self.reduce_sum(g, axes, keepdims=False)
+                if axes == list(range(lead)):  # leading axes only: one sum, no Squeeze (plans/reduce.py)
+                    from onnxgrad.plans.reduce import sum_leading
+
+                    out = sum_leading(self, g, lead)
                 else:
                     out = self.reduce_sum(g, axes, keepdims=True)
                     if lead:

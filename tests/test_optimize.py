@@ -87,12 +87,44 @@ def test_gather_split_gradient_is_a_concat() -> None:
     model, _ = _grads(QKV, ["y"], ["x"])
     ops = _ops(model)
     assert ops["Concat"] == 1 and ops["ScatterND"] == 0
+    assert ops["Transpose"] == 1  # W's: the pieces are stacked along the axis the Transpose moves them to
 
 
-def test_bias_gradient_is_one_reduce_sum() -> None:
+def test_bias_gradient_is_one_sum() -> None:
+    """Summed over the rows by one MatMul of ones (plans/reduce.py), no ReduceSum, no Squeeze."""
     model, _ = _grads(BIAS, ["y"], ["b"])
     ops = _ops(model)
-    assert ops["ReduceSum"] == 1 and ops["Squeeze"] == 0
+    assert ops["MatMul"] == 1 and ops["ReduceSum"] == 0 and ops["Squeeze"] == 0
+
+
+# Scaled dot-product scores with K transposed first (PyTorch's attention export), float32: dK^T comes out of a
+# MatMul and a scalar Mul, then a Transpose that the clean-up moves onto the MatMul's inputs.
+SCORES = Graph([N("q", "MatMul", "x", "wq"), N("k", "MatMul", "x", "wk"), N("kt", "Transpose", "k", perm=[0, 2, 1]),
+                N("s", "MatMul", "q", "kt"), N("z", "Mul", "s", "c"), N("y", "Softmax", "z", axis=-1)],
+               inputs={"x": _u(2, 3, 4).astype(np.float32)},
+               inits={"wq": _u(4, 4).astype(np.float32), "wk": _u(4, 4).astype(np.float32),
+                      "c": np.array([0.5], np.float32)})
+
+
+def test_transposed_matmul_gradient_moves_the_transpose_inside() -> None:
+    seed = {"y": RNG.uniform(-1, 1, (2, 3, 3)).astype(np.float32)}
+    with plain():
+        before, expected = _grads(SCORES, ["y"], ["x", "wk"], grad_ys=seed)
+    after, got = _grads(SCORES, ["y"], ["x", "wk"], grad_ys=seed)
+    for name, value in expected.items():
+        np.testing.assert_allclose(got[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
+    made = {o: n for n in after.graph.node if n.name.startswith("gradients") for o in n.output}
+
+    def source(name: str) -> str:  # through a Mul by a single number
+        node = made.get(name)
+        if node is not None and node.op_type == "Mul" and node.input[1] == "c":
+            node = made.get(node.input[0])
+        return "" if node is None else node.op_type
+
+    outputs = [n for n in after.graph.node if n.op_type == "Transpose" and n.name.startswith("gradients")]
+    assert outputs and not any(source(n.input[0]) == "MatMul" for n in outputs)
+    made = {o: n for n in before.graph.node if n.name.startswith("gradients") for o in n.output}
+    assert any(source(n.input[0]) == "MatMul" for n in before.graph.node if n.op_type == "Transpose")
 
 
 def test_no_op_shape_chains_leave_nothing() -> None:
