@@ -13,6 +13,10 @@ nodes no gradient needs dropped at commit), that covers the usual clean-up passe
   by the identity or of a ``Transpose``, ``Squeeze`` of an ``Unsqueeze`` on the same axes (and back),
   ``Cast`` to a value's own dtype, ``Neg`` of a ``Neg``;
 * ``Squeeze(ReduceSum(x, axes, keepdims=1), axes)`` is one ``ReduceSum(x, axes, keepdims=0)``;
+* ``Transpose`` of a ``Concat`` (or of a ``Reshape`` splitting a Concat's first axis) whose pieces it moves only
+  along size-1 axes is a ``Concat`` of the reshaped pieces along the moved axis: one copy instead of two;
+* ``Transpose`` of a float32 ``MatMul``'s last two axes is the ``MatMul`` of its inputs transposed, swapped
+  (onnxruntime folds input transposes into its FusedMatMul);
 * the ``Sum`` of ``ScatterND`` into zeros at disjoint constant rows that cover the first axis (a tensor
   split with Gathers, e.g. the q/k/v of PyTorch's attention) is a ``Concat`` of the updates;
 * shape arithmetic: ``Shape(u)`` (and ``Gather`` of constant indices from it) of known static dims is a
@@ -597,7 +601,7 @@ def _transpose(em: Emitter, inputs: Inputs, attrs: dict[str, Any]) -> ir.Value |
     inner = _producer(x, "Transpose")
     inner_perm = None if inner is None else inner.attributes.get("perm")
     if inner is None or inner_perm is None or inner.inputs[0] is None:
-        return None
+        return _transpose_concat(em, x, perm) or _transpose_matmul(em, x, perm)
     first = [int(p) for p in inner_perm.value]
     if len(first) != len(perm):
         return None
@@ -606,6 +610,112 @@ def _transpose(em: Emitter, inputs: Inputs, attrs: dict[str, Any]) -> ir.Value |
     if combined == list(range(len(combined))):
         return source if is_new(source) else None
     return em.Transpose(source, perm=combined)
+
+
+def _concat_pieces(x: ir.Value) -> tuple[list[ir.Value], int, list[tuple[int, ...]]] | None:
+    """x as a Concat of static-shaped pieces along one axis: (pieces, axis, their shapes as they sit in x). x is
+    a new Concat, or a new Reshape of a Concat along axis 0 of k equal parts into (k, ...), each part then read
+    as (1, ...)."""
+    node = _producer(x, "Concat")
+    if node is not None:
+        parts = list(node.inputs)
+        shapes = [_known_shape(p) for p in parts]
+        if any(sh is None for sh in shapes) or not parts:
+            return None
+        rank = len(shapes[0])  # type: ignore[arg-type]
+        return parts, int(_node_attr(node, "axis")) % rank, shapes  # type: ignore[return-value]
+    node, dims = _producer(x, "Reshape"), _static(x)
+    inner = None if node is None else _producer(node.inputs[0], "Concat")
+    if inner is None or dims is None or int(_node_attr(inner, "axis")) != 0:
+        return None
+    parts = list(inner.inputs)
+    shapes = {_known_shape(p) for p in parts}
+    if len(shapes) != 1 or None in shapes or dims[0] != len(parts):
+        return None
+    (part,) = shapes
+    if int(np.prod(part)) != int(np.prod(dims[1:])):  # type: ignore[arg-type]
+        return None
+    return parts, 0, [(1, *dims[1:])] * len(parts)  # type: ignore[list-item]
+
+
+def _known_shape(v: ir.Value | None) -> tuple[int, ...] | None:
+    """v's static shape, or the one the constant target of the new Reshape that made it gives."""
+    if v is None:
+        return None
+    dims = _static(v)
+    node = _producer(v, "Reshape") if dims is None else None
+    target = None if node is None else const_array(node.inputs[1])
+    if node is None or target is None or target.ndim != 1:
+        return dims
+    if bool(np.all(target > 0)):
+        return tuple(int(d) for d in target)
+    source = None if node.inputs[0] is None else _static(node.inputs[0])
+    out = None if source is None else _reshape_target(source, target.tolist(), bool(_node_attr(node, "allowzero", 0)))
+    return None if out is None else tuple(out)
+
+
+def _transpose_concat(em: Emitter, x: ir.Value, perm: list[int]) -> ir.Value | None:
+    """Transpose(Concat(q_i, axis a), perm) -> Concat(Reshape(q_i), axis perm.index(a)) where transposing each
+    q_i moves only axes of size 1 (a Reshape, no copy): one copy instead of two. PyTorch's attention exports
+    stack q, k, v along a new axis and transpose it inward."""
+    found = _concat_pieces(x)
+    if found is None:
+        return None
+    pieces, axis, shapes = found
+    for shape in shapes:
+        if len(shape) != len(perm):
+            return None
+        moved = [p for p in perm if shape[p] != 1]
+        if moved != sorted(moved):
+            return None
+    reshaped = []
+    for piece, shape in zip(pieces, shapes, strict=True):
+        target = [shape[p] for p in perm]
+        out = em.Reshape(piece, em.ints(target))
+        out.shape = ir.Shape(target)
+        reshaped.append(out)
+    out = em.Concat(*reshaped, axis=perm.index(axis))
+    dims = _static(x)
+    if dims is not None:
+        out.shape = ir.Shape([dims[p] for p in perm])
+    return out
+
+
+def _transpose_matmul(em: Emitter, x: ir.Value, perm: list[int]) -> ir.Value | None:
+    """Transpose(MatMul(a, b) (* scalar)) of the last two axes -> MatMul(b^T, a^T), float32 only: onnxruntime folds
+    transposes of a MatMul's inputs into its FusedMatMul (no copy), not one of its output (PyTorch's attention
+    exports transpose K before Q K^T, so dK comes out transposed)."""
+    n = len(perm)
+    if n < 3 or perm != [*range(n - 2), n - 1, n - 2] or x.dtype != ir.DataType.FLOAT:
+        return None
+    scaled = _producer(x, "Mul")
+    if scaled is not None:  # (a b) * c with c a single number: c stays outside
+        inner, c = scaled.inputs
+        ones = None if c is None else _static(c)
+        if inner is not None and ones is not None and all(d == 1 for d in ones) and len(ones) <= n:
+            t = _transpose_matmul(em, inner, perm)
+            return None if t is None else em.Mul(t, c)
+        return None
+    node = _producer(x, "MatMul")
+    if node is None:
+        return None
+    a, b = node.inputs
+    ranks = [None if v is None or v.shape is None else v.shape.rank() for v in (a, b)]
+    if a is None or b is None or any(r is None or r < 2 for r in ranks):
+        return None
+
+    def swapped(v: ir.Value, rank: int) -> ir.Value:
+        last = [*range(rank - 2), rank - 1, rank - 2]
+        inner = _producer(v, "Transpose")  # a transpose back: its input, forward value or not (a MatMul reads it)
+        if inner is not None and inner.inputs[0] is not None and _node_attr(inner, "perm") == last:
+            return inner.inputs[0]
+        return em.Transpose(v, perm=last)
+
+    out = em.MatMul(swapped(b, ranks[1]), swapped(a, ranks[0]))  # type: ignore[arg-type]
+    dims = _dims(x)
+    if dims is not None:
+        out.shape = ir.Shape([dims[p] for p in perm])
+    return out
 
 
 def _squeeze(em: Emitter, inputs: Inputs, attrs: dict[str, Any]) -> ir.Value | None:
