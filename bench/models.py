@@ -99,6 +99,9 @@ def torch_twin(name: str) -> tuple[Any, Any]:
     """The PyTorch module (seeded random weights, eval mode) and input of a benchmark."""
     import torch
 
+    if name == "resnet50":
+        bench = resnet50()
+        return bench.torch_module, torch.from_numpy(bench.x)
     make, shape, seed = _TORCH[name]
     module = make()
     _randomize(module, seed)
@@ -192,7 +195,78 @@ def resnet50(batch: int = 1) -> Bench:
     trainable = [w.name for w in weights if not w.name.endswith(("_rm_0", "_riv_0"))]
     # the output is a softmax, whose sum is 1: with a ones seed every gradient would be 0
     seed = np.random.default_rng(6).standard_normal((batch, 1000)).astype(np.float32)
-    return Bench("resnet50", model, data.name, x, [data.name, *trainable], None, seed)
+    return Bench("resnet50", model, data.name, x, [data.name, *trainable], onnx_twin(model, trainable), seed)
+
+
+def onnx_twin(model: onnx.ModelProto, trainable: list[str]) -> Any:
+    """A PyTorch eager module that runs ``model``'s graph op by op (the ops of light_resnet50: Conv,
+    BatchNormalization in inference form, Relu, Sum, MaxPool, AveragePool, Reshape, Gemm, Softmax), its
+    ``trainable`` initializers as parameters and the others as buffers: the PyTorch side of a benchmark whose
+    model has no PyTorch source."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    def attrs(node: onnx.NodeProto) -> dict[str, Any]:
+        return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+    def same_pads(a: dict[str, Any]) -> list[int]:
+        pads = list(a.get("pads", [0, 0, 0, 0]))
+        if pads[:2] != pads[2:] or a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+            raise NotImplementedError(f"asymmetric or automatic pads {pads}")
+        return pads[:2]
+
+    class Twin(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.keys: dict[str, str] = {}
+            for i, init in enumerate(model.graph.initializer):
+                value = torch.from_numpy(numpy_helper.to_array(init).copy())
+                key = self.keys[init.name] = f"w{i}"
+                if init.name in trainable:
+                    self.register_parameter(key, nn.Parameter(value))
+                else:
+                    self.register_buffer(key, value)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            env: dict[str, Any] = {model.graph.input[0].name: x}
+            for name, key in self.keys.items():
+                env[name] = getattr(self, key)
+            for node in model.graph.node:
+                a, ins, op = attrs(node), [env[i] if i else None for i in node.input], node.op_type
+                if op == "Conv":
+                    y = F.conv2d(ins[0], ins[1], ins[2] if len(ins) > 2 else None, a.get("strides", 1),
+                                 same_pads(a), a.get("dilations", 1), a.get("group", 1))
+                elif op == "BatchNormalization":
+                    y = F.batch_norm(ins[0], ins[3], ins[4], ins[1], ins[2], False, 0.0, a.get("epsilon", 1e-5))
+                elif op == "Relu":
+                    y = torch.relu(ins[0])
+                elif op == "Sum":
+                    y = ins[0]
+                    for term in ins[1:]:
+                        y = y + term
+                elif op == "MaxPool":
+                    y = F.max_pool2d(ins[0], a["kernel_shape"], a.get("strides", 1), same_pads(a),
+                                     ceil_mode=bool(a.get("ceil_mode", 0)))
+                elif op == "AveragePool":
+                    y = F.avg_pool2d(ins[0], a["kernel_shape"], a.get("strides", 1), same_pads(a),
+                                     ceil_mode=bool(a.get("ceil_mode", 0)),
+                                     count_include_pad=bool(a.get("count_include_pad", 0)))
+                elif op == "Reshape":
+                    shape = [int(d) for d in ins[1]]
+                    y = ins[0].reshape([ins[0].shape[i] if d == 0 else d for i, d in enumerate(shape)])
+                elif op == "Gemm":
+                    left = ins[0].t() if a.get("transA", 0) else ins[0]
+                    right = ins[1].t() if a.get("transB", 0) else ins[1]
+                    y = a.get("alpha", 1.0) * (left @ right) + a.get("beta", 1.0) * ins[2]
+                elif op == "Softmax":
+                    y = torch.softmax(ins[0], a.get("axis", 1))
+                else:
+                    raise NotImplementedError(f"onnx_twin: {op}")
+                env[node.output[0]] = y
+            return env[model.graph.output[0].name]
+
+    return Twin().eval()
 
 
 def _calibrate_batchnorm(model: onnx.ModelProto, x: np.ndarray) -> None:

@@ -93,18 +93,19 @@ class Timing:
         return statistics.median(self.samples[key]) if self.samples.get(key) else float("nan")
 
 
-def _torch_step(module: object, x: np.ndarray) -> Callable[[], object]:
+def _torch_step(module: object, x: np.ndarray, seed: np.ndarray | None = None) -> Callable[[], object]:
     import torch
 
     xt = torch.from_numpy(x).clone().requires_grad_(True)
     params = [p for p in module.parameters()]  # type: ignore[attr-defined]
+    dy = None if seed is None else torch.from_numpy(seed)
 
     def step() -> object:
         xt.grad = None
         for p in params:
             p.grad = None
         y = module(xt)  # type: ignore[operator]
-        y.backward(torch.ones_like(y))
+        y.backward(torch.ones_like(y) if dy is None else dy)
         return xt.grad
 
     return step
@@ -153,7 +154,7 @@ def time_model(bench: models.Bench, build: Build, threads: int, budget_s: float,
         import torch
 
         torch.set_num_threads(threads)
-        step = _torch_step(bench.torch_module, bench.x)
+        step = _torch_step(bench.torch_module, bench.x, bench.grad_y)
         runs["torch"] = step
         dx_ref = step().numpy()  # type: ignore[attr-defined]
         out = dict(zip(fb_names, fb.run(fb_names, feeds), strict=True))
