@@ -23,10 +23,13 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from onnxgrad import plans
 from onnxgrad.api import GradientNote, gradients
 from onnxgrad.emitter import FLOAT_TYPES, Emitter, attr, rank_of
+from onnxgrad.geometry import conv_window, padded
 from onnxgrad.io import atomic_path, load_model, save_model
 from onnxgrad.optim import Optimizer, Scalars, clip_coefficient, make_optimizer
+from onnxgrad.plans.conv_fusions import kernel_fold
 from onnxgrad.registry import Rule, opset_of, register_fallback
 from onnxgrad.shapes import infer_missing_types
 from onnxgrad.shorthands import expand_xs
@@ -187,6 +190,7 @@ def make_train_step(
         names = gradients(m, loss_v.name or "", [p.name or "" for p in trainable], name=unique_scope(graph, "grad"))
     finally:
         _lower_batchnorms(m)
+    _share_max_pools(m)
     table = value_table(graph)
     pairs = []
     for p, g in zip(trainable, names, strict=True):
@@ -503,7 +507,9 @@ def _batchnorms(em: Emitter, graph: ir.Graph, kept: list[ir.Value]
 
     The normalization itself is a private ``BatchNormTrain`` node while the loss is differentiated, so that its
     gradient is the closed form of ``_batchnorm_train_grad`` (not the chain rule through the statistics), and then
-    a BatchNormalization in inference mode fed the batch statistics (``_lower_batchnorms``)."""
+    a BatchNormalization in inference mode fed the batch statistics (``_lower_batchnorms``). After a Conv that
+    only it reads, the node is ``ConvBatchNormTrain``, differentiated together with the Conv
+    (``_conv_batchnorm_train_grad``)."""
     found = []
     seen: set[str | None] = set()
     for node in [n for n in graph if n.op_type == "BatchNormalization" and n.domain in ("", "ai.onnx")]:
@@ -521,6 +527,7 @@ def _batchnorms(em: Emitter, graph: ir.Graph, kept: list[ir.Value]
         if r is None or r < 2:
             raise ValueError(f"{label}: the rank of its input {x.name!r} is unknown; training mode needs it")
         eps, mom = float(attr(node, "epsilon", 1e-5)), float(attr(node, "momentum", 0.9))
+        conv = _conv_to_fold(node, x)
         count = em.Div(em.Cast(em.Size(x), to=int(dtype_of(var))), em.Cast(em.Size(scale), to=int(dtype_of(var))))
         axes = [0, *range(2, r)]
         batch_mean = em.reduce("ReduceMean", x, axes, keepdims=True)
@@ -529,7 +536,11 @@ def _batchnorms(em: Emitter, graph: ir.Graph, kept: list[ir.Value]
         n = _like(em, count, x)
         flat = em.ints([-1])
         mean_c, var_c = em.Reshape(batch_mean, flat), em.Reshape(em.Div(squares, n), flat)
-        y = em.op(_BN_TRAIN, x, scale, bias, mean_c, var_c, d, n, _domain=_PRIVATE, epsilon=eps)
+        if conv is None:
+            y = em.op(_BN_TRAIN, x, scale, bias, mean_c, var_c, d, n, _domain=_PRIVATE, epsilon=eps)
+        else:
+            y = em.op(_CONV_BN_TRAIN, conv.inputs[0], conv.inputs[1], scale, bias, mean_c, var_c, d, n, x,
+                      _domain=_PRIVATE, epsilon=eps)
         y.dtype, y.shape = x.dtype, x.shape
         unbiased = em.Div(squares, em.Sub(n, em.const(1.0, like=x)))
         new_mean = em.Add(em.Mul(mean, em.const(mom, like=mean)),
@@ -547,6 +558,7 @@ def _like(em: Emitter, v: ir.Value, like: ir.Value) -> ir.Value:
 
 _PRIVATE = "onnxgrad.train"  # a domain that lives only inside make_train_step: no model ever leaves with it
 _BN_TRAIN = "BatchNormTrain"  # (x, scale, bias, batch mean, batch var, x - mean, count) -> y, attribute epsilon
+_CONV_BN_TRAIN = "ConvBatchNormTrain"  # (x, W, scale, bias, mean, var, z - mean, count, z = Conv(x, W)) -> y
 
 
 def _batchnorm_train_grad(em: Emitter, node: ir.Node, dy: Sequence[ir.Value | None]) -> list[ir.Value | None]:
@@ -565,24 +577,84 @@ def _batchnorm_train_grad(em: Emitter, node: ir.Node, dy: Sequence[ir.Value | No
     def view(v: ir.Value) -> ir.Value:
         return em.unsqueeze(v, list(range(1, r - 1)))
 
-    inv = em.Reciprocal(em.Sqrt(em.Add(var, em.const(float(attr(node, "epsilon", 1e-5)), like=var))))
-    sum_dy = em.reduce_sum(g, axes, keepdims=False)
-    d_scale = em.Mul(em.reduce_sum(em.Mul(g, d), axes, keepdims=False), inv)
+    inv, sum_dy, d_scale = _batch_sums(em, node, g, var, d, axes)
     k_n = em.Div(em.Mul(_like(em, scale, x), inv), n)
     c1 = em.Neg(em.Mul(em.Mul(k_n, inv), d_scale))
     c2 = em.Neg(em.Mul(k_n, sum_dy))
-    dx = em.Add(em.Add(em.Mul(g, view(em.Mul(k_n, n))), em.Mul(d, view(c1))), view(c2))
+    # d c1 + c2 in one pass: BatchNormalization in inference mode with mean 0, variance 1 and epsilon 0 is
+    # exactly (d - 0) / sqrt(1) c1 + c2 (16% faster than a Mul and an Add over d)
+    zeros, ones = (em.full_like(scale, fill, dtype_of(c1)) for fill in (0.0, 1.0))  # per channel, like scale
+    affine = em.BatchNormalization(d, c1, c2, zeros, ones, epsilon=0.0)
+    dx = em.Add(em.Mul(g, view(em.Mul(k_n, n))), affine)
     return [dx, _like(em, d_scale, scale), _like(em, sum_dy, bias)]
+
+
+def _batch_sums(em: Emitter, node: ir.Node, g: ir.Value, var: ir.Value, d: ir.Value, axes: list[int]
+                ) -> tuple[ir.Value, ir.Value, ir.Value]:
+    """inv = 1/sqrt(var + eps), sum(dy) and dscale = inv sum(dy d), per channel."""
+    inv = em.Reciprocal(em.Sqrt(em.Add(var, em.const(float(attr(node, "epsilon", 1e-5)), like=var))))
+    sum_dy = em.reduce_sum(g, axes, keepdims=False)
+    return inv, sum_dy, em.Mul(em.reduce_sum(em.Mul(g, d), axes, keepdims=False), inv)
+
+
+def _conv_to_fold(bn: ir.Node, z: ir.Value) -> ir.Node | None:
+    """The Conv (no bias) whose output z only ``bn`` reads, where the per-channel factor of the BatchNorm gradient
+    is better moved onto W and dW than applied to dz (``plans.conv_fusions.kernel_fold``); else None."""
+    conv = z.producer()
+    if conv is None or conv.op_type != "Conv" or conv.domain not in ("", "ai.onnx") or len(conv.inputs) < 2:
+        return None
+    if (len(conv.inputs) > 2 and conv.inputs[2] is not None) or conv.inputs[1] is None:
+        return None
+    if z.is_graph_output() or [u for u in z.uses() if u.node.graph is not None] != [(bn, 0)]:
+        return None
+    return conv if kernel_fold(conv) is None else None
+
+
+def _conv_batchnorm_train_grad(em: Emitter, node: ir.Node, dy: Sequence[ir.Value | None]
+                               ) -> list[ir.Value | None]:
+    """z = Conv(x, W), y the training BatchNorm of z: dz = k u, u = dy - sum(dy)/n - d inv^2 sum(dy d)/n,
+    k = scale inv, with k moved onto W and dW (dX = dX_conv(u, W k), dW = dW_conv(x, u) k): u is never scaled;
+    dscale = inv sum(dy d); dbias = sum(dy)."""
+    x, w, scale, bias, _, var, d, n, z = node.inputs
+    g = dy[0]
+    assert x is not None and w is not None and scale is not None and bias is not None and var is not None
+    assert d is not None and n is not None and z is not None
+    if g is None:
+        return [None, None, None, None]
+    conv = z.producer()
+    r = rank_of(z)
+    assert conv is not None and r is not None
+    inv, sum_dy, d_scale = _batch_sums(em, node, g, var, d, [0, *range(2, r)])
+    # u = dy + d a + b in one BatchNormalization pass over d (mean 0, variance 1, epsilon 0) and an Add
+    a = em.Neg(em.Div(em.Mul(inv, d_scale), n))
+    b = em.Neg(em.Div(sum_dy, n))
+    zeros, ones = (em.full_like(scale, fill, dtype_of(a)) for fill in (0.0, 1.0))
+    u = em.Add(g, em.BatchNormalization(d, a, b, zeros, ones, epsilon=0.0))
+    u.dtype, u.shape = z.dtype, z.shape
+    win, group = conv_window(conv, x, w, em), attr(conv, "group", 1)
+    k = em.Reshape(_like(em, em.Mul(_like(em, scale, z), inv), w), em.ints([-1, *[1] * (win.rank + 1)]))
+    kernel = em.Mul(w, k)
+    kernel.shape = w.shape
+    dx = plans.conv_input_grad(em, u, kernel, win, group)
+    dw = em.Mul(plans.conv_weight_grad(em, padded(em, x, win), u, win, group, w), k)
+    return [dx, dw, _like(em, d_scale, scale), _like(em, sum_dy, bias)]
 
 
 _BN_TRAIN_RULE = Rule(_BN_TRAIN, _PRIVATE, 1, _batchnorm_train_grad, wrt=3,
                       notes="make_train_step's BatchNorm in training mode, while it differentiates")
 
 
+_CONV_BN_TRAIN_RULE = Rule(_CONV_BN_TRAIN, _PRIVATE, 1, _conv_batchnorm_train_grad, wrt=4,
+                           notes="make_train_step's Conv and BatchNorm in training mode, while it differentiates")
+
+
 @register_fallback
 def _private_rules(domain: str, op_type: str, opset: int) -> Rule | None:
-    """The rule of the private BatchNormTrain node (no registered rule: ``onnxgrad ops`` never lists it)."""
-    return _BN_TRAIN_RULE if (domain, op_type) == (_PRIVATE, _BN_TRAIN) else None
+    """The rules of the private BatchNormTrain and ConvBatchNormTrain nodes (no registered rule: ``onnxgrad ops``
+    never lists them)."""
+    if domain != _PRIVATE:
+        return None
+    return {_BN_TRAIN: _BN_TRAIN_RULE, _CONV_BN_TRAIN: _CONV_BN_TRAIN_RULE}.get(op_type)
 
 
 def _lower_batchnorms(m: ir.Model) -> None:
@@ -595,7 +667,10 @@ def _lower_batchnorms(m: ir.Model) -> None:
     em = Emitter(graph, opset_of(m.opset_imports), unique_scope(graph, "train_bn"), m.ir_version or 8)
     news = []
     for node in nodes:
-        x, scale, bias, mean, var = node.inputs[:5]
+        if node.op_type == _CONV_BN_TRAIN:
+            x, (scale, bias, mean, var) = node.inputs[8], node.inputs[2:6]
+        else:
+            x, scale, bias, mean, var = node.inputs[:5]
         y = em.BatchNormalization(x, scale, bias, mean, var, epsilon=float(attr(node, "epsilon", 1e-5)))
         old = node.outputs[0]
         name = old.name
@@ -609,6 +684,41 @@ def _lower_batchnorms(m: ir.Model) -> None:
         graph.remove(node, safe=True)
     em.commit(news)
     ir.passes.common.TopologicalSortPass()(m)
+
+
+def _share_max_pools(m: ir.Model) -> None:
+    """A MaxPool of the forward whose gradient recomputed it for its Indices gives way to that twin: one pool
+    computes Y and the Indices (onnxruntime ran the forward one in its blocked layout, with two reorders)."""
+    graph = m.graph
+    shared = False
+    for node in [n for n in graph if n.op_type == "MaxPool" and n.domain in ("", "ai.onnx")]:
+        x = node.inputs[0]
+        if node.meta.get(_REPLACED) or x is None or (len(node.outputs) > 1 and node.outputs[1].uses()):
+            continue
+        twins = [u for u, _ in x.uses() if u is not node and u.op_type == "MaxPool" and u.domain == node.domain
+                 and len(u.outputs) > 1 and _same_attributes(u, node)]
+        if not twins:
+            continue
+        y = node.outputs[0]
+        name, twin_y = y.name, twins[0].outputs[0]
+        if twin_y.is_graph_output():
+            continue
+        y.replace_all_uses_with(twin_y, replace_graph_outputs=True)
+        y.name, twin_y.name = f"{name}/shared", name
+        twin_y.dtype, twin_y.shape = y.dtype or twin_y.dtype, y.shape or twin_y.shape
+        node.meta[_REPLACED] = True
+        shared = True
+    if shared:
+        _drop_replaced(graph)
+        ir.passes.common.TopologicalSortPass()(m)
+
+
+def _same_attributes(a: ir.Node, b: ir.Node) -> bool:
+    """Whether two MaxPools have the same attributes (ceil_mode, storage_order and auto_pad left out or given as
+    their defaults alike; any other one given in only one of them differs)."""
+    defaults = {"ceil_mode": 0, "storage_order": 0, "auto_pad": "NOTSET"}
+    names = set(a.attributes) | set(b.attributes)
+    return all(attr(a, k, defaults.get(k)) == attr(b, k, defaults.get(k)) for k in names)
 
 
 def _dropouts(em: Emitter, graph: ir.Graph, opset: int, train: bool, kept: list[ir.Value]) -> ir.Value | None:

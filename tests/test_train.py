@@ -186,6 +186,16 @@ def test_appended_loss_matches_torch(case: str) -> None:
         np.testing.assert_allclose(out[new], want, rtol=1e-12, atol=1e-14)
 
 
+def test_max_pool_computes_its_indices_once(twins: dict[str, Twin]) -> None:
+    """The CNN's MaxPool, whose gradient routes dY through its Indices, runs once: the forward pool gives Y and
+    the Indices (the trajectory test checks the values)."""
+    ts = make_train_step(twins["cnn"].model, twins["cnn"].loss, optimizer="sgd")
+    pools = [n for n in ts.model.graph.node if n.op_type == "MaxPool"]
+    assert len(pools) == 1 and len(pools[0].output) == 2
+    readers = {i for n in ts.model.graph.node for i in n.input}
+    assert set(pools[0].output) <= readers
+
+
 # ------------------------------------------------------------------------------------------ BatchNorm
 def test_batchnorm_eval_mode_keeps_running_statistics(twins: dict[str, Twin]) -> None:
     """batchnorm='eval': the running statistics stay weights, normalization uses them, as module.eval() does."""
@@ -230,15 +240,17 @@ def _dropout_model(ratio: float, n: int = 4000) -> onnx.ModelProto:
     return oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)], ir_version=8)
 
 
-@pytest.mark.parametrize("shape", [(8, 6), (8, 6, 5), (4, 6, 3, 5, 4)], ids=["1d", "1d-seq", "3d"])
-def test_batchnorm_train_mode_gradient_matches_torch(shape: tuple[int, ...]) -> None:
+@pytest.mark.parametrize(("shape", "kernel"), [((8, 6), 1), ((8, 6, 7), 1), ((2, 6, 5), 5), ((4, 6, 3, 5, 4), 1)],
+                         ids=["1d", "1d-seq", "1d-seq-wide-kernel", "3d"])
+def test_batchnorm_train_mode_gradient_matches_torch(shape: tuple[int, ...], kernel: int) -> None:
     """BatchNorm in training mode on inputs of rank 2, 3 and 5 (its gradient is written in closed form), after a
     layer whose weights need its input gradient: one SGD step with lr 1 moves every param by PyTorch's gradient,
-    and the running statistics as PyTorch's; the model holds standard ops only."""
+    and the running statistics as PyTorch's; the model holds standard ops only. After the convolutions the
+    per-channel factor of the gradient moves onto W and dW, except where W outweighs the output (wide kernel)."""
     nn = torch.nn
     torch.manual_seed(1)
     bn = nn.BatchNorm3d(6) if len(shape) == 5 else nn.BatchNorm1d(6)
-    before = {2: nn.Linear(6, 6, bias=False), 3: nn.Conv1d(6, 6, 1, bias=False),  # its weights need dx
+    before = {2: nn.Linear(6, 6, bias=False), 3: nn.Conv1d(6, 6, kernel, padding=kernel // 2, bias=False),
               5: nn.Conv3d(6, 6, 1, bias=False)}[len(shape)]  # (no bias: BatchNorm removes it, its gradient is 0)
     net = nn.Sequential(before, bn, nn.Flatten(), nn.Linear(int(np.prod(shape[1:])), 3))
     with torch.no_grad():  # distinct values everywhere: the exporter merges equal initializers
@@ -270,6 +282,49 @@ def test_batchnorm_train_mode_gradient_matches_torch(shape: tuple[int, ...]) -> 
     buffers = dict(net.named_buffers())
     for name in ts.buffers:
         np.testing.assert_allclose(out[ts.state[name][1]], buffers[name].numpy(), rtol=0, atol=1e-6, err_msg=name)
+
+
+@pytest.mark.parametrize("conv", [
+    {"group": 4, "strides": [2, 2], "pads": [1, 1, 1, 1], "w": (4, 1, 3, 3)},
+    {"auto_pad": "SAME_UPPER", "strides": [2, 2], "w": (5, 4, 3, 3)},
+    {"dilations": [2, 2], "pads": [2, 2, 2, 2], "w": (5, 4, 3, 3)},
+    {"group": 2, "pads": [1, 0, 1, 0], "w": (6, 2, 3, 2)},
+], ids=["depthwise-strided", "same-upper-strided", "dilated", "grouped"])
+def test_batchnorm_after_a_conv_folds_its_factor_onto_the_kernel(conv: dict[str, Any],
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Conv -> BatchNorm (training mode) -> ReLU over a batch and spatial sizes known only at run time: the step
+    that moves the BatchNorm's per-channel factor onto W and dW moves every param as the one that scales dz."""
+    from onnxgrad import train
+
+    attrs = {k: v for k, v in conv.items() if k != "w"}
+    rng = np.random.default_rng(0)
+    m = conv["w"][0]
+    inits = [numpy_helper.from_array(rng.standard_normal(conv["w"]).astype(np.float32), "W"),
+             numpy_helper.from_array((1 + 0.1 * rng.standard_normal(m)).astype(np.float32), "s"),
+             numpy_helper.from_array((0.1 * rng.standard_normal(m)).astype(np.float32), "b"),
+             numpy_helper.from_array(np.zeros(m, np.float32), "mean"),
+             numpy_helper.from_array(np.ones(m, np.float32), "var")]
+    nodes = [oh.make_node("Conv", ["x", "W"], ["z"], **attrs),
+             oh.make_node("BatchNormalization", ["z", "s", "b", "mean", "var"], ["n"]),
+             oh.make_node("Relu", ["n"], ["r"]), oh.make_node("ReduceSumSquare", ["r"], ["loss"], keepdims=0)]
+    graph = oh.make_graph(nodes, "conv_bn", [oh.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, "H", "W"])],
+                          [oh.make_tensor_value_info("loss", TensorProto.FLOAT, [])], inits)
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 13)], ir_version=7)
+    feeds = {"x": rng.standard_normal((3, 4, 9, 10)).astype(np.float32)}
+    folded = []
+    real = train._conv_to_fold
+    monkeypatch.setattr(train, "_conv_to_fold", lambda bn, z: folded.append(real(bn, z)) or folded[-1])
+    moved = []
+    for _ in range(2):
+        ts = make_train_step(model, "loss", optimizer="sgd", lr=1.0)
+        sess = ort.InferenceSession(ts.model.SerializeToString(), providers=["CPUExecutionProvider"])
+        out = dict(zip([o.name for o in sess.get_outputs()],
+                       sess.run(None, {**feeds, **ts.initial, ts.lr: np.asarray(1.0, np.float32)}), strict=True))
+        moved.append({name: ts.initial[name] - out[new] for name, (_, new) in ts.params.items()})
+        monkeypatch.setattr(train, "_conv_to_fold", lambda bn, z: None)
+    assert folded and folded[0] is not None
+    for name, want in moved[1].items():
+        np.testing.assert_allclose(moved[0][name], want, rtol=0, atol=1e-5 * np.abs(want).max(), err_msg=name)
 
 
 def test_dropout_train_mode_takes_a_seed() -> None:
