@@ -27,7 +27,7 @@ def rss_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def _release_free_heap() -> None:
+def release_free_heap() -> None:
     """Give the heap's free pages back to the system (glibc's malloc_trim), so that what the run allocates shows
     in resident memory even where setting up freed more than it needs (ResNet-50's twin is built from the ONNX
     model, through an onnxruntime session, before its run: without this, its 97 MiB of weight gradients fit in
@@ -70,7 +70,7 @@ def main() -> None:
             y = module(xt)
             y.backward(torch.ones_like(y))
             return xt.grad, [p.grad for p in module.parameters()]
-    _release_free_heap()
+    release_free_heap()
     before = rss_kib("VmRSS")
     _reset_peak()
     result = run()

@@ -35,7 +35,7 @@ import onnxruntime as ort
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import models
-from bench.peakmem import rss_kib
+from bench.peakmem import release_free_heap, rss_kib
 from onnxgrad.train import TrainStep, make_train_step
 from onnxgrad.trainer import _Bindings
 
@@ -128,6 +128,7 @@ def peak_child(engine: str, name: str) -> None:
     """In a fresh process: MiB that the first 3 steps add to resident memory (printed on the last line)."""
     case = make_case(name)
     step = ort_stepper(case) if engine == "ort" else torch_stepper(case)
+    release_free_heap()
     before = rss_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
