@@ -44,9 +44,11 @@ KINDS: dict[str, dict[int, str] | None] = {"static": None, "batch": {0: "n"}, "s
                                            "dynamic": nets.DYNAMIC_AXES}
 
 
-def gradient_model(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:
-    """The model with the gradients of its outputs (ones as seeds) w.r.t. the input and every weight."""
-    return onnxgrad.add_gradients(model, outputs, ["x", "@weights"]).model
+def gradient_model(model: onnx.ModelProto, outputs: list[str], fed: bool = False) -> onnx.ModelProto:
+    """The model with the gradients of its outputs w.r.t. the input and every weight; the seeds are ones, or with
+    ``fed`` new graph inputs (``gradients/<y>_seed``, fed at run time as a loss's gradient would be)."""
+    seeds = [onnxgrad.NEW_INPUT] * len(outputs) if fed else None
+    return onnxgrad.add_gradients(model, outputs, ["x", "@weights"], grad_ys=seeds).model
 
 
 def _ratio(rounds: dict[str, list[list[float]]], key: str, base: str) -> tuple[float, float]:
@@ -86,7 +88,7 @@ def profile_ops(grad: dict[str, onnx.ModelProto], feeds: dict[str, np.ndarray], 
 
 
 def bench_net(name: str, size: tuple[int, ...], opset: int, fold: bool, threads: int, budget_s: float,
-              min_rounds: int, profile_runs: int = 0) -> list[str]:
+              min_rounds: int, profile_runs: int = 0, fed: bool = False) -> list[str]:
     """One table row: build the graphs, check they agree, time them in interleaved rounds (forward-only: static and
     dynamic)."""
     module = nets.build(name)
@@ -95,17 +97,22 @@ def bench_net(name: str, size: tuple[int, ...], opset: int, fold: bool, threads:
     grad: dict[str, onnx.ModelProto] = {}
     for kind in KINDS:
         try:
-            grad[kind] = gradient_model(fwd[kind], outputs)
+            grad[kind] = gradient_model(fwd[kind], outputs, fed)
         except Exception as exc:  # report the row as failed and go on with the next network
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             return [name, f"{kind} graph fails: {first}"]
-    feeds = {"x": np.random.default_rng(0).standard_normal(size).astype(np.float32)}
+    rng = np.random.default_rng(0)
+    feeds = {"x": rng.standard_normal(size).astype(np.float32)}
+    if fed:  # one seed per output, shaped as the static forward's output
+        ys = ort_session(fwd["static"], threads).run(outputs, feeds)
+        feeds |= {f"gradients/{o}_seed": rng.standard_normal(y.shape).astype(np.float32)
+                  for o, y in zip(outputs, ys, strict=True)}
     runs: dict[str, Callable[[], object]] = {}
     results: dict[str, list[np.ndarray]] = {}
     for kind in KINDS:
         if kind in ("static", "dynamic"):
             f_sess = ort_session(fwd[kind], threads)
-            runs[f"fwd {kind}"] = lambda s=f_sess: s.run(None, feeds)
+            runs[f"fwd {kind}"] = lambda s=f_sess: s.run(None, {"x": feeds["x"]})
         g_sess = ort_session(grad[kind], threads)
         runs[f"fwd+bwd {kind}"] = lambda s=g_sess: s.run(None, feeds)
         results[kind] = g_sess.run(None, feeds)
@@ -161,6 +168,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--budget", type=float, default=15.0, help="seconds of timed rounds per network")
     parser.add_argument("--min-rounds", type=int, default=10)
+    parser.add_argument("--seeds", choices=["ones", "fed"], default="ones",
+                        help="the outputs' seeds: ones (constants: onnxruntime folds what depends on them alone in "
+                             "the static graph) or fed (graph inputs, random, as a loss's gradient)")
     parser.add_argument("--profile", type=int, default=0, metavar="RUNS",
                         help="also print per-op kernel times of each fwd+bwd graph from this many profiled runs")
     args = parser.parse_args(argv)
@@ -169,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for name in dict.fromkeys(args.net):
         row = bench_net(name, tuple(args.size), args.opset, not args.no_fold, args.threads, args.budget,
-                        args.min_rounds, args.profile)
+                        args.min_rounds, args.profile, args.seeds == "fed")
         print(" | ".join(row), flush=True)
         rows.append(row)
     print()

@@ -39,6 +39,8 @@ EXTRA = [
          id="1d-strided-wide-opset9"),
     # a begin pad past the kernel's reach: the flipped Conv would need a negative pad
     Case("Conv", [r(2, 2, 4, 4, seed=1), r(3, 2, 1, 1, seed=2)], attrs={"pads": [1, 0, 0, 1]}, id="1x1-padded"),
+    # a kernel of more taps than the flipped dX reverses by one MatMul: one Gather per axis instead
+    Case("Conv", [r(1, 2, 70, seed=1), r(3, 2, 66, seed=2)], attrs={"pads": [2, 1]}, id="long-kernel"),
 ]
 ALL_CASES = CASES + EXTRA
 
@@ -64,27 +66,35 @@ MANY = "more than one window"
 NO_SCATTER = "no ScatterElements at this opset"
 NO_ADD = "reduction='add' (overlapping windows)"
 
+STATIC_N = "the batch is static"
+
 ROWS = [
-    # Conv dW: interleaved, else im2col + Gemm, else the grouped Conv of X^T
+    # Conv dW: interleaved, else (a batch known only at run time that decides) an If on it between interleaved and
+    # im2col + Gemm, else im2col + Gemm, else the grouped Conv of X^T
     Row("Conv", "bias", "WEIGHT_GRAD", "interleaved"),
     Row("Conv", "1d-stride-leftover", "WEIGHT_GRAD", "interleaved"),
     Row("Conv", "same-upper", "WEIGHT_GRAD", "interleaved"),
     Row("Conv", "3d-valid", "WEIGHT_GRAD", "interleaved"),
     Row("Conv", "strided-opset9", "WEIGHT_GRAD", "interleaved"),
-    Row("Conv", "wide-weight-gemm", "WEIGHT_GRAD", "gemm", {"interleaved": "W outweighs the activations"}),
-    Row("Conv", "1x1-gemm", "WEIGHT_GRAD", "gemm", {"interleaved": "unstrided 1x1 kernel"}),
-    Row("Conv", "dilated-phases-gemm", "WEIGHT_GRAD", "gemm", {"interleaved": "dilated"}),
-    Row("Conv", "group-dilate", "WEIGHT_GRAD", "grouped", {"interleaved": GROUPED, "gemm": GROUPED}),
-    Row("Conv", "depthwise", "WEIGHT_GRAD", "grouped", {"interleaved": GROUPED, "gemm": GROUPED}),
+    Row("Conv", "wide-weight-gemm", "WEIGHT_GRAD", "gemm",
+        {"interleaved": "W outweighs the activations", "by_batch": STATIC_N}),
+    Row("Conv", "1x1-gemm", "WEIGHT_GRAD", "gemm", {"interleaved": "unstrided 1x1 kernel", "by_batch": STATIC_N}),
+    Row("Conv", "dilated-phases-gemm", "WEIGHT_GRAD", "gemm", {"interleaved": "dilated", "by_batch": STATIC_N}),
+    Row("Conv", "group-dilate", "WEIGHT_GRAD", "grouped",
+        {"interleaved": GROUPED, "by_batch": STATIC_N, "gemm": GROUPED}),
+    Row("Conv", "depthwise", "WEIGHT_GRAD", "grouped", {"interleaved": GROUPED, "by_batch": STATIC_N, "gemm": GROUPED}),
     Row("Conv", "1d-strided-wide-opset9", "WEIGHT_GRAD", "grouped",
-        {"interleaved": "W outweighs the activations", "gemm": "2-D only"}),
+        {"interleaved": "W outweighs the activations", "by_batch": STATIC_N, "gemm": "2-D only"}),
     Row("ConvTranspose", "output-padding", "WEIGHT_GRAD", "interleaved"),
     Row("ConvTranspose", "3d", "WEIGHT_GRAD", "interleaved"),
-    Row("ConvTranspose", "dilated-output-padding", "WEIGHT_GRAD", "gemm", {"interleaved": "dilated"}),
-    Row("ConvTranspose", "group-same-lower", "WEIGHT_GRAD", "grouped", {"interleaved": GROUPED, "gemm": GROUPED}),
+    Row("ConvTranspose", "dilated-output-padding", "WEIGHT_GRAD", "gemm",
+        {"interleaved": "dilated", "by_batch": STATIC_N}),
+    Row("ConvTranspose", "group-same-lower", "WEIGHT_GRAD", "grouped",
+        {"interleaved": GROUPED, "by_batch": STATIC_N, "gemm": GROUPED}),
     # Conv dX: the flipped-kernel Conv for stride 1, else ConvTranspose
     Row("Conv", "bias", "INPUT_GRAD", "flipped"),
     Row("Conv", "wide-weight-gemm", "INPUT_GRAD", "flipped"),
+    Row("Conv", "long-kernel", "INPUT_GRAD", "flipped"),
     Row("Conv", "same-lower", "INPUT_GRAD", "transpose", {"flipped": STRIDED}),
     Row("Conv", "stride-gt-kernel", "INPUT_GRAD", "transpose", {"flipped": STRIDED}),
     Row("Conv", "depthwise", "INPUT_GRAD", "transpose", {"flipped": GROUPED}),
@@ -321,7 +331,8 @@ DYNAMIC_ROWS = [
     Row("MaxPool", "scatter-tiling-pads", "MAX_POOL", "scatter"),
     # an unknown output size is taken to outweigh W: the interleaved Conv, but im2col + Gemm for 1x1
     Row("Conv", "wide-weight-gemm", "WEIGHT_GRAD", "interleaved"),
-    Row("Conv", "1x1-gemm", "WEIGHT_GRAD", "gemm", {"interleaved": "unstrided 1x1 kernel"}),
+    Row("Conv", "1x1-gemm", "WEIGHT_GRAD", "gemm",
+        {"interleaved": "unstrided 1x1 kernel", "by_batch": "would for every batch (run-time sizes)"}),
     Row("Conv", "stride-gt-kernel", "INPUT_GRAD", "transpose", {"flipped": STRIDED}),
     Row("Conv", "bias", "INPUT_GRAD", "flipped"),
     Row("AveragePool", "one-window", "SPREAD", "transpose", {"broadcast": MANY}),
@@ -560,3 +571,114 @@ def test_run_time_sizes_compute_no_more_rows_than_the_static_graph(size: tuple[i
     want = runtime.run(ref.model, {"x": x})
     for v in ("x", "W"):
         np.testing.assert_allclose(got[aug.gradients[v]], want[ref.gradients[v]], rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------ a batch known only at run time
+def _conv_model(batch: int | str, kernel: int, stride: int, m: int, size: tuple[int, int]) -> onnx.ModelProto:
+    """One Conv (pads kernel // 2) of x (batch, 3, *size) with a weight initializer W (m, 3, k, k)."""
+    x_info = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [batch, 3, *size])
+    y_info = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)
+    w = onnx.numpy_helper.from_array(_r(m, 3, kernel, kernel, seed=2).astype(np.float32), "W")
+    node = onnx.helper.make_node("Conv", ["x", "W"], ["y"], strides=[stride] * 2, pads=[kernel // 2] * 4)
+    graph = onnx.helper.make_graph([node], "conv", [x_info], [y_info], [w])
+    return onnx.shape_inference.infer_shapes(onnx.helper.make_model(graph, opset_imports=[
+        onnx.helper.make_opsetid("", 17)], ir_version=8))
+
+
+@dataclass(frozen=True)
+class BatchRow:
+    """A Conv whose batch is symbolic: the dW plan taken, each earlier plan's reason (a phrase), the batch sizes
+    to check it at."""
+
+    kernel: int
+    stride: int
+    m: int
+    size: tuple[int, int]
+    taken: str
+    reasons: dict[str, str]
+
+    @property
+    def name(self) -> str:
+        return f"{self.kernel}x{self.kernel}-s{self.stride}-M{self.m}-{self.size[0]}x{self.size[1]}-{self.taken}"
+
+
+BATCH_ROWS = [
+    BatchRow(1, 1, 4, (7, 6), "gemm", {"interleaved": "unstrided 1x1", "by_batch": "unstrided 1x1"}),
+    BatchRow(3, 1, 4, (7, 6), "interleaved", {}),
+    BatchRow(3, 2, 4, (7, 6), "interleaved", {}),
+    BatchRow(1, 2, 4, (7, 6), "interleaved", {}),
+    # out < M: im2col + Gemm for N * out < M (N = 1 here), the interleaved Conv from N = 2 on
+    BatchRow(3, 1, 20, (4, 3), "by_batch", {"interleaved": "W outweighs the activations"}),
+    BatchRow(3, 2, 20, (5, 6), "by_batch", {"interleaved": "W outweighs the activations"}),
+]
+
+
+@pytest.mark.parametrize("row", BATCH_ROWS, ids=lambda row: row.name)
+def test_weight_gradient_under_a_symbolic_batch(row: BatchRow) -> None:
+    """dW with the batch known only at run time (an export's dynamic_axes={'x': {0: 'batch'}}) and with it static:
+    the plan taken and why not the earlier ones; central differences at batch sizes 1, 2 and 3 from the one
+    symbolic-batch graph (both branches of by_batch's If); no Slice that copies all of X^T for a 1x1 tap
+    (onnxruntime drops one itself only where every size is static)."""
+    taken: list[str] = []
+
+    def spy(candidates: Mapping[str, plans.Plan], *args: Any) -> tuple[str, ir.Value]:
+        name, value = plans.choose(candidates, *args)
+        if candidates is plans.WEIGHT_GRAD:
+            taken.append(name)
+            reasons = plans.explain(candidates, *args)
+            for plan, phrase in row.reasons.items():
+                why = reasons[plan]
+                assert why is not None and phrase in why, (plan, why)
+            assert sorted(row.reasons) == sorted(list(reasons)[: list(reasons).index(name)])
+        return name, value
+
+    symbolic = _conv_model("N", row.kernel, row.stride, row.m, row.size)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(plans.conv, "choose", spy)
+        graph = onnxgrad.add_gradients(symbolic, ["y"], ["W"]).model.graph
+    assert taken == [row.taken]
+    assert row.taken != "gemm" or not [n for n in graph.node if n.op_type == "Slice"]
+    assert (row.taken == "by_batch") == any(n.op_type == "If" for n in graph.node)
+    for batch, model in [(2, _conv_model(2, row.kernel, row.stride, row.m, row.size)),
+                         *[(b, symbolic) for b in (1, 2, 3)]]:
+        feeds = {"x": _r(batch, 3, *row.size, seed=batch).astype(np.float32)}
+        rows = check_gradients(model, ["y"], ["W"], feeds, seed=batch)
+        bad = [f"{r.x}: {r.analytic:.6g} vs {r.numeric:.6g}" for r in rows if not r.ok]
+        assert not bad, f"batch {batch} ({model.graph.input[0].type.tensor_type.shape.dim[0]}): " + "; ".join(bad)
+
+
+def test_by_batch_agrees_with_the_static_graph_at_every_batch() -> None:
+    """by_batch's If runs im2col + Gemm while N * out < M and the interleaved Conv after (onnxruntime, float32):
+    both give the static graph's dW at each batch size."""
+    row = BATCH_ROWS[4]
+    aug = onnxgrad.add_gradients(_conv_model("N", row.kernel, row.stride, row.m, row.size), ["y"], ["W"])
+    (node,) = [n for n in aug.model.graph.node if n.op_type == "If"]
+    branches = {a.name: {n.op_type for n in a.g.node} for a in node.attribute}
+    assert "Gemm" in branches["then_branch"] and "Conv" not in branches["then_branch"], branches
+    assert "Conv" in branches["else_branch"] and "Gemm" not in branches["else_branch"], branches
+    for batch in (1, 2, 5):  # out = 12, M = 20: the Gemm at N = 1 only
+        x = _r(batch, 3, *row.size, seed=batch).astype(np.float32)
+        ref = onnxgrad.add_gradients(_conv_model(batch, row.kernel, row.stride, row.m, row.size), ["y"], ["W"])
+        want = runtime.run(ref.model, {"x": x})[ref.gradients["W"]]
+        got = runtime.run(aug.model, {"x": x})[aug.gradients["W"]]
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
+
+
+def test_by_batch_for_a_conv_transpose() -> None:
+    """ConvTranspose's dW runs the same plans with X and dY swapped: with W (20, 3, 3, 3) over a 2x3 input, N * 6 <
+    20 up to N = 3 (im2col + Gemm), the interleaved Conv after; central differences on both sides, from one graph."""
+    x_info = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 20, 2, 3])
+    y_info = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)
+    w = onnx.numpy_helper.from_array(_r(20, 3, 3, 3, seed=2).astype(np.float32), "W")
+    node = onnx.helper.make_node("ConvTranspose", ["x", "W"], ["y"], strides=[2, 2], pads=[1, 0, 0, 1],
+                                 output_padding=[1, 0])
+    graph = onnx.helper.make_graph([node], "convt", [x_info], [y_info], [w])
+    model = onnx.shape_inference.infer_shapes(onnx.helper.make_model(graph, opset_imports=[
+        onnx.helper.make_opsetid("", 17)], ir_version=8))
+    aug = onnxgrad.add_gradients(model, ["y"], ["W"])
+    assert [n.op_type for n in aug.model.graph.node].count("If") == 1
+    for batch in (1, 4):
+        rows = check_gradients(model, ["y"], ["W"], {"x": _r(batch, 20, 2, 3, seed=batch).astype(np.float32)},
+                               seed=batch)
+        bad = [f"{r.x}: {r.analytic:.6g} vs {r.numeric:.6g}" for r in rows if not r.ok]
+        assert not bad, f"batch {batch}: " + "; ".join(bad)

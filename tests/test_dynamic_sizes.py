@@ -105,3 +105,31 @@ def test_cli_grad_then_run_at_two_sizes(tmp_path: Path, cli: Cli) -> None:
             outputs = {key: got[grads[key]] for key in keys} | {"y": got["y"]}
         bad += _compare(f"cli at {n}x{h}x{w}:", outputs, {"y": y, **dict(zip(keys, want, strict=True))})
     assert not bad, "\n".join(bad)
+
+
+@pytest.mark.parametrize("name", list(nets.NETS))
+def test_batch_only_export_matches_torch_at_every_batch(name: str) -> None:
+    """The export almost every user makes: only the batch dynamic (dynamic_axes={'x': {0: 'n'}}), H and W static;
+    one gradient model against torch.autograd, the input's and every parameter's gradient, at batch sizes 1, 2
+    and 5 (the dW plans over a symbolic batch, onnxgrad/plans/conv.py: det's last strided conv, 9 outputs and 16
+    filters, takes by_batch's If, im2col + Gemm at batch 1 and the interleaved Conv from 2 on)."""
+    module = nets.build(name)
+    model = nets.export(module, name, 17, {0: "n"}, shape=(2, nets.IN_CHANNELS, 20, 18))
+    dims = [d.dim_param or d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["n", nets.IN_CHANNELS, 20, 18], dims
+    params = initializer_names(model, module)
+    ys = nets.OUTPUTS[name]
+    aug = add_gradients(model, ys, ["x", *params.values()], [NEW_INPUT] * len(ys))
+    onnx.checker.check_model(aug.model, full_check=True)
+    keys = ["x", *params]
+    rng = np.random.default_rng(5)
+    bad: list[str] = []
+    for n in (1, 2, 5):
+        x = rng.standard_normal((n, nets.IN_CHANNELS, 20, 18)).astype(np.float32)
+        _, cotangents, grads = nets.torch_grads(module, x, None, rng)
+        got = run(aug.model, {"x": x, **dict(zip(aug.new_inputs, cotangents, strict=True))})
+        names = {key: aug.gradients["x" if key == "x" else params[key]] for key in keys}
+        assert all(names.values()), names
+        bad += _compare(f"{name} at batch {n}:", {key: got[out] for key, out in names.items() if out},
+                        dict(zip(keys, grads, strict=True)))
+    assert not bad, "\n".join(bad)
