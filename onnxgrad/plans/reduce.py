@@ -18,12 +18,15 @@ Two forms, tried in this order:
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx_ir as ir
 
-from onnxgrad.emitter import Emitter
 from onnxgrad.plans.base import NotApplicable, choose
+
+if TYPE_CHECKING:  # the emitter's unbroadcast calls this plan: no import of the emitter at run time
+    from onnxgrad.emitter import Emitter
 
 MAX_ROWS = 1 << 16
 
