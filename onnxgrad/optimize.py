@@ -659,7 +659,7 @@ def _transpose_concat(em: Emitter, x: ir.Value, perm: list[int]) -> ir.Value | N
     q_i moves only axes of size 1 (a Reshape, no copy): one copy instead of two. PyTorch's attention exports
     stack q, k, v along a new axis and transpose it inward."""
     found = _concat_pieces(x)
-    if found is None:
+    if found is None or x.uses():  # a Concat something else reads already would be made twice
         return None
     pieces, axis, shapes = found
     for shape in shapes:
@@ -681,19 +681,20 @@ def _transpose_concat(em: Emitter, x: ir.Value, perm: list[int]) -> ir.Value | N
     return out
 
 
-def _transpose_matmul(em: Emitter, x: ir.Value, perm: list[int]) -> ir.Value | None:
+def _transpose_matmul(em: Emitter, x: ir.Value, perm: list[int], reused: int = 0) -> ir.Value | None:
     """Transpose(MatMul(a, b) (* scalar)) of the last two axes -> MatMul(b^T, a^T), float32 only: onnxruntime folds
     transposes of a MatMul's inputs into its FusedMatMul (no copy), not one of its output (PyTorch's attention
     exports transpose K before Q K^T, so dK comes out transposed)."""
     n = len(perm)
-    if n < 3 or perm != [*range(n - 2), n - 1, n - 2] or x.dtype != ir.DataType.FLOAT:
-        return None
+    if n < 3 or perm != [*range(n - 2), n - 1, n - 2] or x.dtype != ir.DataType.FLOAT or len(x.uses()) > reused:
+        return None  # (a value something else reads already would be computed twice)
     scaled = _producer(x, "Mul")
     if scaled is not None:  # (a b) * c with c a single number: c stays outside
         inner, c = scaled.inputs
         ones = None if c is None else _static(c)
-        if inner is not None and ones is not None and all(d == 1 for d in ones) and len(ones) <= n:
-            t = _transpose_matmul(em, inner, perm)
+        if inner is not None and ones is not None and all(d == 1 for d in ones) and len(ones) <= n \
+                and len(inner.uses()) == 1:
+            t = _transpose_matmul(em, inner, perm, reused=1)
             return None if t is None else em.Mul(t, c)
         return None
     node = _producer(x, "MatMul")
