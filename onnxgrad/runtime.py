@@ -6,6 +6,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -342,7 +343,13 @@ def session(
     if workarounds.has_remat(head):  # recomputed segments: an order and a planner that let them free memory
         workarounds.remat_session_options(opts)
     source = model if isinstance(model, str) else model.SerializeToString()
-    return ort.InferenceSession(source, opts, providers=providers_for(provider))
+    sess = ort.InferenceSession(source, opts, providers=providers_for(provider))
+    if provider == "cpu" and workarounds.has_run_time_kernel_conv(head):  # the CPU kernel's hang
+        _EMPTY_HANGS.add(sess)
+    return sess
+
+
+_EMPTY_HANGS: weakref.WeakSet[Any] = weakref.WeakSet()  # sessions an empty input would hang (workarounds.py)
 
 
 def run(
@@ -354,6 +361,9 @@ def run(
     """Run and return the named outputs (all outputs by default)."""
     live = isinstance(model, ort.InferenceSession | ReferenceSession)
     sess = model if live else session(model, provider)  # type: ignore[arg-type]
+    empty = workarounds.empty_input(feeds) if sess in _EMPTY_HANGS else None
+    if empty is not None:
+        raise ValueError(workarounds.EMPTY_CONV_MESSAGE.format(name=empty[0], shape=list(empty[1])))
     names = list(outputs) if outputs is not None else [o.name for o in sess.get_outputs()]
     return dict(zip(names, sess.run(names, dict(feeds)), strict=True))
 

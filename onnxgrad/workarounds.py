@@ -114,3 +114,36 @@ def remat_session_options(opts: object) -> None:
 def has_remat(model: object) -> bool:
     """True when an onnx ModelProto's metadata says onnxgrad recomputed forward values in it."""
     return any(p.key == REMAT_KEY for p in getattr(model, "metadata_props", ()))
+
+
+# ------------------------------------------------------------------------ a Conv over zero input channels
+# onnxruntime 1.31's CPU Conv never returns when its input has 0 channels (a (1, 0, 7, 18) input with a (4, 0, 7, 6)
+# kernel: killed after 10 s; 2 channels: 1 ms). The weight-gradient Convs of plans/conv.py take the batch as their
+# channels (the interleaved form: X as (1, N, ...), dY^T as the kernel; the grouped form: X^T as (C, N, ...)), so a
+# fwd+bwd run fed an empty batch would hang. ``runtime.session`` marks the CPU sessions of models with a Conv whose
+# kernel is a run-time value, and ``runtime.run`` refuses such a session an input with a zero-size dimension, with
+# this message, instead of hanging.
+
+EMPTY_CONV_MESSAGE = ("input {name!r} has a zero-size dimension {shape}: onnxruntime's Conv hangs over zero input "
+                      "channels, which the weight gradients of this model's convolutions (the batch as channels) "
+                      "would get; run it with at least one sample")
+
+
+def has_run_time_kernel_conv(model: object) -> bool:
+    """True when an onnx ModelProto's main graph has a Conv or ConvTranspose whose kernel is not an initializer."""
+    graph = getattr(model, "graph", None)
+    if graph is None:
+        return False
+    inits = {i.name for i in graph.initializer}
+    constants = {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    return any(n.op_type in ("Conv", "ConvTranspose") and len(n.input) > 1 and n.input[1] not in inits | constants
+               for n in graph.node)
+
+
+def empty_input(feeds: object) -> tuple[str, tuple[int, ...]] | None:
+    """The name and shape of a feed with a zero-size dimension, or None."""
+    for name, value in dict(feeds).items():  # type: ignore[call-overload]
+        shape = tuple(getattr(value, "shape", ()))
+        if 0 in shape:
+            return name, shape
+    return None
