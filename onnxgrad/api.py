@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -200,6 +200,9 @@ def gradients(
         seeds_spec = [None] * len(y_items)
     elif isinstance(grad_ys, str | ir.Value | np.ndarray | float | int | GradInput):
         seeds_spec = [grad_ys]
+    elif isinstance(grad_ys, Mapping):  # iterating it would take its keys (the names of ys) for value names
+        raise TypeError("grad_ys is a list aligned with ys (as in tf.gradients), not a dict: pass "
+                        "[grad_ys[y] for y in ys]")
     else:
         seeds_spec = list(grad_ys)  # type: ignore[arg-type]
     if len(seeds_spec) != len(y_items):

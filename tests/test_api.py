@@ -63,6 +63,8 @@ ERRORS = [
         re.escape("Length mismatch. Passed 2 grad_ys for 1 ys")),
     Err("grad-ys-length-two-ys", {"ys": ["y", "z"], "xs": "x", "grad_ys": [X]}, ValueError,
         re.escape("Length mismatch. Passed 1 grad_ys for 2 ys")),
+    Err("grad-ys-dict", {"ys": "y", "xs": "x", "grad_ys": {"y": X}}, TypeError, "not a dict",
+        extra=["[grad_ys[y] for y in ys]"]),
     Err("unconnected-unknown", {"ys": "y", "xs": "x", "unconnected_gradients": "zeros"}, ValueError,
         "unconnected_gradients", extra=["'zeros'", "'none'", "'zero'"]),
     Err("aggregation-unknown-name", {"ys": "y", "xs": "x", "aggregation_method": "tree"}, ValueError,

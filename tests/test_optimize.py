@@ -107,12 +107,19 @@ SCORES = Graph([N("q", "MatMul", "x", "wq"), N("k", "MatMul", "x", "wk"), N("kt"
 
 
 def test_transposed_matmul_gradient_moves_the_transpose_inside() -> None:
-    seed = {"y": RNG.uniform(-1, 1, (2, 3, 3)).astype(np.float32)}
+    seed = RNG.uniform(-1, 1, (2, 3, 3)).astype(np.float32)
     with plain():
-        before, expected = _grads(SCORES, ["y"], ["x", "wk"], grad_ys=seed)
-    after, got = _grads(SCORES, ["y"], ["x", "wk"], grad_ys=seed)
+        before, expected = _grads(SCORES, ["y"], ["x", "wk"], grad_ys=[seed])
+    after, got = _grads(SCORES, ["y"], ["x", "wk"], grad_ys=[seed])
     for name, value in expected.items():
         np.testing.assert_allclose(got[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
+    torch = pytest.importorskip("torch")  # and against autograd, in float64
+    x, wq, wk = (torch.tensor(a, dtype=torch.float64, requires_grad=name != "wq")
+                 for name, a in (("x", SCORES.feeds["x"]), ("wq", SCORES.inits["wq"]), ("wk", SCORES.inits["wk"])))
+    q, k = x @ wq, x @ wk
+    torch.softmax(q @ k.transpose(1, 2) * 0.5, -1).backward(torch.tensor(seed, dtype=torch.float64))
+    for name, ref in (("gradients/x_grad", x.grad), ("gradients/wk_grad", wk.grad)):
+        np.testing.assert_allclose(got[name], ref.numpy(), rtol=1e-4, atol=1e-5, err_msg=name)
     made = {o: n for n in after.graph.node if n.name.startswith("gradients") for o in n.output}
 
     def source(name: str) -> str:  # through a Mul by a single number
