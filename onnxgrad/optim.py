@@ -303,17 +303,6 @@ def clip_coefficient(em: Emitter, grads: Sequence[ir.Value], max_norm: float) ->
     return em.Min(em.Div(em.const(max_norm, dtype=f), em.Add(total, em.const(1e-6, dtype=f))), em.const(1.0, dtype=f))
 
 
-def clip_by_global_norm(em: Emitter, grads: Sequence[ir.Value], max_norm: float) -> list[ir.Value]:
-    """torch.nn.utils.clip_grad_norm_: g_i *= min(max_norm / (n + 1e-6), 1), n = ||(||g_1||, ..., ||g_k||)||."""
-    coef = clip_coefficient(em, grads, max_norm)
-    f = ir.DataType.FLOAT
-    out = []
-    for g in grads:
-        assert g.dtype is not None
-        out.append(em.Mul(g, coef if g.dtype == f else em.Cast(coef, to=int(g.dtype))))
-    return out
-
-
 # ------------------------------------------------------------------ lowering ai.onnx.preview.training ops
 def _attrs(node: ir.Node) -> dict[str, Any]:
     """The node's attributes, with the schema's defaults for those it leaves out."""

@@ -639,19 +639,16 @@ def _concat_pieces(x: ir.Value) -> tuple[list[ir.Value], int, list[tuple[int, ..
 
 
 def _known_shape(v: ir.Value | None) -> tuple[int, ...] | None:
-    """v's static shape, or the one the constant target of the new Reshape that made it gives."""
+    """v's static shape, or the one the constant target of the Reshape that made it gives (``_reshaped_dims``, or
+    a target of sizes alone)."""
     if v is None:
         return None
-    dims = _static(v)
-    node = _producer(v, "Reshape") if dims is None else None
-    target = None if node is None else const_array(node.inputs[1])
-    if node is None or target is None or target.ndim != 1:
-        return dims
-    if bool(np.all(target > 0)):
-        return tuple(int(d) for d in target)
-    source = None if node.inputs[0] is None else _static(node.inputs[0])
-    out = None if source is None else _reshape_target(source, target.tolist(), bool(_node_attr(node, "allowzero", 0)))
-    return None if out is None else tuple(out)
+    dims = _static(v) or _reshaped_dims(v)
+    if dims is None and (node := _producer(v, "Reshape")) is not None:
+        target = const_array(node.inputs[1])
+        if target is not None and target.ndim == 1 and bool(np.all(target > 0)):
+            dims = target.tolist()
+    return None if dims is None else tuple(int(d) for d in dims)
 
 
 def _transpose_concat(em: Emitter, x: ir.Value, perm: list[int]) -> ir.Value | None:
@@ -795,9 +792,10 @@ def _sum(em: Emitter, inputs: Inputs, attrs: dict[str, Any]) -> ir.Value | None:
 
 
 def _slice(em: Emitter, inputs: Inputs, attrs: dict[str, Any]) -> ir.Value | None:
-    """Slice that keeps every element (starts 0, ends past the static size, steps 1) -> x"""
+    """Slice that keeps every element (starts 0, ends past the static size, steps 1) -> x; only the sliced axes
+    need static sizes (a symbolic batch does not hide a no-op Slice of the spatial axes)"""
     x = inputs[0]
-    dims = None if x is None else _static(x)
+    dims = None if x is None else _dims(x)
     if dims is None or not is_new(x):
         return None
     if len(inputs) > 1:  # opset 10 on: starts, ends, axes, steps as inputs
@@ -814,7 +812,7 @@ def _slice(em: Emitter, inputs: Inputs, attrs: dict[str, Any]) -> ir.Value | Non
         steps = [1] * len(starts)
     for start, end, axis, step in zip(starts, ends, axes, steps, strict=False):
         size = dims[int(axis) % len(dims)]
-        if step != 1 or not (start == 0 or start <= -size) or end < size:
+        if type(size) is not int or step != 1 or not (start == 0 or start <= -size) or end < size:
             return None
     return x
 

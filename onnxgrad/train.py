@@ -581,12 +581,15 @@ def _batchnorm_train_grad(em: Emitter, node: ir.Node, dy: Sequence[ir.Value | No
     k_n = em.Div(em.Mul(_like(em, scale, x), inv), n)
     c1 = em.Neg(em.Mul(em.Mul(k_n, inv), d_scale))
     c2 = em.Neg(em.Mul(k_n, sum_dy))
-    # d c1 + c2 in one pass: BatchNormalization in inference mode with mean 0, variance 1 and epsilon 0 is
-    # exactly (d - 0) / sqrt(1) c1 + c2 (16% faster than a Mul and an Add over d)
-    zeros, ones = (em.full_like(scale, fill, dtype_of(c1)) for fill in (0.0, 1.0))  # per channel, like scale
-    affine = em.BatchNormalization(d, c1, c2, zeros, ones, epsilon=0.0)
-    dx = em.Add(em.Mul(g, view(em.Mul(k_n, n))), affine)
+    dx = em.Add(em.Mul(g, view(em.Mul(k_n, n))), _channel_affine(em, d, c1, c2, scale))
     return [dx, _like(em, d_scale, scale), _like(em, sum_dy, bias)]
+
+
+def _channel_affine(em: Emitter, d: ir.Value, a: ir.Value, b: ir.Value, scale: ir.Value) -> ir.Value:
+    """d a + b per channel (a, b like scale) in one pass: BatchNormalization in inference mode with mean 0,
+    variance 1 and epsilon 0 is exactly (d - 0) / sqrt(1) a + b (16% faster than a Mul and an Add over d)."""
+    zeros, ones = (em.full_like(scale, fill, dtype_of(a)) for fill in (0.0, 1.0))
+    return em.BatchNormalization(d, a, b, zeros, ones, epsilon=0.0)
 
 
 def _batch_sums(em: Emitter, node: ir.Node, g: ir.Value, var: ir.Value, d: ir.Value, axes: list[int]
@@ -625,11 +628,9 @@ def _conv_batchnorm_train_grad(em: Emitter, node: ir.Node, dy: Sequence[ir.Value
     r = rank_of(z)
     assert conv is not None and r is not None
     inv, sum_dy, d_scale = _batch_sums(em, node, g, var, d, [0, *range(2, r)])
-    # u = dy + d a + b in one BatchNormalization pass over d (mean 0, variance 1, epsilon 0) and an Add
     a = em.Neg(em.Div(em.Mul(inv, d_scale), n))
     b = em.Neg(em.Div(sum_dy, n))
-    zeros, ones = (em.full_like(scale, fill, dtype_of(a)) for fill in (0.0, 1.0))
-    u = em.Add(g, em.BatchNormalization(d, a, b, zeros, ones, epsilon=0.0))
+    u = em.Add(g, _channel_affine(em, d, a, b, scale))  # u = dy + d a + b
     u.dtype, u.shape = z.dtype, z.shape
     win, group = conv_window(conv, x, w, em), attr(conv, "group", 1)
     k = em.Reshape(_like(em, em.Mul(_like(em, scale, z), inv), w), em.ints([-1, *[1] * (win.rank + 1)]))

@@ -134,9 +134,8 @@ def has_run_time_kernel_conv(model: object) -> bool:
     graph = getattr(model, "graph", None)
     if graph is None:
         return False
-    inits = {i.name for i in graph.initializer}
-    constants = {o for n in graph.node if n.op_type == "Constant" for o in n.output}
-    return any(n.op_type in ("Conv", "ConvTranspose") and len(n.input) > 1 and n.input[1] not in inits | constants
+    fixed = {i.name for i in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    return any(n.op_type in ("Conv", "ConvTranspose") and len(n.input) > 1 and n.input[1] not in fixed
                for n in graph.node)
 
 

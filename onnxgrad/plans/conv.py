@@ -116,15 +116,20 @@ def gemm_is_faster(em: Emitter, x: ir.Value, win: Window, w: ir.Value) -> str | 
         return "unstrided 1x1 kernel: im2col + Gemm is a plain Gemm"
     wd, xd = static_dims(w), x.shape
     batch = xd[0] if xd is not None and isinstance(xd[0], int) else 1
-    # im2col copies ~2 * C * taps * N * out values, 4x slower when strided taps need phase slices (opset < 10);
-    # the interleaved plan's dW transpose costs ~2 * M * C * taps more than the Gemm plan's reshape
-    phases = 4 if not em.slice_steps and any(s != 1 for s in win.strides) else 1
     if None in win.size_out:  # run-time sizes: an image-sized output is taken to outweigh W
         return None
-    cost = batch * math.prod(win.size_out) * phases  # type: ignore[arg-type]
+    cost = batch * _sample_cost(em, win)
     if wd is not None and cost < wd[0]:
         return f"W outweighs the activations (N * out * phases = {cost} < M = {wd[0]}): im2col + Gemm is faster"
     return None
+
+
+def _sample_cost(em: Emitter, win: Window) -> int:
+    """One sample's share of im2col's cost against the interleaved plan's, out * phases (static output sizes):
+    im2col copies ~2 * C * taps * N * out values, 4x slower when strided taps need phase slices (opset < 10);
+    the interleaved plan's dW transpose costs ~2 * M * C * taps more than the Gemm plan's reshape."""
+    phases = 4 if not em.slice_steps and any(s != 1 for s in win.strides) else 1
+    return math.prod(win.size_out) * phases  # type: ignore[arg-type]
 
 
 def weight_grad_by_batch(em: Emitter, x: ir.Value, g: ir.Value, win: Window, group: int,
@@ -141,8 +146,7 @@ def weight_grad_by_batch(em: Emitter, x: ir.Value, g: ir.Value, win: Window, gro
         return NotApplicable("opset < 9: a branch's int64 constants would be initializers of the branch")
     if math.prod(win.kernel) == 1 and all(s == 1 for s in win.strides):
         return NotApplicable("unstrided 1x1 kernel: im2col + Gemm for every batch")
-    phases = 4 if not em.slice_steps and any(s != 1 for s in win.strides) else 1
-    cost = math.prod(win.size_out) * phases  # type: ignore[arg-type]
+    cost = _sample_cost(em, win)
     if cost >= wd[0]:
         return NotApplicable(f"one sample's output outweighs W (out * phases = {cost} >= M = {wd[0]}): "
                              "the interleaved Conv for every batch")
@@ -249,7 +253,6 @@ def _taps(em: Emitter, xt: ir.Value, win: Window) -> list[ir.Value]:
     end = [max(0, r - (size + b)) for r, size, b in zip(reach, win.size_in, win.begin, strict=True)]  # type: ignore[operator]
     if any(win.begin) or any(end):
         xt = em.pad(xt, [0, 0, *win.begin, 0, 0, *end])
-    padded = [size + b + e for size, b, e in zip(win.size_in, win.begin, end, strict=True)]  # type: ignore[operator]
     axes = list(range(2, n + 2))
     taps = []
     for tap in np.ndindex(*win.kernel):
@@ -261,9 +264,6 @@ def _taps(em: Emitter, xt: ir.Value, win: Window) -> list[ir.Value]:
             taps.append(em.Reshape(em.slice(split, [0, 0], [1, 1], [3, 5]), em.ints([0, 0, mh, mw])))
         else:
             ends = [st + s * (m - 1) + 1 for st, s, m in zip(starts, win.strides, size_out, strict=True)]
-            if ends == padded and not strided and not any(starts) and static_dims(xt) is None:
-                taps.append(xt)  # all of X^T (a 1x1 tap); onnxruntime drops this Slice itself only where every
-                continue  # size is static (there it stays, and the static graphs stay as they were)
             taps.append(em.slice(xt, starts, ends, axes, list(win.strides) if strided else None))
     return taps
 

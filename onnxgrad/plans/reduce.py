@@ -46,7 +46,7 @@ def sum_leading_gemv(em: Emitter, g: ir.Value, lead: int) -> ir.Value | NotAppli
     flat.shape = ir.Shape([rows, math.prod(rest) if all(isinstance(d, int) for d in rest) else None])  # type: ignore[arg-type]
     out = em.MatMul(em.const(np.ones(rows), like=g), flat)
     if len(rest) != 1:
-        out = em.Reshape(out, em.cat_ints([] if not rest else em.dims(g, range(lead, len(dims)))))  # type: ignore[arg-type]
+        out = em.Reshape(out, em.cat_ints(em.dims(g, range(lead, len(dims)))))
     out.shape = ir.Shape(rest)
     return out
 
