@@ -271,10 +271,12 @@ def backprop(em: Emitter, nodes: Iterable[ir.Node], req: Request, opsets: Mappin
             continue
         if rule.dense:
             grads_out = [em.zeros_like(out) if g is None else g for g, out in zip(grads_out, node.outputs, strict=True)]
+        since = len(em.nodes)
         grads_in = list(rule.fn(em, node, grads_out))
         captured = implicit_inputs(node) if rule.captures else []
         if len(grads_in) != rule.arity(node) + len(captured):
             raise _arity_error(node, len(grads_in), rule.arity(node) + len(captured))
+        grads_captured: list[Any] = []
         if captured:  # the outer-scope values the subgraphs read: after the inputs, in implicit_inputs' order
             grads_in, grads_captured = grads_in[:rule.arity(node)], grads_in[rule.arity(node):]
             for c, g in zip(captured, grads_captured, strict=True):
@@ -288,8 +290,14 @@ def backprop(em: Emitter, nodes: Iterable[ir.Node], req: Request, opsets: Mappin
         grads_in += [None] * (len(node.inputs) - len(grads_in))
         undefined = [i for i, g in enumerate(grads_in) if g is UNDEFINED]
         _undefined_inputs(walk, node, between, undefined, where)
+        kept = {id(g) for inp, g in zip([*node.inputs, *captured], [*grads_in, *grads_captured], strict=True)
+                if inp is not None and inp in between}
         for i, (inp, g) in enumerate(zip(node.inputs, grads_in, strict=True)):
-            if g is None or g is UNDEFINED or inp is None or inp not in between:
+            if g is None or g is UNDEFINED:
+                continue
+            if inp is None or inp not in between:  # a gradient no path needs: taken back at once
+                if isinstance(g, ir.Value) and id(g) not in kept and g not in grads_out:
+                    em.discard(g, since, kept)
                 continue
             if rule.unbroadcast_input(i):
                 if g.shape is None:  # a broadcasting rule's gradients are shaped like its output

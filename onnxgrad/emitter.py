@@ -12,7 +12,7 @@ Nothing an emitter builds touches the graph until ``commit``; ``rollback`` detac
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -160,6 +160,8 @@ class Emitter:
         self._consts: dict[tuple[Any, ...], ir.Value] = {}
         self._shapes: dict[int, ir.Value] = {}
         self._emitted: dict[tuple[Any, ...], tuple[ir.Value, ...]] = {}
+        self._keys_of: dict[int, list[tuple[Any, ...]]] = {}  # id of a value -> the CSE keys that hand it out
+        self._pinned: set[int] = set()  # ids of values the constant and shape caches hand out
         self._valid_ops: set[str] = set()  # ai.onnx op types already checked against the schema at ``opset``
         self.aggregation = aggregation  # how add_n adds gradient terms: 'add_n' (one Sum), 'tree' or 'accumulate'
 
@@ -192,7 +194,7 @@ class Emitter:
         simpler = simplify(self, op_type, inputs, attrs) if _outputs == 1 and _domain in ("", "ai.onnx") else None
         if simpler is not None:  # folded or a no-op (onnxgrad.optimize); the forward part is never touched
             if key is not None:
-                self._emitted[key] = (simpler,)
+                self._remember(key, (simpler,))
             return simpler
         attributes = ir.convenience.convert_attributes(
             {k: v for k, v in attrs.items() if v is not None}
@@ -208,8 +210,34 @@ class Emitter:
         self._shape_outputs(node, attrs)
         self.nodes.append(node)
         if key is not None:
-            self._emitted[key] = tuple(node.outputs)
+            self._remember(key, tuple(node.outputs))
         return node.outputs[0] if _outputs == 1 else tuple(node.outputs)
+
+    def _remember(self, key: tuple[Any, ...], outs: tuple[ir.Value, ...]) -> None:
+        self._emitted[key] = outs
+        for out in outs:
+            self._keys_of.setdefault(id(out), []).append(key)
+
+    def discard(self, value: ir.Value, since: int, keep: Collection[int] = ()) -> None:
+        """Take back ``value``, a result the caller will not use, with whatever only it reads, among the nodes
+        emitted since there were ``since`` (but for the values whose ids are in ``keep``): their inputs are
+        detached and common-subexpression sharing forgets them, so that the clean-ups that follow count only real
+        readers of a value (optimize's guards against computing something twice). Commit would drop them anyway."""
+        fresh = {id(n) for n in self.nodes[since:]}
+        stack = [value]
+        while stack:
+            node = stack.pop().producer()
+            if node is None or id(node) not in fresh or node.graph is not None:
+                continue
+            if any(o.uses() or o.is_graph_output() or id(o) in self._pinned or id(o) in keep for o in node.outputs):
+                continue
+            fresh.discard(id(node))
+            stack.extend(v for v in node.inputs if v is not None)
+            for i in range(len(node.inputs)):
+                node.replace_input_with(i, None)
+            for out in node.outputs:
+                for key in self._keys_of.pop(id(out), []):
+                    self._emitted.pop(key, None)
 
     def _check_op(self, op_type: str) -> None:
         """Raise when the ai.onnx op ``op_type`` does not exist at this opset; remember it when it does."""
@@ -292,6 +320,7 @@ class Emitter:
                                shape=ir.Shape(array.shape), const_value=tensor)
                 self.initializers.append(hit)
             self._consts[key] = hit
+            self._pinned.add(id(hit))
         return hit
 
     def ints(self, values: Sequence[int]) -> ir.Value:
@@ -316,6 +345,7 @@ class Emitter:
         if hit is None:
             hit = self.op("Shape", x)
             self._shapes[id(x)] = hit
+            self._pinned.add(id(hit))
         return hit
 
     def reshape_like(self, g: ir.Value, x: ir.Value) -> ir.Value:

@@ -223,3 +223,27 @@ def test_rank_names_the_value_and_the_node() -> None:
     with pytest.raises(ValueError, match=r"Gather 'g1': the gradient needs the rank of 'h'"):
         rank(unknown, node)
     assert rank(ir.Value(name="k", shape=ir.Shape([2, None]))) == 2
+
+
+def test_discard_takes_back_only_what_nothing_else_reads() -> None:
+    """A gradient the walk does not need is taken back with what only it reads: a value kept (da) and the ones
+    the caches hand out stay whole; an op asked for again after its discard is made anew, inputs and all."""
+    feeds = {"a": RNG.uniform(1, 2, (2, 3)), "b": RNG.uniform(1, 2, (2, 3))}
+
+    def build(em: Emitter, v: dict[str, ir.Value]) -> list[ir.Value]:
+        out = em.Div(v["a"], v["b"])  # a forward value: made before the rule
+        since = len(em.nodes)
+        da = em.Div(em.Exp(v["a"]), v["b"])  # the rule's two results share da, as Div's rule does
+        db = em.Neg(em.Mul(da, out))
+        mul = db.producer().inputs[0].producer()  # type: ignore[union-attr]
+        em.discard(db, since, keep={id(da)})
+        assert not db.producer().inputs or db.producer().inputs[0] is None  # type: ignore[union-attr]
+        assert mul.inputs[0] is None and len(da.uses()) == 0 and da.producer().inputs[0] is not None  # type: ignore
+        again = em.Mul(da, out)
+        assert again is not mul.outputs[0] and again.producer().inputs[0] is da  # type: ignore[union-attr]
+        return [da, again]
+
+    (da, again), _ = emit(17, feeds, build)
+    a, b = feeds["a"], feeds["b"]
+    np.testing.assert_allclose(da, np.exp(a) / b, rtol=1e-12)
+    np.testing.assert_allclose(again, np.exp(a) / b * (a / b), rtol=1e-12)

@@ -134,6 +134,35 @@ def test_transposed_matmul_gradient_moves_the_transpose_inside() -> None:
     assert any(source(n.input[0]) == "MatMul" for n in before.graph.node if n.op_type == "Transpose")
 
 
+# As PyTorch's nn.MultiheadAttention exports it: K transposed, then scaled by a number the walk does not
+# differentiate. The Mul rule's gradient for that number (dY * K^T, no path needs it) is taken back at once, so the
+# dK^T MatMul has one reader and its Transpose still moves inside.
+SCALED_K = Graph([N("q", "MatMul", "x", "wq"), N("k", "MatMul", "x", "wk"), N("kt", "Transpose", "k", perm=[0, 2, 1]),
+                  N("ks", "Mul", "kt", "c"), N("s", "MatMul", "q", "ks"), N("y", "Softmax", "s", axis=-1)],
+                 inputs={"x": _u(2, 3, 4).astype(np.float32)},
+                 inits={"wq": _u(4, 4).astype(np.float32), "wk": _u(4, 4).astype(np.float32),
+                        "c": np.array([0.5], np.float32)})
+
+
+def test_a_gradient_no_path_needs_does_not_block_the_clean_up() -> None:
+    seed = RNG.uniform(-1, 1, (2, 3, 3)).astype(np.float32)
+    after, got = _grads(SCALED_K, ["y"], ["x", "wk"], grad_ys=[seed])
+    torch = pytest.importorskip("torch")  # against autograd, in float64
+    x, wq, wk = (torch.tensor(a, dtype=torch.float64, requires_grad=name != "wq")
+                 for name, a in (("x", SCALED_K.feeds["x"]), ("wq", SCALED_K.inits["wq"]),
+                                 ("wk", SCALED_K.inits["wk"])))
+    torch.softmax((x @ wq) @ ((x @ wk).transpose(1, 2) * 0.5), -1).backward(torch.tensor(seed, dtype=torch.float64))
+    for name, ref in (("gradients/x_grad", x.grad), ("gradients/wk_grad", wk.grad)):
+        np.testing.assert_allclose(got[name], ref.numpy(), rtol=1e-4, atol=1e-5, err_msg=name)
+    made = {o: n for n in after.graph.node if n.name.startswith("gradients") for o in n.output}
+    for node in after.graph.node:
+        if node.op_type == "Transpose" and node.name.startswith("gradients"):
+            inner = made.get(node.input[0])
+            if inner is not None and inner.op_type == "Mul":
+                inner = made.get(inner.input[0])
+            assert inner is None or inner.op_type != "MatMul", node.name
+
+
 def test_no_op_shape_chains_leave_nothing() -> None:
     model, _ = _grads(CHAINS, ["y"], ["x"])
     ops = _ops(model)
