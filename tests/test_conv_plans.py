@@ -97,7 +97,10 @@ ROWS = [
     Row("Conv", "long-kernel", "INPUT_GRAD", "flipped"),
     Row("Conv", "same-lower", "INPUT_GRAD", "transpose", {"flipped": STRIDED}),
     Row("Conv", "stride-gt-kernel", "INPUT_GRAD", "transpose", {"flipped": STRIDED}),
-    Row("Conv", "depthwise", "INPUT_GRAD", "transpose", {"flipped": GROUPED}),
+    Row("Conv", "depthwise", "INPUT_GRAD", "transpose", {"flipped": STRIDED}),
+    Row("Conv", "depthwise-7x7", "INPUT_GRAD", "flipped"),
+    Row("Conv", "group-unstrided", "INPUT_GRAD", "flipped"),
+    Row("Conv", "depthwise-multiplier-dilated", "INPUT_GRAD", "flipped"),
     Row("Conv", "1x1-padded", "INPUT_GRAD", "transpose", {"flipped": "wider than the kernel's reach"}),
     # a window sum's adjoint: one broadcast Mul for one window over the whole input, else ConvTranspose
     Row("AveragePool", "one-window", "SPREAD", "broadcast"),

@@ -9,7 +9,9 @@ Weight gradient dW = dY (*) X, four forms, tried in this order:
 - ``grouped``: one grouped Conv of X^T with dY^T as the kernel (always applies).
 
 Input gradient dX, two forms: ``flipped`` (stride 1: a Conv of dY with W flipped and its channel axes
-swapped) and ``transpose`` (a ConvTranspose of dY with W; always applies).
+swapped within each group) and ``transpose`` (a ConvTranspose of dY with W; always applies). A Conv with a constant
+kernel takes onnxruntime's NCHWc path, a ConvTranspose never: a 7x7 depthwise dX (ConvNeXt) costs 10x its
+forward Conv as a ConvTranspose.
 """
 
 from __future__ import annotations
@@ -302,9 +304,7 @@ def conv_weight_grad(em: Emitter, x: ir.Value, g: ir.Value, win: Window, group: 
 
 # ------------------------------------------------------------------------ dX
 def input_grad_flipped(em: Emitter, g: ir.Value, w: ir.Value, win: Window, group: int) -> ir.Value | NotApplicable:
-    """dX of a stride-1 conv: Conv(dY, W flipped, channels swapped)."""
-    if group != 1:
-        return NotApplicable(f"grouped conv (group {group})")
+    """dX of a stride-1 conv: Conv(dY, W flipped, channels swapped within each group)."""
     if any(s != 1 for s in win.strides):
         return NotApplicable("strided: the flipped Conv would need dY dilated")
     if w.shape is None:
@@ -315,7 +315,17 @@ def input_grad_flipped(em: Emitter, g: ir.Value, w: ir.Value, win: Window, group
     if any(v < 0 for v in begin + end):
         return NotApplicable("a pad wider than the kernel's reach (the flipped Conv's pads would be negative)")
     n = win.rank
-    flipped = em.Transpose(w, perm=[1, 0, *range(2, n + 2)])
+    if group == 1:
+        flipped = em.Transpose(w, perm=[1, 0, *range(2, n + 2)])
+    else:  # (G * Mg, Cg, *k) -> (G * Cg, Mg, *k); a Reshape alone for a depthwise conv (Mg or Cg is 1)
+        wd = static_dims(w)
+        if wd is None:
+            return NotApplicable(f"grouped conv (group {group}) of a W whose shape is not static")
+        mg, cg, k = wd[0] // group, wd[1], list(wd[2:])
+        flipped = em.Reshape(w, em.ints([group, mg, cg, *k]))
+        if mg > 1 and cg > 1:
+            flipped = em.Transpose(flipped, perm=[0, 2, 1, *range(3, n + 3)])
+        flipped = em.Reshape(flipped, em.ints([group * cg, mg, *k]))
     taps = math.prod(win.kernel)
     if 1 < taps <= _FLIP_BY_MATMUL and w.dtype in _MATMUL_TYPES:
         # every spatial axis reversed = the row-major taps reversed: one MatMul of (I, O, taps) with the exchange
@@ -328,7 +338,7 @@ def input_grad_flipped(em: Emitter, g: ir.Value, w: ir.Value, win: Window, group
         for axis, k in zip(range(2, n + 2), win.kernel, strict=True):
             if k > 1:
                 flipped = em.Gather(flipped, em.ints(list(range(k - 1, -1, -1))), axis=axis)
-    return em.Conv(g, flipped, pads=[*begin, *end], dilations=list(win.dilations))
+    return em.Conv(g, flipped, pads=[*begin, *end], dilations=list(win.dilations), group=group if group > 1 else None)
 
 
 _FLIP_BY_MATMUL = 64  # kernels of up to this many taps are flipped by one MatMul (its cost grows with taps^2)

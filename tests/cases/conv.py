@@ -52,6 +52,13 @@ CASES: list[Case] = [
     Case("Conv", [r(2, 3, 6, 6, seed=1), r(3, 1, 3, 3, seed=2)],
          attrs={"group": 3, "strides": [2, 2], "pads": [1, 1, 0, 0], "kernel_shape": [3, 3]}, opset=13,
          id="depthwise"),
+    # stride 1: dX is the grouped Conv of dY with W flipped (plans.conv.input_grad_flipped)
+    Case("Conv", [r(2, 4, 9, 8, seed=1), r(4, 1, 7, 7, seed=2), r(4, seed=3)],
+         attrs={"group": 4, "pads": [3, 3, 3, 3]}, opset=11, id="depthwise-7x7"),
+    Case("Conv", [r(2, 4, 6, 5, seed=1), r(6, 2, 3, 3, seed=2)], attrs={"group": 2, "pads": [1, 0, 1, 2]}, opset=13,
+         id="group-unstrided"),
+    Case("Conv", [r(1, 3, 5, 6, seed=1), r(6, 1, 3, 2, seed=2)], attrs={"group": 3, "dilations": [2, 1]}, opset=17,
+         id="depthwise-multiplier-dilated"),
     Case("Conv", [r(1, 2, 5, 6, seed=1), r(3, 2, 3, 3, seed=2)], attrs={"auto_pad": "SAME_UPPER", "strides": [2, 2]},
          opset=11, id="same-upper"),
     Case("Conv", [r(2, 2, 6, 5, seed=1), r(2, 2, 2, 3, seed=2)], attrs={"auto_pad": "SAME_LOWER", "strides": [2, 1]},
