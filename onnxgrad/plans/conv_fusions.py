@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import onnx_ir as ir
@@ -24,24 +23,12 @@ import onnx_ir as ir
 from onnxgrad import registry
 from onnxgrad.emitter import Emitter, attr, static_dims
 from onnxgrad.geometry import Window, conv_window, padded
-from onnxgrad.plans.base import NotApplicable
+from onnxgrad.plans.activation_fusions import gelu_erf
+from onnxgrad.plans.base import Fusion, FusionGrad, NotApplicable, own_rule
 from onnxgrad.plans.conv import conv_input_grad, conv_weight_grad
 
 if TYPE_CHECKING:
     from onnxgrad.backprop import WalkContext
-
-FusionGrad = Callable[[Emitter, Sequence[ir.Value | None]], list[tuple[ir.Value, ir.Value | None]]]
-
-
-@dataclass(frozen=True)
-class Fusion:
-    """Nodes differentiated together by one function: ``nodes`` in graph order, and only the last one's outputs
-    receive gradient from outside the group. ``grad`` maps the gradients of the last node's outputs to
-    (input value read from outside the group, its gradient contribution) pairs."""
-
-    nodes: tuple[ir.Node, ...]
-    grad: FusionGrad
-
 
 def kernel_fold(conv: ir.Node) -> str | None:
     """Why a per-output-channel factor on this Conv's dY is not better moved onto W and dW (work the size of W)
@@ -62,12 +49,6 @@ def kernel_fold(conv: ir.Node) -> str | None:
     return None
 
 
-def _own_rule(ctx: WalkContext, op_type: str) -> bool:
-    """Whether ``op_type``'s gradient is onnxgrad's own rule (a fusion must not bypass one a user registered)."""
-    rule = registry.lookup("", op_type, ctx.opset)
-    return rule is not None and rule.fn is not None and rule.fn.__module__.startswith("onnxgrad.rules.")
-
-
 def _conv_feeding(ctx: WalkContext, node: ir.Node, index: int, on_path: set[int]) -> ir.Node | NotApplicable:
     """The Conv whose output is input ``index`` of ``node`` and that the walk differentiates, where nothing but
     ``node`` reads that output and no gradient reaches it from elsewhere."""
@@ -81,7 +62,7 @@ def _conv_feeding(ctx: WalkContext, node: ir.Node, index: int, on_path: set[int]
         return NotApplicable("the Conv output is a graph output, an x, a y or stopped")
     if [u for u in z.uses() if u.node.graph is not None] != [(node, index)]:
         return NotApplicable("the Conv output has other readers")
-    if not (_own_rule(ctx, "Conv") and _own_rule(ctx, node.op_type)):
+    if not (own_rule(ctx, "Conv") and own_rule(ctx, node.op_type)):
         return NotApplicable("a gradient rule registered by the user replaces onnxgrad's own")
     slower = kernel_fold(conv)
     return NotApplicable(slower) if slower else conv
@@ -189,20 +170,32 @@ def _conv_mul_grad(ctx: WalkContext, conv: ir.Node, mul: ir.Node, index: int) ->
     return grad
 
 
-FUSIONS: dict[str, Callable[[WalkContext, ir.Node, set[int]], Fusion | NotApplicable]] = {
-    "BatchNormalization": conv_batch_norm, "Mul": conv_mul,
+Maker = Callable[["WalkContext", ir.Node, set[int]], Fusion | NotApplicable]
+FUSIONS: dict[str, tuple[Maker, ...]] = {  # by the op type of the node that ends a fusion; the first that applies
+    "BatchNormalization": (conv_batch_norm,), "Mul": (conv_mul, gelu_erf),
 }
 
 
+def _found(ctx: WalkContext, node: ir.Node, on_path: set[int]) -> Fusion | NotApplicable | None:
+    """The first fusion that ``node`` ends, why none does, or None where no fusion ends with its op type."""
+    makers = FUSIONS.get(node.op_type, ()) if node.domain in ("", "ai.onnx") else ()
+    reasons = []
+    for make in makers:
+        found = make(ctx, node, on_path)
+        if isinstance(found, Fusion):
+            return found
+        reasons.append(found.reason)
+    return NotApplicable("; ".join(reasons)) if reasons else None
+
+
 def explain(ctx: WalkContext, path: Sequence[ir.Node]) -> dict[str, str | None]:
-    """For each node of ``path`` that may end a fusion (by its first output's name): None where its fusion
-    applies, else why not."""
+    """For each node of ``path`` that may end a fusion (by its first output's name): None where a fusion
+    applies, else why none does."""
     on_path = {id(n) for n in path}
     out = {}
     for node in path:
-        make = FUSIONS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
-        if make is not None:
-            found = make(ctx, node, on_path)
+        found = _found(ctx, node, on_path)
+        if found is not None:
             out[node.outputs[0].name or node.op_type] = found.reason if isinstance(found, NotApplicable) else None
     return out
 
@@ -210,10 +203,4 @@ def explain(ctx: WalkContext, path: Sequence[ir.Node]) -> dict[str, str | None]:
 def fusions(ctx: WalkContext, path: Sequence[ir.Node]) -> list[Fusion]:
     """The fusions that apply on ``path`` (the nodes the walk differentiates, in graph order)."""
     on_path = {id(n) for n in path}
-    found = []
-    for node in path:
-        make = FUSIONS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
-        fusion = None if make is None else make(ctx, node, on_path)
-        if isinstance(fusion, Fusion):
-            found.append(fusion)
-    return found
+    return [f for node in path if isinstance(f := _found(ctx, node, on_path), Fusion)]

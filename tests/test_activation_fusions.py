@@ -1,0 +1,119 @@
+"""The GELU that exporters write out op by op (plans/activation_fusions.py), differentiated as one function of x:
+where the fusion applies, against torch.autograd in float64 and against the node-by-node rules; the gradient reads
+x alone, so onnxruntime fuses the forward pattern into its Gelu kernel; where it does not apply, it says why and the
+node-by-node gradient is the same."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+import onnxgrad
+from onnxgrad import plans
+from tests.graphs import Graph, N, build, run
+
+RNG = np.random.default_rng(11)
+F32 = np.float32
+X = RNG.uniform(-3, 3, (4, 6)).astype(F32)
+W = RNG.uniform(-1, 1, (6, 5)).astype(F32)
+SQRT2 = np.array(np.sqrt(2.0), F32)
+SEED = RNG.uniform(-1, 1, (4, 5)).astype(F32)
+
+
+def _gelu(inner: N, prod: tuple[str, str] = ("h", "s"), half_first: bool = False, add_first: bool = False) -> list[N]:
+    """h = x W, then y = (h * (erf(inner) + 1)) * 0.5 with the factors in the orders given."""
+    return [N("h", "MatMul", "x", "w"), inner, N("e", "Erf", "t"),
+            N("s", "Add", *(("one", "e") if add_first else ("e", "one"))), N("a", "Mul", *prod),
+            N("y", "Mul", *(("half", "a") if half_first else ("a", "half")))]
+
+
+@dataclass(frozen=True)
+class Row:
+    id: str
+    nodes: Sequence[N]
+    why: str | None  # None: the fusion applies; else a phrase of its reason not to
+    outputs: tuple[str, ...] = ("y",)
+    c: float = float(SQRT2)  # the divisor inside erf
+
+
+CONSTS = {"one": np.array(1.0, F32), "half": np.array(0.5, F32), "c": SQRT2, "r": np.array(1 / np.sqrt(2.0), F32),
+          "three": np.array(3.0, F32)}
+ROWS = [
+    Row("pytorch", _gelu(N("t", "Div", "h", "c")), None),
+    Row("reciprocal-other-orders", _gelu(N("t", "Mul", "r", "h"), prod=("s", "h"), half_first=True, add_first=True),
+        None),
+    Row("other-divisor", _gelu(N("t", "Div", "h", "three")), None, c=3.0),
+    Row("inner-value-read", [*_gelu(N("t", "Div", "h", "c")), N("z", "Add", "y", "e")], "other readers",
+        outputs=("z",)),
+    Row("not-x-inside", [N("h", "MatMul", "x", "w"), N("g", "Tanh", "h"), N("t", "Div", "g", "c"),
+                         N("e", "Erf", "t"), N("s", "Add", "e", "one"), N("a", "Mul", "h", "s"),
+                         N("y", "Mul", "a", "half")], "no x * (erf(x / c) + b)"),
+]
+
+
+def _graph(row: Row) -> Graph:
+    used = {i for n in row.nodes for i in n.inputs}
+    return Graph(row.nodes, inputs={"x": X}, inits={"w": W}, consts={k: v for k, v in CONSTS.items() if k in used},
+                 outputs=list(row.outputs))
+
+
+def _grads(row: Row, fused: bool = True) -> tuple[onnx.ModelProto, dict[str, np.ndarray], list[dict[str, str | None]]]:
+    g = _graph(row)
+    seen: list[dict[str, str | None]] = []
+    real = plans.fusions
+
+    def spy(ctx: object, path: object) -> list[plans.Fusion]:
+        seen.append(plans.explain_fusions(ctx, path))  # type: ignore[arg-type]
+        return real(ctx, path) if fused else []  # type: ignore[arg-type]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(plans, "fusions", spy)
+        aug = onnxgrad.add_gradients(build(g), list(row.outputs), ["x", "w"], grad_ys=[SEED])
+    names = [aug.gradients["x"], aug.gradients["w"]]
+    got = run(aug.model, g.feeds, names)  # type: ignore[arg-type]
+    return aug.model, {"x": got[names[0]], "w": got[names[1]]}, seen  # type: ignore[index]
+
+
+@pytest.mark.parametrize("row", ROWS, ids=lambda r: r.id)
+def test_gelu_fusion_applies_or_says_why(row: Row) -> None:
+    _, _, seen = _grads(row)
+    reasons = [why for found in seen for name, why in found.items() if name == "y"]
+    assert len(reasons) == 1, seen
+    assert reasons[0] is None if row.why is None else (reasons[0] is not None and row.why in reasons[0]), reasons
+
+
+@pytest.mark.parametrize("row", ROWS, ids=lambda r: r.id)
+def test_gelu_gradient_equals_the_node_by_node_one_and_torch(row: Row) -> None:
+    _, fused, _ = _grads(row)
+    _, apart, _ = _grads(row, fused=False)
+    for k in ("x", "w"):
+        np.testing.assert_allclose(fused[k], apart[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    if row.why is None:
+        torch = pytest.importorskip("torch")
+        x = torch.tensor(X, dtype=torch.float64, requires_grad=True)
+        w = torch.tensor(W, dtype=torch.float64, requires_grad=True)
+        h = x @ w
+        y = h * (torch.erf(h / row.c) + 1) * 0.5
+        y.backward(torch.tensor(SEED, dtype=torch.float64))
+        np.testing.assert_allclose(fused["x"], x.grad.numpy(), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(fused["w"], w.grad.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_the_forward_keeps_onnxruntimes_gelu_kernel(tmp_path: object) -> None:
+    """The gradient reads x alone (not x / sqrt(2) or erf), so onnxruntime's optimizer still fuses the forward's
+    five nodes into one Gelu; node by node it cannot."""
+    def gelus(model: onnx.ModelProto) -> int:
+        opts = ort.SessionOptions()
+        path = f"{tmp_path}/opt.onnx"
+        opts.optimized_model_filepath = path
+        ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        return sum(n.op_type == "Gelu" for n in onnx.load(path).graph.node)
+
+    fused, _, _ = _grads(ROWS[0])
+    apart, _, _ = _grads(ROWS[0], fused=False)
+    assert gelus(fused) == 1 and gelus(apart) == 0
