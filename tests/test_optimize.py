@@ -3,6 +3,7 @@ and never touches the forward part."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -137,11 +138,8 @@ def test_transposed_matmul_gradient_moves_the_transpose_inside() -> None:
 # As PyTorch's nn.MultiheadAttention exports it: K transposed, then scaled by a number the walk does not
 # differentiate. The Mul rule's gradient for that number (dY * K^T, no path needs it) is taken back at once, so the
 # dK^T MatMul has one reader and its Transpose still moves inside.
-SCALED_K = Graph([N("q", "MatMul", "x", "wq"), N("k", "MatMul", "x", "wk"), N("kt", "Transpose", "k", perm=[0, 2, 1]),
-                  N("ks", "Mul", "kt", "c"), N("s", "MatMul", "q", "ks"), N("y", "Softmax", "s", axis=-1)],
-                 inputs={"x": _u(2, 3, 4).astype(np.float32)},
-                 inits={"wq": _u(4, 4).astype(np.float32), "wk": _u(4, 4).astype(np.float32),
-                        "c": np.array([0.5], np.float32)})
+SCALED_K = dataclasses.replace(SCORES, nodes=[*SCORES.nodes[:3], N("ks", "Mul", "kt", "c"),
+                                               N("s", "MatMul", "q", "ks"), N("y", "Softmax", "s", axis=-1)])
 
 
 def test_a_gradient_no_path_needs_does_not_block_the_clean_up() -> None:

@@ -1,22 +1,27 @@
 """Fusions of activations that exporters write out op by op, differentiated as one function of their input.
 
 PyTorch's TorchScript exporter (opsets before 20, which have no Gelu) writes ``nn.GELU()`` as
-y = (x * (erf(x / c) + b)) * h with c = sqrt(2), b = 1, h = 0.5. Differentiated node by node, the gradient reads the
-pattern's inner values (x / c, erf), and onnxruntime then cannot fuse the forward pattern into its Gelu kernel: a
-raw ConvNeXt-T export spends 31 ms per run in the unfused forward ops of its gradient graph against 6.5 ms in Gelu in
-the forward-only run. Differentiated as one function, the gradient reads x alone and the forward keeps its fusion:
+y = (x * (erf(x / c) + b)) * h with c = sqrt(2), b = 1, h = 0.5 (or (x * h) * (erf(x / c) + b)). Differentiated node
+by node, the gradient reads the pattern's inner values (x / c, erf), and onnxruntime then cannot fuse the forward
+pattern into its Gelu kernel: a raw ConvNeXt-T export spends 31 ms per run in the unfused forward ops of its gradient
+graph against 6.5 ms in Gelu in the forward-only run. Differentiated as one function, the gradient reads x alone and
+the forward keeps its fusion:
 
     dy/dx = h (erf(u) + b) + h x (2 / sqrt(pi)) exp(-u^2) / c,   u = x / c.
+
+The gradient computes u as x * (1 / c), not as the forward's x / c, or onnxruntime's common-subexpression pass would
+merge the two and the forward's inner values would have readers again. Only the forms onnxruntime 1.31 fuses on CPU
+are taken (c = sqrt(2), b = 1, h = 0.5, a Div): elsewhere the forward stays unfused either way, and the node-by-node
+gradient, which reads the inner values instead of recomputing them, is the cheaper one. The tanh approximation is
+one of those: onnxruntime's CPU provider fuses none of its exports.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-import numpy as np
 import onnx_ir as ir
 
 from onnxgrad.emitter import Emitter
@@ -48,52 +53,80 @@ def _made_by(v: ir.Value | None, op: str) -> ir.Node | None:
     return node if node is not None and node.op_type == op and node.domain in ("", "ai.onnx") else None
 
 
-def gelu_erf(ctx: WalkContext, last: ir.Node, on_path: set[int]) -> Fusion | NotApplicable:
-    """y = (x * (erf(x / c) + b)) * h (or x * (1 / c) inside erf, factors in either order), every inner value read
-    by the next node alone: one gradient from x."""
+def _products(last: ir.Node) -> list[tuple[ir.Value, ir.Value, float, ir.Node]]:
+    """(u, v, h, the inner Mul) for ``last`` = (u * v) * h or (u * h) * v, h a number."""
+    found = []
     outer = _split(last)
-    prod = None if outer is None else _made_by(outer[0], "Mul")
-    if outer is None or prod is None:
-        return NotApplicable("not a GELU: not a product by a number of a product")
-    for k in (0, 1):
-        x, shifted = prod.inputs[k], _made_by(prod.inputs[1 - k], "Add")
-        add = None if shifted is None else _split(shifted)
-        erf = None if add is None else _made_by(add[0], "Erf")
-        scaled = None if erf is None else erf.inputs[0]
-        inner = _made_by(scaled, "Div") or _made_by(scaled, "Mul")
-        split = None if inner is None else _split(inner)
-        if x is not None and split is not None and split[0] is x and split[1] > 0:
-            break
-    else:
-        return NotApplicable("not a GELU: no x * (erf(x / c) + b) in the product")
+    mid = None if outer is None else _made_by(outer[0], "Mul")
+    if outer is not None and mid is not None and _split(mid) is None and None not in mid.inputs:
+        found.append((mid.inputs[0], mid.inputs[1], outer[1], mid))
+    if outer is None and None not in last.inputs:
+        for k in (0, 1):
+            mid = _made_by(last.inputs[k], "Mul")
+            inner = None if mid is None else _split(mid)
+            if mid is not None and inner is not None:
+                found.append((inner[0], last.inputs[1 - k], inner[1], mid))
+    return found  # type: ignore[return-value]
+
+
+Slope = Callable[[Emitter, ir.Value], ir.Value]  # x -> dy/dx
+
+
+def _erf_part(x: ir.Value, s: ir.Value, h: float) -> tuple[list[ir.Node], Slope] | None:
+    """s = erf(x / c) + b in a form onnxruntime fuses: its nodes and dy/dx for y = h x s."""
+    shifted = _made_by(s, "Add")
+    add = None if shifted is None else _split(shifted)
+    erf = None if add is None else _made_by(add[0], "Erf")
+    scaled = None if erf is None else erf.inputs[0]
+    inner = _made_by(scaled, "Div") or _made_by(scaled, "Mul")
+    split = None if inner is None else _split(inner)
+    if split is None or split[0] is not x or split[1] <= 0:
+        return None
     assert add is not None and shifted is not None and erf is not None and inner is not None
-    c = split[1] if inner.op_type == "Div" else 1.0 / split[1]
-    nodes = (inner, erf, shifted, prod, last)
+    c, b = split[1] if inner.op_type == "Div" else 1.0 / split[1], add[1]
+    if inner.op_type != "Div" or abs(c - math.sqrt(2)) > 1e-6 or b != 1.0 or h != 0.5:
+        return None  # a form onnxruntime does not fuse (see above)
+
+    def slope(em: Emitter, x: ir.Value) -> ir.Value:
+        u = em.Mul(x, em.const(1.0 / c, like=x))
+        bell = em.Exp(em.Neg(em.Mul(u, u)))
+        return em.Add(em.Mul(em.Add(em.Erf(u), em.const(b, like=x)), em.const(h, like=x)),
+                      em.Mul(em.Mul(x, bell), em.const(h * 2 / (math.sqrt(math.pi) * c), like=x)))
+
+    return [inner, erf, shifted], slope
+
+
+def gelu(ctx: WalkContext, last: ir.Node, on_path: set[int]) -> Fusion | NotApplicable:
+    """y = h x (erf(x / c) + b) as onnxruntime fuses it, every inner value read inside the pattern alone: one
+    gradient from x."""
+    for u, v, h, mid in _products(last):
+        for x, s in ((u, v), (v, u)):
+            part = _erf_part(x, s, h)
+            if part is not None:
+                return _fused(ctx, x, [*part[0], mid, last], part[1], on_path)
+    return NotApplicable("not a GELU onnxruntime fuses: no x * (erf(x / sqrt(2)) + 1) * 0.5")
+
+
+def _fused(ctx: WalkContext, x: ir.Value, nodes: list[ir.Node], slope: Slope, on_path: set[int]
+           ) -> Fusion | NotApplicable:
     if any(id(n) not in on_path for n in nodes) or x not in ctx.wanted:
         return NotApplicable("the pattern is not all differentiated, or x's gradient is not wanted")
-    for node, reader in itertools.pairwise(nodes):
+    inside = {id(n) for n in nodes}
+    for node in nodes[:-1]:
         v = node.outputs[0]
         if v.is_graph_output() or v in ctx.xs or v in ctx.ys or v in ctx.stop:
             return NotApplicable("an inner value is a graph output, an x, a y or stopped")
-        if [u.node for u in v.uses() if u.node.graph is not None] != [reader]:
+        if any(id(u.node) not in inside for u in v.uses() if u.node.graph is not None):
             return NotApplicable("an inner value has other readers")
-    if not all(own_rule(ctx, op) for op in ("Mul", "Add", "Erf", inner.op_type)):
+    if not all(own_rule(ctx, n.op_type) for n in nodes):
         return NotApplicable("a gradient rule registered by the user replaces onnxgrad's own")
     rank = None if x.shape is None else x.shape.rank()
     if rank is None or any(v is not None and (v.shape is None or v.shape.rank() > rank)
                            for n in nodes for v in n.inputs if _scalar(v) is not None):
         return NotApplicable("x's rank is not known, or a number has more axes than x (it would broadcast x)")
-    b, h = add[1], outer[1]
 
     def grad(em: Emitter, dy: Sequence[ir.Value | None]) -> list[tuple[ir.Value, ir.Value | None]]:
-        g = dy[0]
-        assert g is not None and x is not None
-        # u by the other op than the forward's, so that onnxruntime's common-subexpression pass does not merge
-        # the two (the forward's inner values would have readers again, and no Gelu kernel)
-        u = em.Mul(x, em.const(1.0 / c, like=x)) if inner.op_type == "Div" else em.Div(x, em.const(c, like=x))
-        bell = em.Exp(em.Neg(em.Mul(u, u)))
-        slope = em.Add(em.Mul(em.Add(em.Erf(u), em.const(b, like=x)), em.const(h, like=x)),
-                       em.Mul(em.Mul(x, bell), em.const(np.float64(h * 2 / (math.sqrt(math.pi) * c)), like=x)))
-        return [(x, em.Mul(g, slope))]
+        assert dy[0] is not None
+        return [(x, em.Mul(dy[0], slope(em, x)))]
 
-    return Fusion(nodes, grad)
+    return Fusion(tuple(nodes), grad)  # only the last node's output gets gradient from outside

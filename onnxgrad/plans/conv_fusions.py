@@ -23,7 +23,7 @@ import onnx_ir as ir
 from onnxgrad import registry
 from onnxgrad.emitter import Emitter, attr, static_dims
 from onnxgrad.geometry import Window, conv_window, padded
-from onnxgrad.plans.activation_fusions import gelu_erf
+from onnxgrad.plans.activation_fusions import gelu
 from onnxgrad.plans.base import Fusion, FusionGrad, NotApplicable, own_rule
 from onnxgrad.plans.conv import conv_input_grad, conv_weight_grad
 
@@ -172,7 +172,7 @@ def _conv_mul_grad(ctx: WalkContext, conv: ir.Node, mul: ir.Node, index: int) ->
 
 Maker = Callable[["WalkContext", ir.Node, set[int]], Fusion | NotApplicable]
 FUSIONS: dict[str, tuple[Maker, ...]] = {  # by the op type of the node that ends a fusion; the first that applies
-    "BatchNormalization": (conv_batch_norm,), "Mul": (conv_mul, gelu_erf),
+    "BatchNormalization": (conv_batch_norm,), "Mul": (conv_mul, gelu),
 }
 
 
