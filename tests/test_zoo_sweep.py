@@ -468,6 +468,7 @@ VISION = {  # name -> (constructor arguments, input size, dynamic axes, opsets)
     "regnet_y_400mf": ({}, (2, 3, 64, 64), {0: "n"}, (11, 17)),
     "googlenet": ({"aux_logits": False, "init_weights": True}, (2, 3, 64, 64), {0: "n"}, (11, 17)),
     "swin_t": ({}, (1, 3, 64, 64), {}, (17,)),
+    "convnext_tiny": ({}, (2, 3, 64, 64), {0: "n"}, (11, 17)),  # 7x7 depthwise convs, LayerNorm, exported GELU
     "segmentation.lraspp_mobilenet_v3_large": ({"weights_backbone": None}, (1, 3, 64, 64), NCHW, (11, 17)),
     "segmentation.deeplabv3_mobilenet_v3_large": ({"weights_backbone": None, "aux_loss": False}, (1, 3, 64, 64),
                                                   NCHW, (11, 17)),
