@@ -69,6 +69,9 @@ def const_array(v: ir.Value | None) -> np.ndarray | None:
     if node is not None:
         if node.op_type != "Constant" or node.domain != "":
             return None
+        held = node.attributes.get("value")  # the emitter's own constants: read directly (the general look-up
+        if held is not None and isinstance(held.value, ir.Tensor):  # below checks protocols, 30% of a build)
+            return None if held.value.dtype in (ir.DataType.STRING, ir.DataType.UNDEFINED) else held.value.numpy()
     elif v.const_value is None or v.is_graph_input() or v.dtype is None or v.dtype.is_floating_point() \
             or getattr(v.const_value, "size", READ_LIMIT + 1) > READ_LIMIT:
         return None
