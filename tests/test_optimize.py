@@ -91,11 +91,16 @@ def test_gather_split_gradient_is_a_concat() -> None:
     assert ops["Transpose"] == 1  # W's: the pieces are stacked along the axis the Transpose moves them to
 
 
-def test_bias_gradient_is_one_sum() -> None:
-    """Summed over the rows by one MatMul of ones (plans/reduce.py), no ReduceSum, no Squeeze."""
-    model, _ = _grads(BIAS, ["y"], ["b"])
+@pytest.mark.parametrize(("rows", "form"), [(8, "ReduceSum"), (512, "MatMul")])
+def test_bias_gradient_is_one_sum(rows: int, form: str) -> None:
+    """Summed over the rows by one node, no Squeeze: a ReduceSum for a small gradient (8 x 40), one MatMul of
+    ones for a large one (512 x 40; plans/reduce.py); the value is numpy's."""
+    g = dataclasses.replace(BIAS, inputs={"x": _u(rows, 5)}, inits={"w": _u(5, 40), "b": _u(40)})
+    model, got = _grads(g, ["y"], ["b"])
     ops = _ops(model)
-    assert ops["MatMul"] == 1 and ops["ReduceSum"] == 0 and ops["Squeeze"] == 0
+    assert ops["MatMul"] + ops["ReduceSum"] == 1 and ops[form] == 1 and ops["Squeeze"] == 0, ops
+    z = g.inputs["x"] @ g.inits["w"] + g.inits["b"]
+    np.testing.assert_allclose(got["gradients/b_grad"], (z > 0).sum(axis=0), rtol=1e-12)
 
 
 # Scaled dot-product scores with K transposed first (PyTorch's attention export), float32: dK^T comes out of a
