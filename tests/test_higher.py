@@ -195,11 +195,24 @@ class _SmoothConv(torch.nn.Module):
         return torch.nn.functional.softplus(self.c2(torch.tanh(self.c1(x)))).sum()
 
 
+class _GeluDepthwise(torch.nn.Module):
+    """A 3x3 depthwise conv (its dX: the flipped-kernel grouped Conv), then PyTorch's exported GELU (differentiated
+    as one function, plans/activation_fusions.py) and a linear layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dw, self.l1 = torch.nn.Conv2d(3, 3, 3, padding=1, groups=3), torch.nn.Linear(5, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.l1(torch.nn.functional.gelu(self.dw(x))).tanh().sum()
+
+
 SECOND_ORDER = [
     ("mlp", _SmoothMLP, (3, 4), torch.float64, 1e-7),
     ("softmax-ce", _SoftmaxCE, (3, 4), torch.float64, 1e-7),
     ("layernorm-attention", _NormAttention, (2, 5, 8), torch.float64, 1e-7),
     ("conv", _SmoothConv, (1, 2, 6, 6), torch.float32, 2e-3),
+    ("gelu-depthwise", _GeluDepthwise, (2, 3, 4, 5), torch.float32, 2e-3),
 ]
 
 
