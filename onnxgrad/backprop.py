@@ -239,6 +239,15 @@ def backprop(em: Emitter, nodes: Iterable[ir.Node], req: Request, opsets: Mappin
     absorbed = {id(n) for f in fused.values() for n in f.nodes[:-1]}
 
     rules: dict[tuple[str, str], tuple[int, registry.Rule | None]] = {}
+    for node in path:  # every op on the path has a rule, before anything is emitted (one look-up per op type):
+        if id(node) in absorbed:  # an unknown op says so, not a rule downstream that shape inference left blind
+            continue
+        known = rules.get((node.domain, node.op_type))
+        if known is None:
+            opset = opset_of(opsets, node.domain)
+            known = rules[node.domain, node.op_type] = (opset, registry.rule_for(node.domain, node.op_type, opset))
+        if known[1] is None:
+            raise no_rule_error(node, known[0], where)
     for node in reversed(path):
         if id(node) in absorbed:
             continue

@@ -156,6 +156,21 @@ def test_custom_op_without_rule_names_its_domain() -> None:
     assert onnxgrad.add_gradients(proto, "y", "h").gradients == {"h": "gradients/h_grad"}
 
 
+def test_an_op_without_rule_is_named_before_any_rule_runs() -> None:
+    """An op no schema or function describes (tf2onnx leaves e.g. Erfc so), feeding a MatMul: shape inference
+    stops there, so the MatMul's rule would fail first for want of ranks; the walk checks every op on the path for
+    a rule before it emits anything, and names the op."""
+    proto = build(Graph([N("h", "Mul", "x", "w"), N("m", "MatMul", "h", "v"), N("y", "Exp", "m")],
+                        inputs={"x": X, "w": W}, inits={"v": np.ones((3, 2))}))
+    node = proto.graph.node[0]
+    node.op_type, node.domain, node.name = "Unknown", "my.ops", "unknown_0"
+    proto.opset_import.append(onnx.helper.make_opsetid("my.ops", 1))
+    del proto.graph.value_info[:]
+    with pytest.raises(LookupError, match=re.escape("no gradient rule for node 'unknown_0' (op_type 'Unknown', "
+                                                    "domain 'my.ops', opset 1)")):
+        onnxgrad.add_gradients(proto, "y", "x")
+
+
 @pytest.mark.parametrize("not_a_model", [np.zeros(3), "y", onnx.TensorProto(), None], ids=lambda v: type(v).__name__)
 def test_not_a_graph_is_a_clear_error(not_a_model: Any) -> None:
     with pytest.raises(TypeError, match=r"onnx_ir\.Model"):
