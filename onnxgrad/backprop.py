@@ -239,15 +239,11 @@ def backprop(em: Emitter, nodes: Iterable[ir.Node], req: Request, opsets: Mappin
     absorbed = {id(n) for f in fused.values() for n in f.nodes[:-1]}
 
     rules: dict[tuple[str, str], tuple[int, registry.Rule | None]] = {}
-    for node in path:  # every op on the path has a rule, before anything is emitted (one look-up per op type):
-        if id(node) in absorbed:  # an unknown op says so, not a rule downstream that shape inference left blind
-            continue
-        known = rules.get((node.domain, node.op_type))
-        if known is None:
+    for node in path:  # one look-up per op type; the ops without a rule are only named when a gradient reaches them
+        if (node.domain, node.op_type) not in rules:
             opset = opset_of(opsets, node.domain)
-            known = rules[node.domain, node.op_type] = (opset, registry.rule_for(node.domain, node.op_type, opset))
-        if known[1] is None:
-            raise no_rule_error(node, known[0], where)
+            rules[node.domain, node.op_type] = (opset, registry.rule_for(node.domain, node.op_type, opset))
+    unruled = next((n for n in path if rules[n.domain, n.op_type][1] is None and id(n) not in absorbed), None)
     for node in reversed(path):
         if id(node) in absorbed:
             continue
@@ -267,11 +263,7 @@ def backprop(em: Emitter, nodes: Iterable[ir.Node], req: Request, opsets: Mappin
                     _annotate(g, inp)
                     walk.add(inp, g)
             continue
-        known = rules.get((node.domain, node.op_type))
-        if known is None:  # one registry look-up per op type, not per node
-            opset = opset_of(opsets, node.domain)
-            known = rules[node.domain, node.op_type] = (opset, registry.rule_for(node.domain, node.op_type, opset))
-        opset, rule = known
+        opset, rule = rules[node.domain, node.op_type]
         if rule is None:
             raise no_rule_error(node, opset, where)
         if rule.fn is None:
@@ -281,7 +273,12 @@ def backprop(em: Emitter, nodes: Iterable[ir.Node], req: Request, opsets: Mappin
         if rule.dense:
             grads_out = [em.zeros_like(out) if g is None else g for g, out in zip(grads_out, node.outputs, strict=True)]
         since = len(em.nodes)
-        grads_in = list(rule.fn(em, node, grads_out))
+        try:
+            grads_in = list(rule.fn(em, node, grads_out))
+        except ValueError as e:  # e.g. no ranks, where shape inference stopped at an op no schema describes
+            if unruled is None:  # (tf2onnx leaves Keras' Erfc so): that op is the error to report
+                raise
+            raise no_rule_error(unruled, rules[unruled.domain, unruled.op_type][0], where) from e
         captured = implicit_inputs(node) if rule.captures else []
         if len(grads_in) != rule.arity(node) + len(captured):
             raise _arity_error(node, len(grads_in), rule.arity(node) + len(captured))

@@ -156,10 +156,10 @@ def test_custom_op_without_rule_names_its_domain() -> None:
     assert onnxgrad.add_gradients(proto, "y", "h").gradients == {"h": "gradients/h_grad"}
 
 
-def test_an_op_without_rule_is_named_before_any_rule_runs() -> None:
+def test_an_op_without_rule_is_named_when_a_rule_downstream_fails_for_want_of_shapes() -> None:
     """An op no schema or function describes (tf2onnx leaves e.g. Erfc so), feeding a MatMul: shape inference
-    stops there, so the MatMul's rule would fail first for want of ranks; the walk checks every op on the path for
-    a rule before it emits anything, and names the op."""
+    stops there, so the MatMul's rule, reached first, fails for want of ranks; the walk names the op without a rule
+    instead (as tf.gradients, it still needs a rule only where a gradient reaches it)."""
     proto = build(Graph([N("h", "Mul", "x", "w"), N("m", "MatMul", "h", "v"), N("y", "Exp", "m")],
                         inputs={"x": X, "w": W}, inits={"v": np.ones((3, 2))}))
     node = proto.graph.node[0]
