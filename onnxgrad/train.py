@@ -163,6 +163,7 @@ def make_train_step(
 
     running = {v.name for n in graph if n.op_type == "BatchNormalization" and n.domain in ("", "ai.onnx")
                for v in n.inputs[3:5] if v is not None}
+    readers = {name: len({id(u.node) for u in v.uses()}) for name, v in graph.initializers.items()}  # as exported
     fwd = Emitter(graph, opset, unique_scope(graph, "train"), m.ir_version or 8)
     new_inputs: list[ir.Value] = []
     kept: list[ir.Value] = []  # the training-mode forms of the nodes replaced
@@ -179,6 +180,7 @@ def make_train_step(
     extra = [table[name] for name in outputs]  # after the training-mode forms replaced what they compute
 
     trainable = _params(m, params, frozen, running)
+    _note_shared(trainable, readers)
     initial: dict[str, np.ndarray] = {}
     for v in [*trainable, *[v for s in stats for v in s[:2]]]:
         initial[v.name or ""] = _to_input(graph, v)
@@ -417,6 +419,19 @@ def _check_loss(loss: ir.Value) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- the params
+def _note_shared(trainable: Sequence[ir.Value], readers: dict[str, int]) -> None:
+    """A note for each param that several nodes of the model read: its one gradient sums over them, so they train
+    as one tied weight. Meant where the model ties them; not where an exporter merged parameters of equal value
+    (PyTorch's does in eval mode: the layers nn.TransformerEncoder copies, every zero bias of a fresh model)."""
+    for p in trainable:
+        count = readers.get(p.name or "", 0)
+        if count > 1:
+            warnings.warn(GradientNote(
+                f"params: {p.name!r} is read by {count} nodes, which train it as one tied weight; if they were "
+                "separate parameters, which PyTorch's exporter merges when their values are equal in eval mode, "
+                "export with training=torch.onnx.TrainingMode.TRAINING to keep them apart"), stacklevel=3)
+
+
 def _params(m: ir.Model, params: str | Sequence[str] | None, frozen: Sequence[str], running: set[str | None]
             ) -> list[ir.Value]:
     """The initializers to train, checked: float weights, not BatchNorm statistics in training mode."""

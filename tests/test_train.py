@@ -464,3 +464,34 @@ def test_lower_command_lowers_optimizers(cli: Cli, tmp_path: Path) -> None:
     got = sess.run(None, {i.name: a for i, a in zip(sess.get_inputs(), inputs, strict=True)})
     for g, want in zip(got, outputs, strict=True):
         np.testing.assert_allclose(g, want, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("mode", ["EVAL", "TRAINING"])
+def test_params_an_exporter_merged_get_a_note(mode: str) -> None:
+    """A fresh nn.TransformerEncoder's two layers are copies: exported in eval mode, PyTorch merges parameters of
+    equal value into one initializer each, which the train step would train as one tied weight (a note says so
+    and how to export them apart); exported in training mode they stay apart, and no note comes."""
+    import io
+    import warnings
+
+    from onnxgrad.api import GradientNote
+
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+    module = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (torch.randn(2, 3, 8),), buf, input_names=["x"], output_names=["y"],
+                          opset_version=17, dynamo=False, training=getattr(torch.onnx.TrainingMode, mode))
+    model = onnx.load_from_string(buf.getvalue())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_train_step(model, "mse:y:target")
+    tied = [str(w.message) for w in caught if issubclass(w.category, GradientNote) and "tied" in str(w.message)]
+    if mode == "EVAL":
+        assert len(model.graph.initializer) < len(list(module.parameters()))
+        assert tied and all("TrainingMode.TRAINING" in t for t in tied), tied
+    else:
+        assert len(model.graph.initializer) == len(list(module.parameters()))
+        assert not tied, tied
