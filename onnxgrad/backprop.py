@@ -302,7 +302,7 @@ def backprop(em: Emitter, nodes: Iterable[ir.Node], req: Request, opsets: Mappin
             if g is None or g is UNDEFINED:
                 continue
             if inp is None or inp not in between:  # a gradient no path needs: taken back at once
-                if isinstance(g, ir.Value) and id(g) not in kept and g not in grads_out:
+                if isinstance(g, ir.Value):
                     em.discard(g, since, kept)
                 continue
             if rule.unbroadcast_input(i):

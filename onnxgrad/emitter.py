@@ -227,9 +227,9 @@ class Emitter:
         stack = [value]
         while stack:
             node = stack.pop().producer()
-            if node is None or id(node) not in fresh or node.graph is not None:
+            if node is None or id(node) not in fresh:  # (made before: a forward value, a gradient the walk has)
                 continue
-            if any(o.uses() or o.is_graph_output() or id(o) in self._pinned or id(o) in keep for o in node.outputs):
+            if any(o.uses() or id(o) in self._pinned or id(o) in keep for o in node.outputs):
                 continue
             fresh.discard(id(node))
             stack.extend(v for v in node.inputs if v is not None)

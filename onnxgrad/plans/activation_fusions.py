@@ -19,7 +19,7 @@ one of those: onnxruntime's CPU provider fuses none of its exports.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import onnx_ir as ir
@@ -69,46 +69,33 @@ def _products(last: ir.Node) -> list[tuple[ir.Value, ir.Value, float, ir.Node]]:
     return found  # type: ignore[return-value]
 
 
-Slope = Callable[[Emitter, ir.Value], ir.Value]  # x -> dy/dx
-
-
-def _erf_part(x: ir.Value, s: ir.Value, h: float) -> tuple[list[ir.Node], Slope] | None:
-    """s = erf(x / c) + b in a form onnxruntime fuses: its nodes and dy/dx for y = h x s."""
+def _erf_nodes(x: ir.Value, s: ir.Value) -> tuple[list[ir.Node], float] | None:
+    """The nodes of s = erf(x / c) + 1 (Div, Erf, Add) and c, where c is sqrt(2): the form onnxruntime fuses."""
     shifted = _made_by(s, "Add")
     add = None if shifted is None else _split(shifted)
     erf = None if add is None else _made_by(add[0], "Erf")
-    scaled = None if erf is None else erf.inputs[0]
-    inner = _made_by(scaled, "Div") or _made_by(scaled, "Mul")
+    inner = None if erf is None else _made_by(erf.inputs[0], "Div")
     split = None if inner is None else _split(inner)
-    if split is None or split[0] is not x or split[1] <= 0:
+    if split is None or split[0] is not x or abs(split[1] - math.sqrt(2)) > 1e-6 or add[1] != 1.0:  # type: ignore[index]
         return None
-    assert add is not None and shifted is not None and erf is not None and inner is not None
-    c, b = split[1] if inner.op_type == "Div" else 1.0 / split[1], add[1]
-    if inner.op_type != "Div" or abs(c - math.sqrt(2)) > 1e-6 or b != 1.0 or h != 0.5:
-        return None  # a form onnxruntime does not fuse (see above)
-
-    def slope(em: Emitter, x: ir.Value) -> ir.Value:
-        u = em.Mul(x, em.const(1.0 / c, like=x))
-        bell = em.Exp(em.Neg(em.Mul(u, u)))
-        return em.Add(em.Mul(em.Add(em.Erf(u), em.const(b, like=x)), em.const(h, like=x)),
-                      em.Mul(em.Mul(x, bell), em.const(h * 2 / (math.sqrt(math.pi) * c), like=x)))
-
-    return [inner, erf, shifted], slope
+    assert shifted is not None and erf is not None and inner is not None
+    return [inner, erf, shifted], split[1]
 
 
 def gelu(ctx: WalkContext, last: ir.Node, on_path: set[int]) -> Fusion | NotApplicable:
-    """y = h x (erf(x / c) + b) as onnxruntime fuses it, every inner value read inside the pattern alone: one
+    """y = x (erf(x / c) + 1) * 0.5 as onnxruntime fuses it, every inner value read inside the pattern alone: one
     gradient from x."""
     for u, v, h, mid in _products(last):
         for x, s in ((u, v), (v, u)):
-            part = _erf_part(x, s, h)
-            if part is not None:
-                return _fused(ctx, x, [*part[0], mid, last], part[1], on_path)
+            found = _erf_nodes(x, s) if h == 0.5 else None
+            if found is not None:
+                return _fused(ctx, x, [*found[0], mid, last], found[1], on_path)
     return NotApplicable("not a GELU onnxruntime fuses: no x * (erf(x / sqrt(2)) + 1) * 0.5")
 
 
-def _fused(ctx: WalkContext, x: ir.Value, nodes: list[ir.Node], slope: Slope, on_path: set[int]
+def _fused(ctx: WalkContext, x: ir.Value, nodes: list[ir.Node], c: float, on_path: set[int]
            ) -> Fusion | NotApplicable:
+    """The fusion of the GELU ``nodes`` (x's readers first, the last Mul last), or why it does not apply."""
     if any(id(n) not in on_path for n in nodes) or x not in ctx.wanted:
         return NotApplicable("the pattern is not all differentiated, or x's gradient is not wanted")
     inside = {id(n) for n in nodes}
@@ -126,7 +113,12 @@ def _fused(ctx: WalkContext, x: ir.Value, nodes: list[ir.Node], slope: Slope, on
         return NotApplicable("x's rank is not known, or a number has more axes than x (it would broadcast x)")
 
     def grad(em: Emitter, dy: Sequence[ir.Value | None]) -> list[tuple[ir.Value, ir.Value | None]]:
+        """dx = dy (0.5 (erf(u) + 1) + x exp(-u^2) / (c sqrt(pi))), u = x / c, computed as x * (1 / c)"""
         assert dy[0] is not None
-        return [(x, em.Mul(dy[0], slope(em, x)))]
+        u = em.Mul(x, em.const(1.0 / c, like=x))
+        bell = em.Exp(em.Neg(em.Mul(u, u)))
+        slope = em.Add(em.Mul(em.Add(em.Erf(u), em.const(1.0, like=x)), em.const(0.5, like=x)),
+                       em.Mul(em.Mul(x, bell), em.const(1.0 / (math.sqrt(math.pi) * c), like=x)))
+        return [(x, em.Mul(dy[0], slope))]
 
     return Fusion(tuple(nodes), grad)  # only the last node's output gets gradient from outside

@@ -15,7 +15,7 @@ Each fusion below returns a ``Fusion`` or the reason it does not apply.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import onnx_ir as ir
@@ -23,7 +23,6 @@ import onnx_ir as ir
 from onnxgrad import registry
 from onnxgrad.emitter import Emitter, attr, static_dims
 from onnxgrad.geometry import Window, conv_window, padded
-from onnxgrad.plans.activation_fusions import gelu
 from onnxgrad.plans.base import Fusion, FusionGrad, NotApplicable, own_rule
 from onnxgrad.plans.conv import conv_input_grad, conv_weight_grad
 
@@ -168,39 +167,3 @@ def _conv_mul_grad(ctx: WalkContext, conv: ir.Node, mul: ir.Node, index: int) ->
         return pairs
 
     return grad
-
-
-Maker = Callable[["WalkContext", ir.Node, set[int]], Fusion | NotApplicable]
-FUSIONS: dict[str, tuple[Maker, ...]] = {  # by the op type of the node that ends a fusion; the first that applies
-    "BatchNormalization": (conv_batch_norm,), "Mul": (conv_mul, gelu),
-}
-
-
-def _found(ctx: WalkContext, node: ir.Node, on_path: set[int]) -> Fusion | NotApplicable | None:
-    """The first fusion that ``node`` ends, why none does, or None where no fusion ends with its op type."""
-    makers = FUSIONS.get(node.op_type, ()) if node.domain in ("", "ai.onnx") else ()
-    reasons = []
-    for make in makers:
-        found = make(ctx, node, on_path)
-        if isinstance(found, Fusion):
-            return found
-        reasons.append(found.reason)
-    return NotApplicable("; ".join(reasons)) if reasons else None
-
-
-def explain(ctx: WalkContext, path: Sequence[ir.Node]) -> dict[str, str | None]:
-    """For each node of ``path`` that may end a fusion (by its first output's name): None where a fusion
-    applies, else why none does."""
-    on_path = {id(n) for n in path}
-    out = {}
-    for node in path:
-        found = _found(ctx, node, on_path)
-        if found is not None:
-            out[node.outputs[0].name or node.op_type] = found.reason if isinstance(found, NotApplicable) else None
-    return out
-
-
-def fusions(ctx: WalkContext, path: Sequence[ir.Node]) -> list[Fusion]:
-    """The fusions that apply on ``path`` (the nodes the walk differentiates, in graph order)."""
-    on_path = {id(n) for n in path}
-    return [f for node in path if isinstance(f := _found(ctx, node, on_path), Fusion)]

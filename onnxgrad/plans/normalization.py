@@ -25,7 +25,8 @@ from onnxgrad.plans.base import NotApplicable, choose
 Standardized = tuple[ir.Value, ir.Value]  # (xhat, inv)
 
 
-def _mean(em: Emitter, v: ir.Value, axes: Sequence[int]) -> ir.Value:
+def mean_over(em: Emitter, v: ir.Value, axes: Sequence[int]) -> ir.Value:
+    """mean(v) over ``axes``, kept as size-1 axes."""
     return em.reduce("ReduceMean", v, axes, keepdims=True)
 
 
@@ -40,9 +41,9 @@ def standardize_kernel(em: Emitter, x: ir.Value, axes: Sequence[int], eps: float
     if n is None or not axes or list(axes) != list(range(axes[0], n)):
         return NotApplicable("not the trailing axes (or X's rank is not known)")
     first = axes[0]
-    d = em.Sub(x, _mean(em, x, axes))
+    d = em.Sub(x, mean_over(em, x, axes))
     trailing = list(x.shape)[first:]
-    if all(isinstance(d, int) for d in trailing):
+    if all(isinstance(size, int) for size in trailing):
         ones = em.const(np.ones(trailing), like=x)
     else:
         ones = em.ConstantOfShape(em.Shape(x, start=first), value=ir.tensor(np.ones(1, x.dtype.numpy())))
@@ -62,9 +63,9 @@ def standardize_composed(em: Emitter, x: ir.Value, axes: Sequence[int], eps: flo
     Measured (bench/accuracy.py, 50k-element statistics of inputs whose mean is 30x their spread): the float32
     mean onnxruntime computes is off by 7e-6 of the spread and shifts every xhat alike, which sum(dY * xhat)
     (dscale) amplifies to 4-12x PyTorch's error (its CPU kernels accumulate in float64); c removes it."""
-    d = em.Sub(x, _mean(em, x, axes))
-    c = _mean(em, d, axes)
-    var = em.Sub(_mean(em, em.Mul(d, d), axes), em.Mul(c, c))
+    d = em.Sub(x, mean_over(em, x, axes))
+    c = mean_over(em, d, axes)
+    var = em.Sub(mean_over(em, em.Mul(d, d), axes), em.Mul(c, c))
     inv = em.Reciprocal(em.Sqrt(em.Add(var, em.const(eps, like=x))))
     return em.Mul(em.Sub(d, c), inv), inv
 

@@ -44,10 +44,11 @@ def sum_leading_gemv(em: Emitter, g: ir.Value, lead: int) -> ir.Value | NotAppli
     if not 2 <= rows <= MAX_ROWS:
         return NotApplicable(f"{rows} rows (the plan takes 2 to {MAX_ROWS})")
     rest = dims[lead:]
-    if all(isinstance(d, int) for d in rest) and rows * math.prod(rest) < MIN_SIZE:  # type: ignore[arg-type]
+    cols = math.prod(rest) if all(isinstance(d, int) for d in rest) else None  # type: ignore[arg-type]
+    if cols is not None and rows * cols < MIN_SIZE:
         return NotApplicable(f"fewer than {MIN_SIZE} elements: one ReduceSum runs as fast and builds faster")
     flat = em.Reshape(g, em.ints([rows, -1]))
-    flat.shape = ir.Shape([rows, math.prod(rest) if all(isinstance(d, int) for d in rest) else None])  # type: ignore[arg-type]
+    flat.shape = ir.Shape([rows, cols])
     out = em.MatMul(em.const(np.ones(rows), like=g), flat)
     if len(rest) != 1:
         out = em.Reshape(out, em.cat_ints(em.dims(g, range(lead, len(dims)))))

@@ -13,7 +13,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxgrad.emitter import Emitter, attr, rank, rank_of, static_dims
-from onnxgrad.plans.normalization import standardize
+from onnxgrad.plans.normalization import mean_over, standardize
 from onnxgrad.registry import register
 
 Grads = Sequence[ir.Value | None]
@@ -23,10 +23,6 @@ Out = list[ir.Value | None]
 def _as(em: Emitter, v: ir.Value, like: ir.Value) -> ir.Value:
     """v in like's dtype (a Cast only where they differ)."""
     return v if v.dtype == like.dtype or like.dtype is None else em.Cast(v, to=like.dtype)
-
-
-def _mean(em: Emitter, v: ir.Value, axes: Sequence[int]) -> ir.Value:
-    return em.reduce("ReduceMean", v, axes, keepdims=True)
 
 
 def _count(em: Emitter, x: ir.Value, axes: Sequence[int]) -> ir.Value:
@@ -43,9 +39,9 @@ def _standardize_back(em: Emitter, g: ir.Value, xhat: ir.Value, inv: ir.Value, a
                       centered: bool = True) -> ir.Value:
     """dx for xhat = (x - mean(x)) * inv over ``axes``, given g = dL/dxhat:
     inv * (g - mean(g) - xhat * mean(g * xhat)); without centering (RMS) the mean(g) term drops."""
-    t = em.Mul(xhat, _mean(em, em.Mul(g, xhat), axes))
+    t = em.Mul(xhat, mean_over(em, em.Mul(g, xhat), axes))
     if centered:
-        t = em.Add(t, _mean(em, g, axes))
+        t = em.Add(t, mean_over(em, g, axes))
     return em.Mul(inv, em.Sub(g, t))
 
 
@@ -165,7 +161,7 @@ def layer_norm(em: Emitter, node: ir.Node, dy: Grads) -> Out:
     if len(stats) == 2 and stats[0] is not None and stats[1] is not None:
         mu, inv = stats
         d = em.Sub(x, mu)  # onnxruntime's float32 Mean, corrected as in plans.normalization
-        xhat = em.Mul(em.Sub(d, _mean(em, d, axes)), inv)
+        xhat = em.Mul(em.Sub(d, mean_over(em, d, axes)), inv)
     else:
         xhat, inv = standardize(em, x, axes, attr(node, "epsilon", 1e-5))
     g_mean, g_inv = (_as(em, g, x) if g is not None else None for g in [*dy[1:3], None, None][:2])
@@ -217,7 +213,7 @@ def rms_norm(em: Emitter, node: ir.Node, dy: Grads) -> Out:
     n_axes = rank(x, node)
     axes = list(range(attr(node, "axis", -1) % n_axes, n_axes))
     eps = em.const(attr(node, "epsilon", 1e-5), like=x)
-    inv = em.Reciprocal(em.Sqrt(em.Add(_mean(em, em.Mul(x, x), axes), eps)))
+    inv = em.Reciprocal(em.Sqrt(em.Add(mean_over(em, em.Mul(x, x), axes), eps)))
     xhat = em.Mul(x, inv)
     return [_standardize_back(em, em.Mul(dy[0], scale), xhat, inv, axes, centered=False), em.Mul(dy[0], xhat)]
 
@@ -246,7 +242,7 @@ def mean_variance_norm(em: Emitter, node: ir.Node, dy: Grads) -> Out:
     x, y = node.inputs[0], node.outputs[0]
     assert x is not None and dy[0] is not None
     axes = [a % rank(x, node) for a in attr(node, "axes", [0, 2, 3])]
-    d = em.Sub(x, _mean(em, x, axes))
-    std = em.Sqrt(_mean(em, em.Mul(d, d), axes))
-    centered = em.Div(em.Sub(dy[0], _mean(em, dy[0], axes)), em.Add(std, em.const(1e-9, like=x)))
-    return [em.Sub(centered, em.Div(em.Mul(y, _mean(em, em.Mul(dy[0], y), axes)), std))]
+    d = em.Sub(x, mean_over(em, x, axes))
+    std = em.Sqrt(mean_over(em, em.Mul(d, d), axes))
+    centered = em.Div(em.Sub(dy[0], mean_over(em, dy[0], axes)), em.Add(std, em.const(1e-9, like=x)))
+    return [em.Sub(centered, em.Div(em.Mul(y, mean_over(em, em.Mul(dy[0], y), axes)), std))]
