@@ -25,7 +25,12 @@ def upgrade(model: onnx.ModelProto) -> onnx.ModelProto:
     opset = ai_onnx_opset(model)
     if opset is None or opset >= MIN_OPSET:
         return model
-    return _channel_slopes(onnx.version_converter.convert_version(model, MIN_OPSET))
+    try:
+        converted = onnx.version_converter.convert_version(model, MIN_OPSET)
+    except Exception as e:  # onnx's ConvertError and the checker's errors alike
+        raise ValueError(f"the model imports ai.onnx opset {opset}; onnx's version converter could not bring it "
+                         f"to opset {MIN_OPSET}, the oldest onnxgrad differentiates: {e}") from e
+    return _channel_slopes(converted)
 
 
 def _channel_slopes(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -174,6 +174,10 @@ HOSTILE = [
                                                       ir_version=99)), X_Y, 1,
             f"the model has IR version 99, newer than onnx {onnx.__version__} knows (up to {onnx.IR_VERSION})"),
     Hostile("no-ai-onnx-opset", proto(only_custom_domain()), X_Y, 1, "the model imports no ai.onnx opset"),
+    Hostile("old-opset-converter-fails", proto(model([node("MatMul", ["x", "W"], ["y"])], [f32("x", [2, 4])],
+                                                     [f32("y", [2, 3])], inits=[W], opset=6, ir_version=3)),
+            X_Y, 1, "the model imports ai.onnx opset 6; onnx's version converter could not bring it to opset 7, "
+                    "the oldest onnxgrad differentiates: Input W is undefined!"),
     # what to differentiate
     Hostile("no-rule-on-path-unnamed-node", proto(with_foo()), ["--ys", "f", "--xs", "x"], 1,
             "no gradient rule for node #1 (unnamed) (op_type 'Foo', domain 'my.ops', opset 1)"),
