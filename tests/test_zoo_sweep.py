@@ -16,6 +16,11 @@ a fixed size (sizes: a ``Concat`` with a ``Constant``); EmbeddingBag's Loop, whi
 ``ONNXGRAD_LONG=1`` adds every case at every opset, a DenseNet block, torchvision's models (where its model
 definitions import) and Keras applications.
 
+PyTorch's default exporter (``dynamo=True``: torch.export, then onnxscript's optimizer) gets its own cases at opsets
+18 and 20, torchvision's included in the long run. It folds each eval-mode BatchNorm into its conv (the reference
+folds it the same way with torch.fx) and stores the forward's float constants as initializers (``@weights`` takes
+them too); there every parameter must be found among the initializers instead.
+
 Tolerance: float32 onnxruntime against float64 torch, relative to each gradient's norm, 1e-4, or ten times the error
 of torch's own float32 gradient where that is larger (deep random nets amplify round-off); a gradient that is zero
 in exact arithmetic (a bias in front of a normalization) is compared on the scale of the largest gradient.
@@ -23,6 +28,7 @@ in exact arithmetic (a bias in front of a normalization) is compared on the scal
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import os
@@ -236,6 +242,8 @@ class Case:
     export: dict[str, Any] = field(default_factory=dict)
     fast: int | None = None  # the opset of the default run; None: long runs only
     folded: bool = False  # exported with BatchNorm folded into the convs: compare with the folded module
+    dynamo: bool = False  # exported by torch.export (the default exporter): BatchNorm folded, compared so
+    constant: tuple[str, ...] = ()  # parameters the exporter folds into constants (names ending so): not compared
 
 
 TORCH: dict[str, Case] = {
@@ -260,6 +268,16 @@ TORCH: dict[str, Case] = {
     "conv-transpose-output-padding": Case(
         lambda: Resample(nn.ConvTranspose2d(4, 3, 3, stride=2, padding=1, output_padding=1)),
         [(2, 3, 6, 6), (1, 3, 5, 7)], NCHW),
+    # the default exporter (torch.export; opset 18 is its lowest)
+    "resnet-dynamo": Case(resnet, [(2, 3, 32, 32), (1, 3, 40, 24), (3, 3, 29, 35)], NCHW, (18,), dynamo=True,
+                          fast=18),
+    "mobilenet-dynamo": Case(mobilenet, [(2, 3, 32, 32), (1, 3, 33, 27)], NCHW, (18, 20), dynamo=True),
+    "lraspp-dynamo": Case(Lraspp, [(1, 3, 32, 32), (2, 3, 37, 29)], NCHW, (18,), dynamo=True),
+    "vit-dynamo": Case(Vit, [(2, 3, 16, 16), (3, 3, 16, 16)], {0: "n"}, (18, 20), dynamo=True, fast=20),
+    # torch.export specializes a recurrent layer's sizes: one size
+    "gru-dynamo": Case(lambda: Recurrent(nn.GRU(5, 6, batch_first=True)), [(2, 4, 5)], {}, (18,), dynamo=True),
+    "lstm-bidir-dynamo": Case(lambda: Recurrent(nn.LSTM(5, 6, num_layers=2, bidirectional=True)), [(4, 2, 5)], {},
+                              (18,), dynamo=True),
     "group-instance-norm": Case(
         lambda: Resample(nn.Sequential(nn.GroupNorm(2, 4), nn.Conv2d(4, 4, 3), nn.InstanceNorm2d(4, affine=True))),
         [(2, 3, 9, 9), (1, 3, 7, 11)], NCHW),
@@ -300,6 +318,19 @@ def export(module: Any, shape: tuple[int, ...], opset: int, dynamic: dict[int, s
     return onnx.load_from_string(f.getvalue())
 
 
+def export_dynamo(module: Any, shape: tuple[int, ...], opset: int, dynamic: dict[int, str]) -> onnx.ModelProto:
+    """PyTorch's default exporter (torch.export, then onnxscript's optimizer, which folds each eval-mode
+    BatchNorm into its conv) as a user calls it, the axes of ``dynamic`` left for torch.export to decide."""
+    pytest.importorskip("onnxscript")
+    auto = torch.export.Dim.AUTO
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(module, (torch.randn(*shape),), dynamo=True, opset_version=opset,
+                                    input_names=["x"], output_names=["y"], verbose=False,
+                                    dynamic_shapes=({a: auto for a in dynamic},) if dynamic else None)
+    return program.model_proto
+
+
 Layout = Callable[[dict[str, np.ndarray]], np.ndarray]
 
 
@@ -326,20 +357,23 @@ def rnn_layouts(module: Any) -> list[Layout]:
     return out
 
 
-def weight_map(model: onnx.ModelProto, module: Any, names: Sequence[str], close: bool = False) -> dict[str, Layout]:
+def weight_map(model: onnx.ModelProto, module: Any, names: Sequence[str], close: bool = False,
+               constants: bool = False, folded: tuple[str, ...] = ()) -> dict[str, Layout]:
     """Each differentiated initializer -> how to read it from the module's parameters (by name, by value, by value
-    transposed, or an RNN layout); an initializer no parameter explains fails the test."""
+    transposed, or an RNN layout); an initializer no parameter explains fails the test, except with ``constants``
+    (the dynamo exporter stores the forward's float constants as initializers too), where instead every parameter
+    must be found but those named ending as in ``folded``."""
     params = {n: p.detach().numpy() for n, p in module.named_parameters()}
     out: dict[str, Layout] = {}
     for t in model.graph.initializer:
         if t.name not in names:
             continue
         a = onnx.numpy_helper.to_array(t)
-        if t.name in params:
+        if t.name in params and _same(params[t.name], a, close):
             out[t.name] = lambda p, n=t.name: p[n]
             continue
         for n, v in params.items():
-            if v.shape == a.shape and (np.array_equal(v, a) or (close and np.allclose(v, a, rtol=1e-5, atol=1e-7))):
+            if _same(v, a, close):
                 out[t.name] = lambda p, n=n: p[n]
             elif v.ndim == 2 and v.T.shape == a.shape and np.array_equal(v.T, a):
                 out[t.name] = lambda p, n=n: p[n].T
@@ -351,8 +385,24 @@ def weight_map(model: onnx.ModelProto, module: Any, names: Sequence[str], close:
             if np.array_equal(layout(params), a):
                 out[t.name] = layout
                 break
-        assert t.name in out, f"initializer {t.name} {a.shape} matches no parameter"
+        assert constants or t.name in out, f"initializer {t.name} {a.shape} matches no parameter"
+    if constants:
+        found = {name for layout in out.values() for name in params if _reads(layout, params, name)}
+        want = {name for name in params if not name.endswith(folded)}
+        assert found >= want, f"parameters no initializer holds: {sorted(want - found)}"
     return out
+
+
+def _same(v: np.ndarray, a: np.ndarray, close: bool) -> bool:
+    return v.shape == a.shape and (np.array_equal(v, a) or (close and np.allclose(v, a, rtol=1e-5, atol=1e-7)))
+
+
+def _reads(layout: Layout, params: dict[str, np.ndarray], name: str) -> bool:
+    """Whether ``layout`` reads parameter ``name`` (it changes when that parameter does)."""
+    before = layout(params)
+    changed = {**params, name: params[name] + 1.0}
+    after = layout(changed)
+    return before.shape != after.shape or not np.array_equal(before, after)
 
 
 def relative(got: np.ndarray, want: np.ndarray, floor: float) -> float:
@@ -382,8 +432,16 @@ def torch_grads(module: Any, x: np.ndarray, u: np.ndarray, double: bool) -> tupl
     return grads[0].detach().numpy(), {**named, "@y": y.detach().numpy()}
 
 
-def fold_batchnorm(module: Any) -> Any:
-    """module with every Conv2d -> BatchNorm2d pair of a Sequential folded into one conv (eval mode)."""
+def fold_batchnorm(module: Any, traced: bool = False) -> Any:
+    """module with every Conv2d -> BatchNorm2d pair of a Sequential folded into one conv (eval mode); ``traced``:
+    every pair that torch.fx finds in the traced forward (a module it cannot trace: the Sequential pairs)."""
+    if traced:
+        from torch.fx.experimental.optimization import fuse
+
+        try:
+            return fuse(module).requires_grad_()
+        except Exception:  # torch.fx raises many kinds for code it cannot trace
+            pass
     for m in module.modules():
         if isinstance(m, nn.Sequential):
             for k in range(len(m) - 1):
@@ -398,13 +456,18 @@ def check_torch(name: str, opset: int) -> None:
     torch.manual_seed(0)
     module = seeded(case.make())
     exported = module
-    if case.folded:  # the exporter folds each BatchNorm into its conv; the same folding in torch is the reference
-        exported, module = module, fold_batchnorm(copy.deepcopy(module))
-    model = export(exported, case.sizes[0], opset, case.dynamic, case.export)
+    if case.folded or case.dynamo:  # the exporter folds each BatchNorm into its conv; so does the reference
+        exported, module = module, fold_batchnorm(copy.deepcopy(module), traced=case.dynamo)
+    if case.dynamo:
+        model = export_dynamo(exported, case.sizes[0], opset, case.dynamic)
+    else:
+        model = export(exported, case.sizes[0], opset, case.dynamic, case.export)
     aug = add_gradients(model, ["y"], ["@inputs", "@weights"], [NEW_INPUT])
     (seed,) = aug.new_inputs
-    weights = weight_map(model, module, [k for k in aug.gradients if k != "x"], close=case.folded)
-    assert len(weights) >= 2 and set(aug.gradients) == {"x", *weights}
+    weights = weight_map(model, module, [k for k in aug.gradients if k != "x"], close=case.folded or case.dynamo,
+                         constants=case.dynamo, folded=case.constant)
+    assert len(weights) >= 2 and set(aug.gradients) >= {"x", *weights}
+    assert case.dynamo or set(aug.gradients) == {"x", *weights}
     rng = np.random.default_rng(opset)
     for shape in case.sizes:
         label = f"{name} opset {opset} at {shape}"
@@ -501,6 +564,25 @@ def test_torchvision_matches_torch(name: str, opset: int) -> None:
     TORCH[f"torchvision.{name}"] = Case(lambda: Out(make(weights=None, **kwargs)), sizes, dynamic, (opset,),
                                         PRESERVE)
     check_torch(f"torchvision.{name}", opset)
+
+
+VISION_DYNAMO = ["resnet18", "mobilenet_v3_small", "efficientnet_b0", "convnext_tiny", "swin_t",
+                 "segmentation.deeplabv3_mobilenet_v3_large"]
+
+
+@long_only
+@pytest.mark.parametrize("name", VISION_DYNAMO)
+def test_torchvision_dynamo_export_matches_torch(name: str) -> None:
+    """The same models through the default (dynamo) exporter at opset 18, with BatchNorm folded as it folds it."""
+    make = torchvision_models()
+    for part in name.split("."):
+        make = getattr(make, part)
+    kwargs, (_, c, h, w), dynamic, _ = VISION[name]
+    sizes = [(2, c, h, w), (1, c, h + 8, w - 8) if dynamic == NCHW else (3, c, h, w)]
+    TORCH[f"torchvision.{name}-dynamo"] = Case(lambda: Out(make(weights=None, **kwargs)), sizes,
+                                               NCHW if dynamic == NCHW else {0: "n"}, (18,), dynamo=True,
+                                               constant=("relative_position_bias_table",))  # swin: a Gather of it
+    check_torch(f"torchvision.{name}-dynamo", 18)
 
 
 # ---------------------------------------------------------------------------------------------- Keras
