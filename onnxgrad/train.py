@@ -181,6 +181,7 @@ def make_train_step(
 
     trainable = _params(m, params, frozen, running)
     _note_shared(trainable, readers)
+    _note_folded(trainable)
     initial: dict[str, np.ndarray] = {}
     for v in [*trainable, *[v for s in stats for v in s[:2]]]:
         initial[v.name or ""] = _to_input(graph, v)
@@ -428,8 +429,40 @@ def _note_shared(trainable: Sequence[ir.Value], readers: dict[str, int]) -> None
         if count > 1:
             warnings.warn(GradientNote(
                 f"params: {p.name!r} is read by {count} nodes, which train it as one tied weight; if they were "
-                "separate parameters, which PyTorch's exporter merges when their values are equal in eval mode, "
-                "export with training=torch.onnx.TrainingMode.TRAINING to keep them apart"), stacklevel=3)
+                "separate parameters, which PyTorch's exporters merge when their values are equal, export with "
+                "training=torch.onnx.TrainingMode.TRAINING (dynamo=False) or optimize=False (dynamo=True) to keep "
+                "them apart"), stacklevel=3)
+
+
+# PyTorch's dynamo exporter records on each tensor it lifted into an initializer what torch.export made of it
+# (PARAMETER, BUFFER, CONSTANT_TENSOR), and onnxscript's optimizer, which it runs by default, records on each
+# initializer it computed which tensors it folded in (a transposed weight, BatchNorm folded into a conv, a table)
+_TORCH_KIND = "pkg.torch.export.graph_signature.InputSpec.kind"
+_FOLDED_FROM = "pkg.onnxscript.optimizer.folded_from"
+
+
+def _not_params(graph: ir.Graph) -> dict[str, str]:
+    """The initializers that PyTorch's dynamo exporter marks as a buffer or a constant of the module (not a
+    parameter), with that kind."""
+    out = {}
+    for name, v in graph.initializers.items():
+        kind = v.metadata_props.get(_TORCH_KIND)
+        if kind is not None and kind != "PARAMETER":
+            out[name] = kind
+    return out
+
+
+def _note_folded(trainable: Sequence[ir.Value]) -> None:
+    """One note where params are values onnxscript's optimizer folded from the module's tensors: each trains as a
+    weight of its own (a transposed copy as the weight it copies, but also a folded table or constant)."""
+    folded = [p for p in trainable if _FOLDED_FROM in p.metadata_props]
+    if folded:
+        shown = ", ".join(f"{p.name!r} from {p.metadata_props[_FOLDED_FROM]}" for p in folded[:3])
+        more = f" and {len(folded) - 3} more" if len(folded) > 3 else ""
+        warnings.warn(GradientNote(
+            f"params: {len(folded)} weights are values that the exporter's optimizer folded from the module's "
+            f"tensors ({shown}{more}); each trains as a weight of its own; to train the module's parameters as "
+            "they are, export with torch.onnx.export(..., dynamo=True, optimize=False)"), stacklevel=3)
 
 
 def _params(m: ir.Model, params: str | Sequence[str] | None, frozen: Sequence[str], running: set[str | None]
@@ -440,6 +473,14 @@ def _params(m: ir.Model, params: str | Sequence[str] | None, frozen: Sequence[st
     names = expand_xs(m, asked)
     if "@weights" in asked:
         names = [n for n in names if n not in running]
+        others = _not_params(graph)
+        left = [n for n in names if n in others]
+        if left:
+            warnings.warn(GradientNote(
+                "params: @weights leaves out what PyTorch's exporter marks as no parameter of the module: "
+                + ", ".join(f"{n!r} ({others[n].lower().replace('_', ' ')})" for n in left)
+                + "; name them in params to train them"), stacklevel=3)
+            names = [n for n in names if n not in others]
     table = value_table(graph)
     for name in frozen:
         if name not in graph.initializers:

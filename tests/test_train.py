@@ -495,3 +495,81 @@ def test_params_an_exporter_merged_get_a_note(mode: str) -> None:
     else:
         assert len(model.graph.initializer) == len(list(module.parameters()))
         assert not tied, tied
+
+
+class _WithBuffer(torch.nn.Module):
+    """A parameter-free float buffer beside the parameters, as rotary embeddings keep their frequencies."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(6, 4)
+        self.norm = torch.nn.LayerNorm(4)
+        self.register_buffer("freq", torch.tensor([0.5, 1.0, 2.0, 4.0]))
+
+    def forward(self, x: Any) -> Any:
+        return self.norm(self.lin(x) * torch.cos(self.freq))
+
+
+def _dynamo_export(module: Any, x: Any, optimize: bool) -> onnx.ModelProto:
+    import contextlib
+    import io
+    import warnings
+
+    pytest.importorskip("onnxscript")
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        return torch.onnx.export(module, (x,), dynamo=True, optimize=optimize, input_names=["x"],
+                                 output_names=["y"], verbose=False).model_proto
+
+
+def test_dynamo_export_trains_the_parameters_not_the_buffers() -> None:
+    """PyTorch's dynamo exporter lifts buffers into initializers too, marking each with torch.export's kind: the
+    default params are the module's parameters (a note names the buffer left out), and 5 AdamW steps follow
+    torch.optim's (the buffer trained as a weight would not)."""
+    import warnings
+
+    from onnxgrad.api import GradientNote
+
+    torch.manual_seed(0)
+    module = _WithBuffer()
+    x, target = torch.randn(3, 6), torch.randn(3, 4)
+    model = _dynamo_export(module, x, optimize=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        step = make_train_step(model, "mse:y:target", optimizer="adamw", lr=0.05)
+    notes = [str(w.message) for w in caught if issubclass(w.category, GradientNote)]
+    assert set(step.params) == {n for n, _ in module.named_parameters()}
+    assert any("'freq' (buffer)" in n for n in notes), notes
+    sess = ort.InferenceSession(step.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    state, names = dict(step.initial), [o.name for o in sess.get_outputs()]
+    opt = torch.optim.AdamW(module.parameters(), lr=0.05)
+    for k in range(5):
+        feeds = {"x": x.numpy(), "target": target.numpy(), step.lr: np.asarray(0.05, np.float32), **state}
+        if step.step:
+            feeds[step.step] = np.asarray(k + 1, np.int64)
+        out = dict(zip(names, sess.run(None, feeds), strict=True))
+        state |= {i: out[o] for i, o in [*step.params.values(), *step.state.values()]}
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(module(x), target)
+        loss.backward()
+        opt.step()
+        np.testing.assert_allclose(out[step.loss], loss.item(), rtol=1e-5)
+    for name, p in module.named_parameters():
+        np.testing.assert_allclose(state[step.params[name][0]], p.detach().numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_optimized_dynamo_export_gets_a_note() -> None:
+    """By default the dynamo exporter runs onnxscript's optimizer, which folds tensors into new initializers (the
+    Linear's weight transposed, cos of the buffer): they would train as weights of their own, and a note says how
+    to export the parameters as they are."""
+    import warnings
+
+    from onnxgrad.api import GradientNote
+
+    torch.manual_seed(0)
+    model = _dynamo_export(_WithBuffer(), torch.randn(3, 6), optimize=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_train_step(model, "mse:y:target")
+    notes = [str(w.message) for w in caught if issubclass(w.category, GradientNote)]
+    assert any("folded" in n and "optimize=False" in n for n in notes), notes
