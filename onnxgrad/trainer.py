@@ -215,7 +215,9 @@ class _Bindings:
         self.sess = sess
         self.pairs = pairs
         self.n_outputs = len(outputs)
-        buffers = [{name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(values[name]), device, 0)
+        # two copies: on the CPU an OrtValue wraps the array it is given, so one array for both sets would make
+        # each step write the outputs over the inputs it is still reading (and change the caller's arrays)
+        buffers = [{name: ort.OrtValue.ortvalue_from_numpy(np.array(values[name], order="C", copy=True), device, 0)
                     for name, _ in pairs} for _ in range(2)]
         self.buffers = buffers
         self.bindings = []

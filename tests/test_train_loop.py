@@ -297,3 +297,32 @@ def test_learning_rate_schedules(schedule: str, warmup: int, expected: list[floa
 
     got = [learning_rate(1.0, schedule, warmup, t, 5) for t in range(5)]
     np.testing.assert_allclose(got, expected, rtol=1e-12)
+
+
+def test_bindings_step_from_copies_of_the_values() -> None:
+    """The loop's two buffer sets are copies of the values it is given, apart from each other: on the CPU an
+    OrtValue wraps the array it is made from, and one array for both sets made each step write its outputs over
+    the inputs it was still reading (and change the caller's arrays). Five steps equal five plain runs."""
+    from onnxgrad.trainer import _Bindings
+
+    step = make_train_step(str(MODELS / "mlp.onnx"), "loss", optimizer="adamw", lr=0.01)
+    sess = ort.InferenceSession(step.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    pairs = [*step.params.values(), *step.state.values()]
+    rng = np.random.default_rng(0)
+    data = {"x": rng.standard_normal((8, 4)).astype(np.float32),
+            "target": rng.standard_normal((8, 3)).astype(np.float32)}
+    given = {k: v.copy() for k, v in step.initial.items()}
+    bindings = _Bindings(sess, pairs, given, "cpu", [step.loss])
+    assert all(bindings.buffers[0][n].data_ptr() != bindings.buffers[1][n].data_ptr() for n, _ in pairs)
+    values, names = dict(step.initial), [o.name for o in sess.get_outputs()]
+    for k in range(5):
+        feeds = {**data, step.lr: np.asarray(0.01, np.float32)}
+        if step.step:
+            feeds[step.step] = np.asarray(k + 1, np.int64)
+        got = bindings.run(feeds)[0]
+        out = dict(zip(names, sess.run(None, {**feeds, **values}), strict=True))
+        values |= {i: out[o] for i, o in pairs}
+        assert got == out[step.loss]
+    assert all(np.array_equal(given[k], step.initial[k]) for k in given)
+    for name, array in bindings.values().items():
+        np.testing.assert_array_equal(array, values[name])
