@@ -37,7 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench import models
 from bench.peakmem import release_free_heap, rss_kib
 from onnxgrad.train import TrainStep, make_train_step
-from onnxgrad.trainer import _Bindings
+from onnxgrad.trainer import _Bindings, in_place
 
 THREADS = 2
 ROUND = 3
@@ -90,7 +90,7 @@ def ort_stepper(case: Case, threads: int = THREADS) -> Any:
     ts = case.step
     sess = ort.InferenceSession(ts.model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     pairs = [*ts.params.values(), *ts.state.values()]
-    bindings = _Bindings(sess, pairs, ts.initial, "cpu", [ts.loss])
+    bindings = _Bindings(sess, pairs, ts.initial, "cpu", [ts.loss], in_place(ts.model, pairs))  # as onnxgrad train
     count = [0]
 
     def step() -> float:

@@ -299,21 +299,30 @@ def test_learning_rate_schedules(schedule: str, warmup: int, expected: list[floa
     np.testing.assert_allclose(got, expected, rtol=1e-12)
 
 
-def test_bindings_step_from_copies_of_the_values() -> None:
-    """The loop's two buffer sets are copies of the values it is given, apart from each other: on the CPU an
-    OrtValue wraps the array it is made from, and one array for both sets made each step write its outputs over
-    the inputs it was still reading (and change the caller's arrays). Five steps equal five plain runs."""
-    from onnxgrad.trainer import _Bindings
+@pytest.mark.parametrize("clip", [None, 1.0])
+def test_bindings_step_from_copies_of_the_values(clip: float | None) -> None:
+    """The loop's buffers are copies of the values it is given (on the CPU an OrtValue wraps the array it is made
+    from: one array for both sets made each step write its outputs over the inputs it was still reading, and
+    change the caller's arrays). A value gets one buffer, written over in place, only where every node that reads
+    it is an ancestor of the node computing its new value: without clipping, not the weights that an input
+    gradient reads (W2's; W1 feeds no input gradient); with clipping by global norm, every param. Five steps equal
+    five plain runs."""
+    from onnxgrad.trainer import _Bindings, in_place
 
-    step = make_train_step(str(MODELS / "mlp.onnx"), "loss", optimizer="adamw", lr=0.01)
+    step = make_train_step(str(MODELS / "mlp.onnx"), "loss", optimizer="adamw", lr=0.01, clip_grad_norm=clip)
     sess = ort.InferenceSession(step.model.SerializeToString(), providers=["CPUExecutionProvider"])
     pairs = [*step.params.values(), *step.state.values()]
+    shared = in_place(step.model, pairs)
+    separate = {name for name, _ in pairs} - shared
+    assert separate == (set() if clip else {step.params["W2"][0]})
     rng = np.random.default_rng(0)
     data = {"x": rng.standard_normal((8, 4)).astype(np.float32),
             "target": rng.standard_normal((8, 3)).astype(np.float32)}
     given = {k: v.copy() for k, v in step.initial.items()}
-    bindings = _Bindings(sess, pairs, given, "cpu", [step.loss])
-    assert all(bindings.buffers[0][n].data_ptr() != bindings.buffers[1][n].data_ptr() for n, _ in pairs)
+    bindings = _Bindings(sess, pairs, given, "cpu", [step.loss], shared)
+    for name, _ in pairs:
+        same = bindings.buffers[0][name].data_ptr() == bindings.buffers[1][name].data_ptr()
+        assert same == (name in shared), name
     values, names = dict(step.initial), [o.name for o in sess.get_outputs()]
     for k in range(5):
         feeds = {**data, step.lr: np.asarray(0.01, np.float32)}
