@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -161,6 +161,8 @@ def make_train_step(
     for name in outputs:
         _find(table, name, "outputs")
 
+    _untie_running_statistics(graph)
+    table = value_table(graph)
     running = {v.name for n in graph if n.op_type == "BatchNormalization" and n.domain in ("", "ai.onnx")
                for v in n.inputs[3:5] if v is not None}
     readers = {name: len({id(u.node) for u in v.uses()}) for name, v in graph.initializers.items()}  # as exported
@@ -400,7 +402,7 @@ def _target(table: dict[str, ir.Value], name: str, dtype: ir.DataType, dims: lis
     return v
 
 
-def _unused(table: dict[str, ir.Value], base: str) -> str:
+def _unused(table: Collection[str | None], base: str) -> str:
     name, k = base, 0
     while name in table:
         k += 1
@@ -606,6 +608,45 @@ def _batchnorms(em: Emitter, graph: ir.Graph, kept: list[ir.Value]
         _replace(graph, node, [y], kept)
         found.append((mean, var, new_mean, new_var))
     return found
+
+
+def _untie_running_statistics(graph: ir.Graph) -> None:
+    """Give each BatchNormalization's running mean and variance an initializer of its own where the exporter tied
+    it to another tensor of equal value: PyTorch's exporter writes a fresh model's running mean (zeros) and
+    variance (ones) as Identities of the bias and scale, or one initializer for several BatchNorms. Tied, the
+    statistics would train with the param (or be state twice); a note says where."""
+    names = {v.name for n in graph for v in n.outputs} | set(graph.initializers) | {v.name for v in graph.inputs}
+    for node in [n for n in graph if n.op_type == "BatchNormalization" and n.domain in ("", "ai.onnx")]:
+        for index, what in ((3, "mean"), (4, "variance")):
+            v = node.inputs[index] if len(node.inputs) > index else None
+            source = v
+            while source is not None and (p := source.producer()) is not None and p.op_type == "Identity" \
+                    and p.domain in ("", "ai.onnx"):
+                source = p.inputs[0]
+            if v is None or source is None or not source.is_initializer() or source.const_value is None:
+                continue
+            if v is source and len(v.uses()) == 1 and not v.is_graph_output():
+                continue  # its own already
+            name = v.name or f"{node.name}_running_{what}"
+            if v is not source:
+                v.name = f"{name}/tied"  # the Identity's value keeps on under another name
+            else:
+                name = _unused(names, name)
+            names.add(name)
+            array = np.array(source.const_value.numpy(), copy=True)
+            own = ir.Value(name=name, type=ir.TensorType(source.dtype or ir.DataType.FLOAT),
+                           shape=ir.Shape(array.shape), const_value=ir.tensor(array, name=name))
+            graph.register_initializer(own)
+            node.replace_input_with(index, own)
+            warnings.warn(GradientNote(
+                f"BatchNormalization node '{node.name}': its running {what} was tied to {source.name!r} (the "
+                f"exporter merges tensors of equal value): it gets its own copy, {name!r}"), stacklevel=4)
+            while v is not source and not v.uses() and not v.is_graph_output():  # the Identities left unread
+                producer = v.producer()
+                assert producer is not None
+                nxt = producer.inputs[0]
+                graph.remove(producer, safe=True)
+                v = nxt  # type: ignore[assignment]
 
 
 def _like(em: Emitter, v: ir.Value, like: ir.Value) -> ir.Value:

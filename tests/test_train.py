@@ -573,3 +573,55 @@ def test_optimized_dynamo_export_gets_a_note() -> None:
         make_train_step(model, "mse:y:target")
     notes = [str(w.message) for w in caught if issubclass(w.category, GradientNote)]
     assert any("folded" in n and "optimize=False" in n for n in notes), notes
+
+
+@pytest.mark.parametrize("batchnorm", ["train", "eval"])
+def test_running_statistics_the_exporter_tied_get_their_own(batchnorm: str) -> None:
+    """A fresh BatchNorm's running mean (zeros) and variance (ones) equal its bias and scale: PyTorch's exporter
+    (TrainingMode.PRESERVE, eval mode) writes them as Identities of those params. Each gets its own initializer
+    (a note says so), so the train step keeps PyTorch's semantics: 4 SGD steps equal torch's, in training mode
+    (the running statistics updated as state) and in eval mode (constant statistics, the bias trained alone)."""
+    import copy
+    import io
+    import warnings
+
+    from onnxgrad.api import GradientNote
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                              torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 5)).eval()
+    x, labels = torch.randn(8, 3, 6, 6), torch.randint(0, 5, (8,))
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (x,), buf, dynamo=False, training=torch.onnx.TrainingMode.PRESERVE,
+                          input_names=["x"], output_names=["y"], opset_version=17)
+    model = onnx.load_from_string(buf.getvalue())
+    assert [n.op_type for n in model.graph.node].count("Identity") == 2  # the exporter's ties
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        step = make_train_step(model, "cross_entropy:y:labels", optimizer="sgd", lr=0.1, batchnorm=batchnorm)
+    notes = [str(w.message) for w in caught if issubclass(w.category, GradientNote)]
+    assert sum("tied to" in n for n in notes) == 2, notes
+    assert set(step.params) == {n for n, _ in net.named_parameters()}
+    sess = ort.InferenceSession(step.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    names, values = [o.name for o in sess.get_outputs()], dict(step.initial)
+    ref = copy.deepcopy(net).train(batchnorm == "train")
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    for k in range(4):
+        feeds = {"x": x.numpy(), "labels": labels.numpy(), step.lr: np.asarray(0.1, np.float32), **values}
+        if step.step:
+            feeds[step.step] = np.asarray(k + 1, np.int64)
+        out = dict(zip(names, sess.run(None, {i.name: feeds[i.name] for i in sess.get_inputs()}), strict=True))
+        values |= {i: out[o] for i, o in [*step.params.values(), *step.state.values()]}
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(ref(x), labels)
+        loss.backward()
+        opt.step()
+        np.testing.assert_allclose(out[step.loss], loss.item(), rtol=1e-5)
+    for name, p in ref.named_parameters():
+        np.testing.assert_allclose(values[step.params[name][0]], p.detach().numpy(), rtol=1e-4, atol=1e-5)
+    if batchnorm == "train":
+        for name in ("1.running_mean", "1.running_var"):
+            np.testing.assert_allclose(values[step.state[name][0]], ref.state_dict()[name].numpy(), rtol=1e-5,
+                                       atol=1e-6)
