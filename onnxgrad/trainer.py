@@ -209,8 +209,9 @@ def open_session(model: str | os.PathLike[str] | bytes, provider: str = "cpu", t
 def in_place(model: onnx.ModelProto, pairs: list[tuple[str, str]]) -> set[str]:
     """The inputs of ``pairs`` (input, new value) whose new value may be written over them: every node that reads
     the input is the node that computes the new value or one of its ancestors, so in any order onnxruntime runs
-    the graph every read is done before that write. (With clipping by global norm every param qualifies: each
-    update waits for every gradient; without it, a weight that an input gradient reads does not.)"""
+    the graph every read is done before that write, and the node that writes it, if it reads it too, is
+    elementwise. (With clipping by global norm every param qualifies: each update waits for every gradient;
+    without it, a weight that an input gradient reads does not.)"""
     nodes = list(model.graph.node)
     producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}
     readers: dict[str, list[int]] = {}
@@ -225,9 +226,14 @@ def in_place(model: onnx.ModelProto, pairs: list[tuple[str, str]]) -> set[str]:
     out = set()
     for name, new in pairs:
         writer = producer.get(new)
-        if writer is not None and all(below[writer] >> r & 1 for r in readers.get(name, [])):
+        if writer is None or (name in nodes[writer].input and nodes[writer].op_type not in _ELEMENTWISE):
+            continue  # a kernel that reads the value it overwrites must take each element before writing it
+        if all(below[writer] >> r & 1 for r in readers.get(name, [])):
             out.add(name)
     return out
+
+
+_ELEMENTWISE = frozenset({"Add", "Sub", "Mul", "Div", "Max", "Min", "Where"})  # the optimizers' last ops
 
 
 def _reads(node: onnx.NodeProto) -> set[str]:

@@ -335,3 +335,37 @@ def test_bindings_step_from_copies_of_the_values(clip: float | None) -> None:
     assert all(np.array_equal(given[k], step.initial[k]) for k in given)
     for name, array in bindings.values().items():
         np.testing.assert_array_equal(array, values[name])
+
+
+@pytest.mark.parametrize(("optimizer", "hyper", "accumulate"), [
+    ("sgd", {"momentum": 0.9, "nesterov": True, "weight_decay": 0.01}, False),
+    ("adagrad", {"weight_decay": 0.01}, False),
+    ("adam", {"amsgrad": True, "weight_decay": 0.01}, False),
+    ("adamw", {}, True),
+], ids=["sgd-nesterov", "adagrad", "adam-amsgrad", "adamw-accumulate"])
+def test_in_place_buffers_equal_plain_runs(optimizer: str, hyper: dict[str, Any], accumulate: bool) -> None:
+    """Whatever the optimizer writes last, the buffers ``in_place`` shares give the plain runs' values."""
+    from onnxgrad.trainer import _Bindings, in_place
+
+    step = make_train_step(str(MODELS / "mlp.onnx"), "loss", optimizer=optimizer, lr=0.01, accumulate=accumulate,
+                           **hyper)
+    sess = ort.InferenceSession(step.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    pairs = [*step.params.values(), *step.state.values()]
+    shared = in_place(step.model, pairs)
+    assert {step.params["W1"][0], step.params["b2"][0]} <= shared  # read by no input gradient
+    bindings = _Bindings(sess, pairs, step.initial, "cpu", [step.loss], shared)
+    values, names = dict(step.initial), [o.name for o in sess.get_outputs()]
+    rng = np.random.default_rng(1)
+    for k in range(4):
+        feeds = {"x": rng.standard_normal((8, 4)).astype(np.float32),
+                 "target": rng.standard_normal((8, 3)).astype(np.float32), step.lr: np.asarray(0.01, np.float32)}
+        if step.step:
+            feeds[step.step] = np.asarray(k + 1, np.int64)
+        if step.apply:
+            feeds[step.apply] = np.asarray(k % 2 == 1)
+        got = bindings.run(feeds)[0]
+        out = dict(zip(names, sess.run(None, {**feeds, **values}), strict=True))
+        values |= {i: out[o] for i, o in pairs}
+        assert got == out[step.loss]
+    for name, array in bindings.values().items():
+        np.testing.assert_array_equal(array, values[name])
