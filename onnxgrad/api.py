@@ -233,6 +233,7 @@ def gradients(
                 f"xs: {x.name!r} is {x.dtype.name} (only float values carry gradients): unconnected, so "
                 f"{'zeros' if unconnected is UnconnectedGradients.ZERO else 'None'}"), stacklevel=3)
         seeds = [_seed(em, model, table, y, s, new_inputs) for y, s in zip(y_vals, seeds_spec, strict=True)]
+        _note_tied_statistics(graph, x_vals)
         floats = [x for x in x_vals if x.dtype is None or x.dtype in FLOAT_TYPES]
         totals: dict[ir.Value, ir.Value] = {}
         raw, why = backprop(em, graph, Request(y_vals, floats, seeds, stop, totals), graph.opset_imports)
@@ -248,6 +249,26 @@ def gradients(
     em.commit([v for v in finals if v is not None])
     graph.inputs.extend(new_inputs)
     return [None if v is None else v.name for v in finals]
+
+
+def _note_tied_statistics(graph: ir.Graph, xs: Sequence[ir.Value]) -> None:
+    """A note for each x that a BatchNormalization also reads, through Identities, as its running mean or
+    variance while something else reads it too: PyTorch's exporter ties a fresh model's statistics (zeros, ones) to
+    the bias and scale of equal value, and the gradient then includes the statistics' path."""
+    wanted = set(xs)
+    for node in graph:
+        if node.op_type != "BatchNormalization" or node.domain not in ("", "ai.onnx"):
+            continue
+        for v, what in zip(node.inputs[3:5], ("mean", "variance"), strict=False):
+            source = v
+            while source is not None and (p := source.producer()) is not None and p.op_type == "Identity":
+                source = p.inputs[0]
+            if source is None or source is v or source not in wanted:
+                continue
+            warnings.warn(GradientNote(
+                f"xs: {source.name!r} is also BatchNormalization node '{node.name}''s running {what} (through "
+                f"{v.name!r}: the exporter merges tensors of equal value), so its gradient includes that path; "
+                "export with distinct statistics (a trained model has them) if that is not meant"), stacklevel=4)
 
 
 def _finalize(

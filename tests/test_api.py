@@ -442,3 +442,33 @@ def test_expose_unknown_name_adds_nothing() -> None:
     assert [v.name for v in m.graph.outputs] == before
     with pytest.raises(TypeError, match=r"onnx_ir\.Model"):
         onnxgrad.expose(build(TANH), ["y"])  # type: ignore[arg-type]
+
+
+def test_note_for_batchnorm_statistics_tied_to_an_x() -> None:
+    """A fresh PyTorch model exported with TrainingMode.PRESERVE reads its BatchNorm's running mean and variance
+    as Identities of the bias and scale (equal values merged): the gradient of the bias then includes the running
+    mean's path, and a note says so (one per statistic); an x that no statistic reads gets none."""
+    import warnings
+
+    from onnx import TensorProto
+    from onnx import helper as oh
+
+    c = 3
+    inits = [onnx.numpy_helper.from_array(np.ones(c, np.float32), "bn.weight"),
+             onnx.numpy_helper.from_array(np.zeros(c, np.float32), "bn.bias"),
+             onnx.numpy_helper.from_array(np.ones((c, c, 1, 1), np.float32), "conv.weight")]
+    nodes = [oh.make_node("Identity", ["bn.bias"], ["bn.running_mean"]),
+             oh.make_node("Identity", ["bn.weight"], ["bn.running_var"]),
+             oh.make_node("Conv", ["x", "conv.weight"], ["h"]),
+             oh.make_node("BatchNormalization", ["h", "bn.weight", "bn.bias", "bn.running_mean", "bn.running_var"],
+                          ["y"], name="bn")]
+    graph = oh.make_graph(nodes, "g", [oh.make_tensor_value_info("x", TensorProto.FLOAT, [2, c, 4, 4])],
+                          [oh.make_tensor_value_info("y", TensorProto.FLOAT, [2, c, 4, 4])], inits)
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)], ir_version=8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        onnxgrad.add_gradients(model, ["y"], ["bn.bias", "bn.weight", "conv.weight"])
+    notes = [str(w.message) for w in caught if issubclass(w.category, onnxgrad.GradientNote)]
+    assert sum("'bn.bias' is also BatchNormalization node 'bn''s running mean" in n for n in notes) == 1, notes
+    assert sum("'bn.weight' is also BatchNormalization node 'bn''s running variance" in n for n in notes) == 1, notes
+    assert not any("conv.weight" in n for n in notes), notes
