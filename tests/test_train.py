@@ -522,6 +522,28 @@ def _dynamo_export(module: Any, x: Any, optimize: bool) -> onnx.ModelProto:
                                  output_names=["y"], verbose=False).model_proto
 
 
+def _steps_against_torch(step: Any, module: Any, opt: Any, lr: float, steps: int, batch: dict[str, np.ndarray],
+                         torch_loss: Any) -> dict[str, np.ndarray]:
+    """``steps`` train steps on ``batch`` beside as many of ``opt`` on torch's ``torch_loss()``: each loss within
+    1e-5, every param within 1e-4 at the end; returns the train step's params and state after."""
+    sess = ort.InferenceSession(step.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    values, names = dict(step.initial), [o.name for o in sess.get_outputs()]
+    for k in range(steps):
+        feeds = {**batch, step.lr: np.asarray(lr, np.float32), **values}
+        if step.step:
+            feeds[step.step] = np.asarray(k + 1, np.int64)
+        out = dict(zip(names, sess.run(None, {i.name: feeds[i.name] for i in sess.get_inputs()}), strict=True))
+        values |= {i: out[o] for i, o in [*step.params.values(), *step.state.values()]}
+        opt.zero_grad()
+        loss = torch_loss()
+        loss.backward()
+        opt.step()
+        np.testing.assert_allclose(out[step.loss], loss.item(), rtol=1e-5)
+    for name, p in module.named_parameters():
+        np.testing.assert_allclose(values[step.params[name][0]], p.detach().numpy(), rtol=1e-4, atol=1e-5)
+    return values
+
+
 def test_dynamo_export_trains_the_parameters_not_the_buffers() -> None:
     """PyTorch's dynamo exporter lifts buffers into initializers too, marking each with torch.export's kind: the
     default params are the module's parameters (a note names the buffer left out), and 5 AdamW steps follow
@@ -540,22 +562,9 @@ def test_dynamo_export_trains_the_parameters_not_the_buffers() -> None:
     notes = [str(w.message) for w in caught if issubclass(w.category, GradientNote)]
     assert set(step.params) == {n for n, _ in module.named_parameters()}
     assert any("'freq' (buffer)" in n for n in notes), notes
-    sess = ort.InferenceSession(step.model.SerializeToString(), providers=["CPUExecutionProvider"])
-    state, names = dict(step.initial), [o.name for o in sess.get_outputs()]
-    opt = torch.optim.AdamW(module.parameters(), lr=0.05)
-    for k in range(5):
-        feeds = {"x": x.numpy(), "target": target.numpy(), step.lr: np.asarray(0.05, np.float32), **state}
-        if step.step:
-            feeds[step.step] = np.asarray(k + 1, np.int64)
-        out = dict(zip(names, sess.run(None, feeds), strict=True))
-        state |= {i: out[o] for i, o in [*step.params.values(), *step.state.values()]}
-        opt.zero_grad()
-        loss = torch.nn.functional.mse_loss(module(x), target)
-        loss.backward()
-        opt.step()
-        np.testing.assert_allclose(out[step.loss], loss.item(), rtol=1e-5)
-    for name, p in module.named_parameters():
-        np.testing.assert_allclose(state[step.params[name][0]], p.detach().numpy(), rtol=1e-4, atol=1e-5)
+    _steps_against_torch(step, module, torch.optim.AdamW(module.parameters(), lr=0.05), 0.05, 5,
+                         {"x": x.numpy(), "target": target.numpy()},
+                         lambda: torch.nn.functional.mse_loss(module(x), target))
 
 
 def test_optimized_dynamo_export_gets_a_note() -> None:
@@ -604,23 +613,10 @@ def test_running_statistics_the_exporter_tied_get_their_own(batchnorm: str) -> N
     notes = [str(w.message) for w in caught if issubclass(w.category, GradientNote)]
     assert sum("tied to" in n for n in notes) == 2, notes
     assert set(step.params) == {n for n, _ in net.named_parameters()}
-    sess = ort.InferenceSession(step.model.SerializeToString(), providers=["CPUExecutionProvider"])
-    names, values = [o.name for o in sess.get_outputs()], dict(step.initial)
     ref = copy.deepcopy(net).train(batchnorm == "train")
-    opt = torch.optim.SGD(ref.parameters(), lr=0.1)
-    for k in range(4):
-        feeds = {"x": x.numpy(), "labels": labels.numpy(), step.lr: np.asarray(0.1, np.float32), **values}
-        if step.step:
-            feeds[step.step] = np.asarray(k + 1, np.int64)
-        out = dict(zip(names, sess.run(None, {i.name: feeds[i.name] for i in sess.get_inputs()}), strict=True))
-        values |= {i: out[o] for i, o in [*step.params.values(), *step.state.values()]}
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(ref(x), labels)
-        loss.backward()
-        opt.step()
-        np.testing.assert_allclose(out[step.loss], loss.item(), rtol=1e-5)
-    for name, p in ref.named_parameters():
-        np.testing.assert_allclose(values[step.params[name][0]], p.detach().numpy(), rtol=1e-4, atol=1e-5)
+    values = _steps_against_torch(step, ref, torch.optim.SGD(ref.parameters(), lr=0.1), 0.1, 4,
+                                  {"x": x.numpy(), "labels": labels.numpy()},
+                                  lambda: torch.nn.functional.cross_entropy(ref(x), labels))
     if batchnorm == "train":
         for name in ("1.running_mean", "1.running_var"):
             np.testing.assert_allclose(values[step.state[name][0]], ref.state_dict()[name].numpy(), rtol=1e-5,
