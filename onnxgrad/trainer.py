@@ -214,12 +214,18 @@ def in_place(model: onnx.ModelProto, pairs: list[tuple[str, str]]) -> set[str]:
     without it, a weight that an input gradient reads does not.)"""
     nodes = list(model.graph.node)
     producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}
+    reads = [_reads(n) for n in nodes]
+    paired = {name for name, _ in pairs}
     readers: dict[str, list[int]] = {}
-    below: list[int] = []  # node i's ancestors and itself, a bitset (the nodes are in topological order)
-    for i, node in enumerate(nodes):
-        bits = 1 << i
-        for name in _reads(node):
+    bit: dict[int, int] = {}  # the nodes that read a paired value, numbered: the bits of the sets below
+    for i, names in enumerate(reads):
+        for name in names & paired:
             readers.setdefault(name, []).append(i)
+            bit.setdefault(i, len(bit))
+    below: list[int] = []  # which of those nodes are node i or its ancestors (the nodes are in topological order)
+    for i, names in enumerate(reads):
+        bits = 1 << bit[i] if i in bit else 0
+        for name in names:
             if name in producer:
                 bits |= below[producer[name]]
         below.append(bits)
@@ -228,7 +234,7 @@ def in_place(model: onnx.ModelProto, pairs: list[tuple[str, str]]) -> set[str]:
         writer = producer.get(new)
         if writer is None or (name in nodes[writer].input and nodes[writer].op_type not in _ELEMENTWISE):
             continue  # a kernel that reads the value it overwrites must take each element before writing it
-        if all(below[writer] >> r & 1 for r in readers.get(name, [])):
+        if all(below[writer] >> bit[r] & 1 for r in readers.get(name, [])):
             out.add(name)
     return out
 
