@@ -3,6 +3,7 @@ forward and against PyTorch eager, in one run.
 
     .venv/bin/python bench/zoo.py                                # every model below, 15 s of rounds each
     .venv/bin/python bench/zoo.py --model convnext_tiny bert --budget 30
+    .venv/bin/python bench/zoo.py --exporter dynamo             # PyTorch's default exporter instead
 
 Each model is exported with PyTorch's TorchScript exporter at opset 17 (``dynamo=False``, constant folding on, as
 ``torch.onnx.export`` does by default) and differentiated with respect to its input and every weight, ones as the
@@ -10,11 +11,14 @@ seed; onnxruntime CPU and PyTorch eager run with 2 threads in interleaved rounds
 torchvision's models have random weights (the ViT's classification head, which torchvision starts at zero, is
 drawn too). Models: a BERT-style encoder (``nn.TransformerEncoder``, GELU, pre-norm),
 a small ViT, MobileNetV2/V3, EfficientNet-B0 and ConvNeXt-T (depthwise convolutions, exported GELU).
+``--exporter dynamo``: exported instead by PyTorch's default exporter (torch.export, then onnxscript's optimizer, at
+its own default opset; eval BatchNorm folded into the convs), as ``torch.onnx.export(module, (x,))`` writes it.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import os
 import statistics
@@ -82,18 +86,26 @@ MODELS: dict[str, Callable[[], tuple[Any, Any]]] = {
 }
 
 
-def measure(name: str, budget_s: float) -> dict[str, Any]:
+def export(module: Any, x: Any, exporter: str) -> onnx.ModelProto:
+    import torch
+
+    buf = io.BytesIO()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        if exporter == "dynamo":
+            return torch.onnx.export(module, (x,), input_names=["x"], output_names=["y"], verbose=False).model_proto
+        torch.onnx.export(module, (x,), buf, input_names=["x"], output_names=["y"], opset_version=17, dynamo=False)
+    return onnx.load_from_string(buf.getvalue())
+
+
+def measure(name: str, budget_s: float, exporter: str = "torchscript") -> dict[str, Any]:
     import torch
 
     torch.manual_seed(0)
     torch.set_num_threads(THREADS)
     module, x = MODELS[name]()
     module.eval()
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(module, (x,), buf, input_names=["x"], output_names=["y"], opset_version=17, dynamo=False)
-    model = onnx.load_from_string(buf.getvalue())
+    model = export(module, x, exporter)
     t0 = time.perf_counter()
     aug = onnxgrad.add_gradients(model, ["y"], ["x", "@weights"])
     build_s = time.perf_counter() - t0
@@ -135,11 +147,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--budget", type=float, default=15.0, help="seconds of timed rounds per model")
+    parser.add_argument("--exporter", default="torchscript", choices=["torchscript", "dynamo"])
     args = parser.parse_args()
     print("| model | nodes | build s | ORT fwd ms | ORT fwd+bwd ms | fwd+bwd / fwd | PyTorch fwd+bwd ms "
           "| ours / PyTorch | dx rel. err | rounds |\n|---|---|---|---|---|---|---|---|---|---|")
     for name in args.model:
-        r = measure(name, args.budget)
+        r = measure(name, args.budget, args.exporter)
         print(f"| {r['model']} | {r['nodes']} | {r['build s']:.2f} | {r['fwd ms']:.1f} | {r['fwd+bwd ms']:.1f} | "
               f"**{r['ratio']:.2f}** | {r['torch ms']:.1f} | **{r['vs torch']:.2f}** | {r['dx err']:.1e} | "
               f"{r['rounds']} |", flush=True)
