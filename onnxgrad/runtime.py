@@ -114,7 +114,8 @@ def _conv_pads(auto_pad: str | None, pads: Sequence[int] | None, size: Sequence[
 def _faithful_ops() -> list[type]:
     """Reference-evaluator kernels in place of onnx 1.23's where those are wrong or too slow for a float64 check.
 
-    onnx's Erf rounds every value to float32 (``np.vectorize(math.erf, otypes=["f"])``). Its ConvTranspose fails
+    onnx's Erf rounds every value to float32 (``np.vectorize(math.erf, otypes=["f"])``), and so does Gelu (opset
+    20), which it runs as its schema's function body without the kernels given here. Its ConvTranspose fails
     for ``group`` > 1 (it reshapes W as if its first axis were the output channels) and loops in Python (a minute
     for a ShuffleNet gradient); Conv and ConvTranspose here are ``conv_nd`` and ``conv_transpose_nd`` (an
     ``output_shape`` goes to onnx's own, one group at a time). Its BatchNormalization 9-13 blends batch statistics
@@ -135,6 +136,16 @@ def _faithful_ops() -> list[type]:
 
         def _run(self, x: np.ndarray) -> tuple[np.ndarray]:  # type: ignore[override]
             return (np.asarray(erf(x)).astype(x.dtype) if x.size else x.copy(),)
+
+    class Gelu(OpRun):
+        op_domain = ""
+
+        def _run(self, x: np.ndarray, approximate: str = "none") -> tuple[np.ndarray]:  # type: ignore[override]
+            if approximate == "tanh":
+                inner = np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x ** 3))
+            else:
+                inner = np.asarray(erf(x / np.sqrt(2.0))) if x.size else x.copy()
+            return ((0.5 * x * (1.0 + inner)).astype(x.dtype),)
 
     def _bias(out: np.ndarray, b: np.ndarray | None) -> np.ndarray:
         return out if b is None else out + b.reshape((1, -1) + (1,) * (out.ndim - 2))
@@ -266,7 +277,7 @@ def _faithful_ops() -> list[type]:
             return (np.pad(data[crop], widths, mode=how, **kwargs).astype(data.dtype),)
 
     softmaxes = [_softmax_kind(k) for k in ("Softmax", "LogSoftmax", "Hardmax")]
-    return [Erf, Conv, ConvTranspose, BatchNormalization, Dropout, LRN, Pad, *softmaxes]
+    return [Erf, Gelu, Conv, ConvTranspose, BatchNormalization, Dropout, LRN, Pad, *softmaxes]
 
 
 class ReferenceSession:
