@@ -114,8 +114,10 @@ def _conv_pads(auto_pad: str | None, pads: Sequence[int] | None, size: Sequence[
 def _faithful_ops() -> list[type]:
     """Reference-evaluator kernels in place of onnx 1.23's where those are wrong or too slow for a float64 check.
 
-    onnx's Erf rounds every value to float32 (``np.vectorize(math.erf, otypes=["f"])``), and so does Gelu (opset
-    20), which it runs as its schema's function body without the kernels given here. Its ConvTranspose fails
+    onnx's Erf rounds every value to float32 (``np.vectorize(math.erf, otypes=["f"])``). Gelu, GroupNormalization
+    and MeanVarianceNormalization it runs as their schemas' function bodies, without the kernels given here: Gelu's
+    Erf rounds to float32, GroupNormalization-21 computes its statistics in float32 (stash_type), and
+    MeanVarianceNormalization adds a float32 epsilon to a float64 value (an error). Its ConvTranspose fails
     for ``group`` > 1 (it reshapes W as if its first axis were the output channels) and loops in Python (a minute
     for a ShuffleNet gradient); Conv and ConvTranspose here are ``conv_nd`` and ``conv_transpose_nd`` (an
     ``output_shape`` goes to onnx's own, one group at a time). Its BatchNormalization 9-13 blends batch statistics
@@ -276,8 +278,33 @@ def _faithful_ops() -> list[type]:
             kwargs = {"constant_values": 0 if fill is None else fill} if how == "constant" else {}
             return (np.pad(data[crop], widths, mode=how, **kwargs).astype(data.dtype),)
 
+    class GroupNormalization(OpRun):
+        op_domain = ""
+
+        def _run(self, x: np.ndarray, scale: np.ndarray, bias: np.ndarray,  # type: ignore[override]
+                 epsilon: float | None = None, num_groups: int | None = None, stash_type: int | None = None
+                 ) -> tuple[np.ndarray]:
+            g, c = int(num_groups or 1), x.shape[1]
+            grouped = x.reshape(x.shape[0], g, -1)
+            mean, var = grouped.mean(axis=2, keepdims=True), grouped.var(axis=2, keepdims=True)
+            xhat = ((grouped - mean) / np.sqrt(var + (1e-5 if epsilon is None else epsilon))).reshape(x.shape)
+            opset = int(self.run_params["opsets"].get("", self.run_params["opsets"].get("ai.onnx", 21)))
+            if opset < 21:  # scale and bias per group
+                scale, bias = np.repeat(scale, c // g), np.repeat(bias, c // g)
+            view = (1, c) + (1,) * (x.ndim - 2)
+            return ((xhat * scale.reshape(view) + bias.reshape(view)).astype(x.dtype),)
+
+    class MeanVarianceNormalization(OpRun):
+        op_domain = ""
+
+        def _run(self, x: np.ndarray, axes: Sequence[int] | None = None) -> tuple[np.ndarray]:  # type: ignore[override]
+            over = tuple(axes) if axes is not None else (0, 2, 3)
+            d = x - x.mean(axis=over, keepdims=True)
+            return ((d / (np.sqrt((d * d).mean(axis=over, keepdims=True)) + 1e-9)).astype(x.dtype),)
+
     softmaxes = [_softmax_kind(k) for k in ("Softmax", "LogSoftmax", "Hardmax")]
-    return [Erf, Gelu, Conv, ConvTranspose, BatchNormalization, Dropout, LRN, Pad, *softmaxes]
+    return [Erf, Gelu, Conv, ConvTranspose, BatchNormalization, Dropout, LRN, Pad, GroupNormalization,
+            MeanVarianceNormalization, *softmaxes]
 
 
 class ReferenceSession:
