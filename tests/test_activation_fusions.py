@@ -133,3 +133,32 @@ def test_the_forward_keeps_onnxruntimes_gelu_kernel(tmp_path: object) -> None:
             fused, _, _ = _grads(row)
             apart, _, _ = _grads(row, fused=False)
             assert (gelus(fused), gelus(apart)) == (1, 0), row.id
+
+
+def test_gelu_numbers_that_are_differentiated_keep_their_gradients() -> None:
+    """PyTorch's dynamo exporter at opset 18 writes GELU with its numbers (sqrt(2), 1, 0.5) as initializers, so
+    ``@weights`` differentiates them too: the fusion, which holds them constant, declines, and every gradient
+    equals torch's in float64 (before, d/d sqrt(2) read 0.018 where it is 0.137, in a dynamo-exported ViT)."""
+    torch = pytest.importorskip("torch")
+    row = ROWS[0]
+    g = _graph(row)
+    g = Graph(row.nodes, inputs={"x": X}, inits={"w": W, **g.consts}, outputs=list(row.outputs))
+    names = ["x", "w", "c", "one", "half"]
+    seen: list[dict[str, str | None]] = []
+    real = plans.fusions
+
+    def spy(ctx: object, path: object) -> list[plans.Fusion]:
+        seen.append(plans.explain_fusions(ctx, path))  # type: ignore[arg-type]
+        return real(ctx, path)  # type: ignore[arg-type]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(plans, "fusions", spy)
+        aug = onnxgrad.add_gradients(build(g), ["y"], names, grad_ys=[SEED])
+    assert any(why is not None and "itself differentiated" in why for found in seen for why in found.values()), seen
+    got = run(aug.model, g.feeds, [aug.gradients[k] for k in names])  # type: ignore[misc]
+    t = {k: torch.tensor(np.asarray(v, np.float64), requires_grad=True)
+         for k, v in {"x": X, "w": W, "c": SQRT2, "one": CONSTS["one"], "half": CONSTS["half"]}.items()}
+    h = t["x"] @ t["w"]
+    (h * (torch.erf(h / t["c"]) + t["one"]) * t["half"]).backward(torch.tensor(SEED, dtype=torch.float64))
+    for k in names:
+        np.testing.assert_allclose(got[aug.gradients[k]], t[k].grad.numpy(), rtol=1e-4, atol=1e-4, err_msg=k)

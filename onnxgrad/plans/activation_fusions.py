@@ -105,6 +105,9 @@ def _fused(ctx: WalkContext, x: ir.Value, nodes: list[ir.Node], c: float, on_pat
             return NotApplicable("an inner value is a graph output, an x, a y or stopped")
         if any(id(u.node) not in inside for u in v.uses() if u.node.graph is not None):
             return NotApplicable("an inner value has other readers")
+    if any(v in ctx.wanted for n in nodes for v in n.inputs if _scalar(v) is not None):
+        return NotApplicable("a number of the pattern is itself differentiated (PyTorch's dynamo exporter stores "
+                             "them as initializers, which @weights takes): their gradients come node by node")
     if not all(own_rule(ctx, n.op_type) for n in nodes):
         return NotApplicable("a gradient rule registered by the user replaces onnxgrad's own")
     rank = None if x.shape is None else x.shape.rank()
