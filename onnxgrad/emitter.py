@@ -11,8 +11,9 @@ Nothing an emitter builds touches the graph until ``commit``; ``rollback`` detac
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -164,6 +165,8 @@ class Emitter:
         self._pinned: set[int] = set()  # ids of values the constant and shape caches hand out
         self._valid_ops: set[str] = set()  # ai.onnx op types already checked against the schema at ``opset``
         self.aggregation = aggregation  # how add_n adds gradient terms: 'add_n' (one Sum), 'tree' or 'accumulate'
+        self._floor = 0  # own_nodes: nodes emitted before it are not shared (but Constants)
+        self._order: dict[int, int] = {}  # id of an emitted node -> its position in ``nodes``
 
     # ----------------------------------------------------------------- raw ops
     def fresh_name(self, hint: str) -> str:
@@ -188,7 +191,7 @@ class Emitter:
         while inputs and inputs[-1] is None:
             inputs = inputs[:-1]
         key = _cse_key(op_type, _domain, inputs, _outputs, attrs)
-        if key is not None and key in self._emitted:
+        if key is not None and key in self._emitted and self._shareable(self._emitted[key]):
             outs = self._emitted[key]
             return outs[0] if _outputs == 1 else outs
         simpler = simplify(self, op_type, inputs, attrs) if _outputs == 1 and _domain in ("", "ai.onnx") else None
@@ -208,10 +211,28 @@ class Emitter:
             out.name = name if i == 0 else f"{name}:{i}"
         self._type_outputs(node, attrs)
         self._shape_outputs(node, attrs)
+        self._order[id(node)] = len(self.nodes)
         self.nodes.append(node)
         if key is not None:
             self._remember(key, tuple(node.outputs))
         return node.outputs[0] if _outputs == 1 else tuple(node.outputs)
+
+    @contextlib.contextmanager
+    def own_nodes(self) -> Iterator[None]:
+        """Within, an op is shared only with one emitted inside (or a Constant): a rule that re-emits a node's
+        computation and walks those nodes (``nodes[start:]``) then finds every node of it, where sharing would hand
+        it a node another rule emitted, off its walk (two LSTMs reading one initial state lost one's gradient)."""
+        saved, self._floor = self._floor, len(self.nodes)
+        try:
+            yield
+        finally:
+            self._floor = saved
+
+    def _shareable(self, outs: tuple[ir.Value, ...]) -> bool:
+        if not self._floor:
+            return True
+        node = outs[0].producer()
+        return node is None or not node.inputs or self._order.get(id(node), self._floor) >= self._floor
 
     def _remember(self, key: tuple[Any, ...], outs: tuple[ir.Value, ...]) -> None:
         self._emitted[key] = outs

@@ -247,3 +247,17 @@ def test_discard_takes_back_only_what_nothing_else_reads() -> None:
     a, b = feeds["a"], feeds["b"]
     np.testing.assert_allclose(da, np.exp(a) / b, rtol=1e-12)
     np.testing.assert_allclose(again, np.exp(a) / b * (a / b), rtol=1e-12)
+
+
+def test_own_nodes_shares_only_what_it_emitted() -> None:
+    """Inside ``own_nodes`` an op identical to one emitted before is emitted anew (a rule walking its own nodes
+    finds it), but for Constants, which no walk goes through; inside, and after, the new node is shared."""
+    _, em, v = _graph(17, {"x": np.ones((2, 3), np.float32)}, dynamic=False)
+    before, one = em.Neg(v["x"]), em.const(1.0, like=v["x"])
+    with em.own_nodes():
+        inside = em.Neg(v["x"])
+        assert inside is not before and em.const(1.0, like=v["x"]) is one
+        assert em.Neg(v["x"]) is inside
+        with em.own_nodes():
+            assert em.Neg(v["x"]) is not inside
+    assert em.Exp(em.Neg(v["x"])).producer().inputs[0] is not before  # type: ignore[union-attr]

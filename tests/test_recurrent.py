@@ -400,3 +400,45 @@ def test_keras_gru_and_simple_rnn_through_tf2onnx_loops(kind: str) -> None:
     got = run(aug.model, {"x": xv}, [aug.gradients[k] for k in xs])  # type: ignore[misc]
     for k, want in zip(xs, grads, strict=True):
         np.testing.assert_allclose(got[aug.gradients[k]], want, rtol=1e-4, atol=1e-5, err_msg=k)
+
+
+def test_layers_sharing_one_initial_state_against_torch() -> None:
+    """PyTorch's dynamo exporter folds a stacked LSTM's zero initial states into one initializer that both layers
+    read as initial_h and initial_c. Each layer's gradient re-emits its cell and walks the nodes it emitted; a row of
+    the shared state that the first layer had emitted was shared with the second (common subexpressions), off the
+    second layer's walk, and its gradient lost that layer's part (32% off torch). Here the state is an input."""
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    lstm = torch.nn.LSTM(5, 6, num_layers=2, bidirectional=True).double()
+    rng = np.random.default_rng(0)
+    x, z = rng.standard_normal((4, 2, 5)), rng.standard_normal((2, 2, 6))
+    nodes, inits = [], []
+    for layer in range(2):
+        def weights(kind: str, layer: int = layer) -> np.ndarray:
+            def gates(a: np.ndarray) -> np.ndarray:  # torch's (i, f, g, o) -> ONNX's (i, o, f, c)
+                i, f, g, o = np.split(a, 4, axis=0)
+                return np.concatenate([i, o, f, g], axis=0)
+            names = {"W": ["weight_ih"], "R": ["weight_hh"], "B": ["bias_ih", "bias_hh"]}[kind]
+            return np.stack([np.concatenate([gates(getattr(lstm, f"{n}_l{layer}{d}").detach().numpy())
+                                             for n in names]) for d in ("", "_reverse")])
+        inits += [onnx.numpy_helper.from_array(weights(k), f"{k}{layer}") for k in ("W", "R", "B")]
+        src = "x" if layer == 0 else "h"
+        nodes += [onnx.helper.make_node("LSTM", [src, f"W{layer}", f"R{layer}", f"B{layer}", "", "z", "z"],
+                                        [f"y{layer}"], hidden_size=6, direction="bidirectional")]
+        if layer == 0:  # (T, 2, B, H) -> (T, B, 2H), the next layer's input
+            nodes += [onnx.helper.make_node("Transpose", ["y0"], ["yt"], perm=[0, 2, 1, 3]),
+                      onnx.helper.make_node("Reshape", ["yt", "shape"], ["h"])]
+    inits.append(onnx.numpy_helper.from_array(np.array([4, 2, 12], np.int64), "shape"))
+    f64 = onnx.TensorProto.DOUBLE
+    graph = onnx.helper.make_graph(nodes, "g", [onnx.helper.make_tensor_value_info("x", f64, [4, 2, 5]),
+                                                onnx.helper.make_tensor_value_info("z", f64, [2, 2, 6])],
+                                   [onnx.helper.make_tensor_value_info("y1", f64, None)], inits)
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=8)
+    u = rng.standard_normal((4, 2, 2, 6))
+    aug = add_gradients(model, ["y1"], ["x", "z"], grad_ys=[u])
+    got = run_float64(expanded(aug.model), {"x": x, "z": z}, [aug.gradients["x"], aug.gradients["z"]])
+    xt, zt = torch.tensor(x, requires_grad=True), torch.tensor(z, requires_grad=True)
+    out = lstm(xt, (torch.cat([zt, zt]), torch.cat([zt, zt])))[0]
+    out.backward(torch.tensor(u).permute(0, 2, 1, 3).reshape(4, 2, 12))
+    np.testing.assert_allclose(got[aug.gradients["x"]], xt.grad.numpy(), rtol=1e-9, atol=1e-10)
+    np.testing.assert_allclose(got[aug.gradients["z"]], zt.grad.numpy(), rtol=1e-9, atol=1e-10)

@@ -162,7 +162,8 @@ def function_body_gradient(em: Emitter, node: ir.Node, grads: Sequence[ir.Value 
     body = function_body(node, em.opset)
     expansion = _Expansion(em, node, infer_function_body(body, node))
     env: Env = {name: (node.inputs[i] if i < len(node.inputs) else None) for i, name in enumerate(body.input)}
-    expansion.nodes(body.node, env)
+    with em.own_nodes():  # the walk below goes over the body's nodes: none may be another expansion's
+        expansion.nodes(body.node, env)
     outs = [env.get(name) if name else None for name in body.output[:len(grads)]]
     seeded = [(o, g) for o, g in zip(outs, grads, strict=True) if o is not None and g is not None]
     inputs = list(dict.fromkeys(v for v in node.inputs if v is not None))

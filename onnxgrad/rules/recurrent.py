@@ -682,6 +682,11 @@ def gradient_from_y(em: Emitter, node: ir.Node, grads: Grads, spec: Spec) -> Out
 
 def recurrent_gradient(em: Emitter, node: ir.Node, grads: Grads) -> Out:
     """d(inputs) = back-propagation through time over the recurrence restated in standard ops (module docstring)"""
+    with em.own_nodes():  # the walks below go over the nodes emitted here: none may be another node's
+        return _recurrent_gradient(em, node, grads)
+
+
+def _recurrent_gradient(em: Emitter, node: ir.Node, grads: Grads) -> Out:
     spec = read_spec(node)
     if _not_from_y(spec, node) is None:
         return gradient_from_y(em, node, grads, spec)
