@@ -442,3 +442,38 @@ def test_layers_sharing_one_initial_state_against_torch() -> None:
     out.backward(torch.tensor(u).permute(0, 2, 1, 3).reshape(4, 2, 12))
     np.testing.assert_allclose(got[aug.gradients["x"]], xt.grad.numpy(), rtol=1e-9, atol=1e-10)
     np.testing.assert_allclose(got[aug.gradients["z"]], zt.grad.numpy(), rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("op", ["LSTM", "GRU"])
+def test_two_recurrent_nodes_reading_one_input_against_torch(op: str) -> None:
+    """Two recurrent nodes over the same x (parallel branches; forward and reverse written as two nodes): the
+    second node's re-emitted cell shared the first one's nodes that read x (common subexpressions), off its own
+    walk, and dx lost that node's part (75% off torch for two LSTMs)."""
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(1)
+    layers = [getattr(torch.nn, op)(4, 5).double() for _ in range(2)]
+    order = [0, 3, 1, 2] if op == "LSTM" else [1, 0, 2]  # torch's gate order -> ONNX's (iofc, zrh)
+
+    def gates(a: np.ndarray) -> np.ndarray:
+        parts = np.split(a, len(order), axis=0)
+        return np.concatenate([parts[k] for k in order], axis=0)
+
+    nodes, inits = [], []
+    for k, layer in enumerate(layers):
+        w, r = (gates(getattr(layer, f"weight_{n}_l0").detach().numpy())[None] for n in ("ih", "hh"))
+        b = np.concatenate([gates(getattr(layer, f"bias_{n}_l0").detach().numpy()) for n in ("ih", "hh")])[None]
+        inits += [onnx.numpy_helper.from_array(a, f"{n}{k}") for a, n in ((w, "W"), (r, "R"), (b, "B"))]
+        extra = {"linear_before_reset": 1} if op == "GRU" else {}
+        nodes.append(onnx.helper.make_node(op, ["x", f"W{k}", f"R{k}", f"B{k}"], [f"y{k}"], hidden_size=5, **extra))
+    nodes.append(onnx.helper.make_node("Add", ["y0", "y1"], ["y"]))
+    f64 = onnx.TensorProto.DOUBLE
+    graph = onnx.helper.make_graph(nodes, "g", [onnx.helper.make_tensor_value_info("x", f64, [3, 2, 4])],
+                                   [onnx.helper.make_tensor_value_info("y", f64, None)], inits)
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=8)
+    rng = np.random.default_rng(0)
+    x, u = rng.standard_normal((3, 2, 4)), rng.standard_normal((3, 1, 2, 5))
+    aug = add_gradients(model, ["y"], ["x"], grad_ys=[u])
+    got = run_float64(expanded(aug.model), {"x": x}, [aug.gradients["x"]])[aug.gradients["x"]]  # type: ignore[index]
+    xt = torch.tensor(x, requires_grad=True)
+    (layers[0](xt)[0] + layers[1](xt)[0]).backward(torch.tensor(u[:, 0]))
+    np.testing.assert_allclose(got, xt.grad.numpy(), rtol=1e-9, atol=1e-10)
