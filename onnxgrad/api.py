@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -251,20 +251,29 @@ def gradients(
     return [None if v is None else v.name for v in finals]
 
 
-def _note_tied_statistics(graph: ir.Graph, xs: Sequence[ir.Value]) -> None:
-    """A note for each x that a BatchNormalization also reads, through Identities, as its running mean or
-    variance while something else reads it too: PyTorch's exporter ties a fresh model's statistics (zeros, ones) to
-    the bias and scale of equal value, and the gradient then includes the statistics' path."""
-    wanted = set(xs)
-    for node in graph:
+def running_statistics(graph: ir.Graph) -> Iterator[tuple[ir.Node, int, str, ir.Value, ir.Value]]:
+    """(node, input index, "mean" or "variance", the value read, that value seen through Identities) for the
+    running statistics of every ai.onnx BatchNormalization of ``graph``."""
+    for node in list(graph):
         if node.op_type != "BatchNormalization" or node.domain not in ("", "ai.onnx"):
             continue
-        for v, what in zip(node.inputs[3:5], ("mean", "variance"), strict=False):
+        for index, what in ((3, "mean"), (4, "variance")):
+            v = node.inputs[index] if len(node.inputs) > index else None
             source = v
-            while source is not None and (p := source.producer()) is not None and p.op_type == "Identity":
+            while source is not None and (p := source.producer()) is not None and p.op_type == "Identity" \
+                    and p.domain in ("", "ai.onnx"):
                 source = p.inputs[0]
-            if source is None or source is v or source not in wanted:
-                continue
+            if v is not None and source is not None:
+                yield node, index, what, v, source
+
+
+def _note_tied_statistics(graph: ir.Graph, xs: Sequence[ir.Value]) -> None:
+    """A note for each x that a BatchNormalization also reads, through Identities, as its running mean or
+    variance: PyTorch's exporter ties a fresh model's statistics (zeros, ones) to the bias and scale of equal value,
+    and the gradient then includes the statistics' path."""
+    wanted = set(xs)
+    for node, _, what, v, source in running_statistics(graph):
+        if source is not v and source in wanted:
             warnings.warn(GradientNote(
                 f"xs: {source.name!r} is also BatchNormalization node '{node.name}''s running {what} (through "
                 f"{v.name!r}: the exporter merges tensors of equal value), so its gradient includes that path; "

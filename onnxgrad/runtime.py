@@ -149,6 +149,11 @@ def _faithful_ops() -> list[type]:
                 inner = np.asarray(erf(x / np.sqrt(2.0))) if x.size else x.copy()
             return ((0.5 * x * (1.0 + inner)).astype(x.dtype),)
 
+    def _model_opset(op: OpRun, default: int) -> int:
+        """The ai.onnx opset of the model a kernel runs in (its semantics can depend on it)."""
+        opsets = op.run_params["opsets"]
+        return int(opsets.get("", opsets.get("ai.onnx", default)))
+
     def _bias(out: np.ndarray, b: np.ndarray | None) -> np.ndarray:
         return out if b is None else out + b.reshape((1, -1) + (1,) * (out.ndim - 2))
 
@@ -238,7 +243,7 @@ def _faithful_ops() -> list[type]:
         a matrix of the dimensions before ``axis`` (default 1) by those from it; from 13, along ``axis`` (-1)."""
 
         def _run(self: OpRun, x: np.ndarray, axis: int | None = None) -> tuple[np.ndarray]:
-            opset = int(self.run_params["opsets"].get("", self.run_params["opsets"].get("ai.onnx", 13)))
+            opset = _model_opset(self, 13)
             given = [a.i for a in self.onnx_node.attribute if a.name == "axis"]
             if opset >= 13:
                 ax, shape, flat = (given[0] if given else -1), x.shape, x
@@ -288,7 +293,7 @@ def _faithful_ops() -> list[type]:
             grouped = x.reshape(x.shape[0], g, -1)
             mean, var = grouped.mean(axis=2, keepdims=True), grouped.var(axis=2, keepdims=True)
             xhat = ((grouped - mean) / np.sqrt(var + (1e-5 if epsilon is None else epsilon))).reshape(x.shape)
-            opset = int(self.run_params["opsets"].get("", self.run_params["opsets"].get("ai.onnx", 21)))
+            opset = _model_opset(self, 21)
             if opset < 21:  # scale and bias per group
                 scale, bias = np.repeat(scale, c // g), np.repeat(bias, c // g)
             view = (1, c) + (1,) * (x.ndim - 2)

@@ -24,7 +24,7 @@ import onnx
 import onnx_ir as ir
 
 from onnxgrad import plans
-from onnxgrad.api import GradientNote, gradients
+from onnxgrad.api import GradientNote, gradients, running_statistics
 from onnxgrad.emitter import FLOAT_TYPES, Emitter, attr, rank_of
 from onnxgrad.geometry import conv_window, padded
 from onnxgrad.io import atomic_path, load_model, save_model
@@ -616,37 +616,30 @@ def _untie_running_statistics(graph: ir.Graph) -> None:
     variance (ones) as Identities of the bias and scale, or one initializer for several BatchNorms. Tied, the
     statistics would train with the param (or be state twice); a note says where."""
     names = {v.name for n in graph for v in n.outputs} | set(graph.initializers) | {v.name for v in graph.inputs}
-    for node in [n for n in graph if n.op_type == "BatchNormalization" and n.domain in ("", "ai.onnx")]:
-        for index, what in ((3, "mean"), (4, "variance")):
-            v = node.inputs[index] if len(node.inputs) > index else None
-            source = v
-            while source is not None and (p := source.producer()) is not None and p.op_type == "Identity" \
-                    and p.domain in ("", "ai.onnx"):
-                source = p.inputs[0]
-            if v is None or source is None or not source.is_initializer() or source.const_value is None:
-                continue
-            if v is source and len(v.uses()) == 1 and not v.is_graph_output():
-                continue  # its own already
-            name = v.name or f"{node.name}_running_{what}"
-            if v is not source:
-                v.name = f"{name}/tied"  # the Identity's value keeps on under another name
-            else:
-                name = _unused(names, name)
-            names.add(name)
-            array = np.array(source.const_value.numpy(), copy=True)
-            own = ir.Value(name=name, type=ir.TensorType(source.dtype or ir.DataType.FLOAT),
-                           shape=ir.Shape(array.shape), const_value=ir.tensor(array, name=name))
-            graph.register_initializer(own)
-            node.replace_input_with(index, own)
-            warnings.warn(GradientNote(
-                f"BatchNormalization node '{node.name}': its running {what} was tied to {source.name!r} (the "
-                f"exporter merges tensors of equal value): it gets its own copy, {name!r}"), stacklevel=4)
-            while v is not source and not v.uses() and not v.is_graph_output():  # the Identities left unread
-                producer = v.producer()
-                assert producer is not None
-                nxt = producer.inputs[0]
-                graph.remove(producer, safe=True)
-                v = nxt  # type: ignore[assignment]
+    for node, index, what, v, source in running_statistics(graph):
+        if not source.is_initializer() or source.const_value is None:
+            continue
+        if v is source and len(v.uses()) == 1 and not v.is_graph_output():
+            continue  # its own already
+        name = v.name or f"{node.name}_running_{what}"
+        if v is not source:
+            v.name = f"{name}/tied"  # the Identity's value keeps on under another name
+        else:
+            name = _unused(names, name)
+        names.add(name)
+        array = np.array(source.const_value.numpy(), copy=True)
+        own = ir.Value(name=name, type=ir.TensorType(source.dtype or ir.DataType.FLOAT),
+                       shape=ir.Shape(array.shape), const_value=ir.tensor(array, name=name))
+        graph.register_initializer(own)
+        node.replace_input_with(index, own)
+        warnings.warn(GradientNote(
+            f"BatchNormalization node '{node.name}': its running {what} was tied to {source.name!r} (the "
+            f"exporter merges tensors of equal value): it gets its own copy, {name!r}"), stacklevel=4)
+        while v is not source and not v.uses() and not v.is_graph_output():  # the Identities left unread
+            producer = v.producer()
+            assert producer is not None
+            v = producer.inputs[0]  # type: ignore[assignment]
+            graph.remove(producer, safe=True)
 
 
 def _like(em: Emitter, v: ir.Value, like: ir.Value) -> ir.Value:

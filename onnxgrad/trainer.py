@@ -262,12 +262,11 @@ class _Bindings:
         self.sess = sess
         self.pairs = pairs
         self.n_outputs = len(outputs)
-        # copies: on the CPU an OrtValue wraps the array it is given, and the caller's arrays must stay as they are
-        first = {name: ort.OrtValue.ortvalue_from_numpy(np.array(values[name], order="C", copy=True), device, 0)
-                 for name, _ in pairs}
-        buffers = [first, {name: first[name] if name in shared else
-                           ort.OrtValue.ortvalue_from_numpy(np.array(values[name], order="C", copy=True), device, 0)
-                           for name, _ in pairs}]
+        def copy(name: str) -> ort.OrtValue:  # on the CPU an OrtValue wraps the array it is given: the caller's
+            return ort.OrtValue.ortvalue_from_numpy(np.array(values[name], order="C", copy=True), device, 0)  # stay
+
+        first = {name: copy(name) for name, _ in pairs}
+        buffers = [first, {name: first[name] if name in shared else copy(name) for name, _ in pairs}]
         self.buffers = buffers
         self.bindings = []
         for k in range(2):

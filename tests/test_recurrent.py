@@ -402,6 +402,23 @@ def test_keras_gru_and_simple_rnn_through_tf2onnx_loops(kind: str) -> None:
         np.testing.assert_allclose(got[aug.gradients[k]], want, rtol=1e-4, atol=1e-5, err_msg=k)
 
 
+def _onnx_weights(module: Any, layer: int, tag: str) -> list[onnx.TensorProto]:
+    """W, R and B (named W<tag>, R<tag>, B<tag>) of one layer of a torch LSTM or GRU, in ONNX's layout: gates
+    reordered (torch's ifgo -> iofc, rzn -> zrh), directions stacked, the two biases concatenated."""
+    order = [0, 3, 1, 2] if type(module).__name__ == "LSTM" else [1, 0, 2]
+    dirs = ["", "_reverse"] if module.bidirectional else [""]
+
+    def stacked(names: list[str]) -> np.ndarray:
+        def gates(a: np.ndarray) -> np.ndarray:
+            parts = np.split(a, len(order), axis=0)
+            return np.concatenate([parts[k] for k in order], axis=0)
+        return np.stack([np.concatenate([gates(getattr(module, f"{n}_l{layer}{d}").detach().numpy()) for n in names])
+                         for d in dirs])
+
+    return [onnx.numpy_helper.from_array(stacked(names), f"{kind}{tag}")
+            for kind, names in (("W", ["weight_ih"]), ("R", ["weight_hh"]), ("B", ["bias_ih", "bias_hh"]))]
+
+
 def test_layers_sharing_one_initial_state_against_torch() -> None:
     """PyTorch's dynamo exporter folds a stacked LSTM's zero initial states into one initializer that both layers
     read as initial_h and initial_c. Each layer's gradient re-emits its cell and walks the nodes it emitted; a row of
@@ -414,14 +431,7 @@ def test_layers_sharing_one_initial_state_against_torch() -> None:
     x, z = rng.standard_normal((4, 2, 5)), rng.standard_normal((2, 2, 6))
     nodes, inits = [], []
     for layer in range(2):
-        def weights(kind: str, layer: int = layer) -> np.ndarray:
-            def gates(a: np.ndarray) -> np.ndarray:  # torch's (i, f, g, o) -> ONNX's (i, o, f, c)
-                i, f, g, o = np.split(a, 4, axis=0)
-                return np.concatenate([i, o, f, g], axis=0)
-            names = {"W": ["weight_ih"], "R": ["weight_hh"], "B": ["bias_ih", "bias_hh"]}[kind]
-            return np.stack([np.concatenate([gates(getattr(lstm, f"{n}_l{layer}{d}").detach().numpy())
-                                             for n in names]) for d in ("", "_reverse")])
-        inits += [onnx.numpy_helper.from_array(weights(k), f"{k}{layer}") for k in ("W", "R", "B")]
+        inits += _onnx_weights(lstm, layer, str(layer))
         src = "x" if layer == 0 else "h"
         nodes += [onnx.helper.make_node("LSTM", [src, f"W{layer}", f"R{layer}", f"B{layer}", "", "z", "z"],
                                         [f"y{layer}"], hidden_size=6, direction="bidirectional")]
@@ -452,17 +462,9 @@ def test_two_recurrent_nodes_reading_one_input_against_torch(op: str) -> None:
     torch = pytest.importorskip("torch")
     torch.manual_seed(1)
     layers = [getattr(torch.nn, op)(4, 5).double() for _ in range(2)]
-    order = [0, 3, 1, 2] if op == "LSTM" else [1, 0, 2]  # torch's gate order -> ONNX's (iofc, zrh)
-
-    def gates(a: np.ndarray) -> np.ndarray:
-        parts = np.split(a, len(order), axis=0)
-        return np.concatenate([parts[k] for k in order], axis=0)
-
     nodes, inits = [], []
     for k, layer in enumerate(layers):
-        w, r = (gates(getattr(layer, f"weight_{n}_l0").detach().numpy())[None] for n in ("ih", "hh"))
-        b = np.concatenate([gates(getattr(layer, f"bias_{n}_l0").detach().numpy()) for n in ("ih", "hh")])[None]
-        inits += [onnx.numpy_helper.from_array(a, f"{n}{k}") for a, n in ((w, "W"), (r, "R"), (b, "B"))]
+        inits += _onnx_weights(layer, 0, str(k))
         extra = {"linear_before_reset": 1} if op == "GRU" else {}
         nodes.append(onnx.helper.make_node(op, ["x", f"W{k}", f"R{k}", f"B{k}"], [f"y{k}"], hidden_size=5, **extra))
     nodes.append(onnx.helper.make_node("Add", ["y0", "y1"], ["y"]))
