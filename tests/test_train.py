@@ -23,6 +23,7 @@ from onnxgrad.check import convert_floats  # noqa: E402
 from onnxgrad.optim import lower_optimizer_ops  # noqa: E402
 from onnxgrad.train import make_train_step  # noqa: E402
 from tests.conftest import Cli  # noqa: E402
+from tests.test_zoo_sweep import export_dynamo  # noqa: E402
 from tests.train_twins import MODELS, TWINS, Twin, export, run_onnx, run_torch, schedule, weights  # noqa: E402
 
 STEPS = 200
@@ -510,18 +511,6 @@ class _WithBuffer(torch.nn.Module):
         return self.norm(self.lin(x) * torch.cos(self.freq))
 
 
-def _dynamo_export(module: Any, x: Any, optimize: bool) -> onnx.ModelProto:
-    import contextlib
-    import io
-    import warnings
-
-    pytest.importorskip("onnxscript")
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        return torch.onnx.export(module, (x,), dynamo=True, optimize=optimize, input_names=["x"],
-                                 output_names=["y"], verbose=False).model_proto
-
-
 def _steps_against_torch(step: Any, module: Any, opt: Any, lr: float, steps: int, batch: dict[str, np.ndarray],
                          torch_loss: Any) -> dict[str, np.ndarray]:
     """``steps`` train steps on ``batch`` beside as many of ``opt`` on torch's ``torch_loss()``: each loss within
@@ -555,7 +544,7 @@ def test_dynamo_export_trains_the_parameters_not_the_buffers() -> None:
     torch.manual_seed(0)
     module = _WithBuffer()
     x, target = torch.randn(3, 6), torch.randn(3, 4)
-    model = _dynamo_export(module, x, optimize=False)
+    model = export_dynamo(module, tuple(x.shape), 18, {}, optimize=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         step = make_train_step(model, "mse:y:target", optimizer="adamw", lr=0.05)
@@ -576,7 +565,7 @@ def test_optimized_dynamo_export_gets_a_note() -> None:
     from onnxgrad.api import GradientNote
 
     torch.manual_seed(0)
-    model = _dynamo_export(_WithBuffer(), torch.randn(3, 6), optimize=True)
+    model = export_dynamo(_WithBuffer(), (3, 6), 18, {})
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         make_train_step(model, "mse:y:target")

@@ -318,15 +318,17 @@ def export(module: Any, shape: tuple[int, ...], opset: int, dynamic: dict[int, s
     return onnx.load_from_string(f.getvalue())
 
 
-def export_dynamo(module: Any, shape: tuple[int, ...], opset: int, dynamic: dict[int, str]) -> onnx.ModelProto:
+def export_dynamo(module: Any, shape: tuple[int, ...], opset: int, dynamic: dict[int, str],
+                  optimize: bool = True) -> onnx.ModelProto:
     """PyTorch's default exporter (torch.export, then onnxscript's optimizer, which folds each eval-mode
-    BatchNorm into its conv) as a user calls it, the axes of ``dynamic`` left for torch.export to decide."""
+    BatchNorm into its conv; ``optimize=False``: not) as a user calls it, the axes of ``dynamic`` left for
+    torch.export to decide."""
     pytest.importorskip("onnxscript")
     auto = torch.export.Dim.AUTO
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(module, (torch.randn(*shape),), dynamo=True, opset_version=opset,
-                                    input_names=["x"], output_names=["y"], verbose=False,
+                                    optimize=optimize, input_names=["x"], output_names=["y"], verbose=False,
                                     dynamic_shapes=({a: auto for a in dynamic},) if dynamic else None)
     return program.model_proto
 
