@@ -11,7 +11,7 @@ initializers. The model itself only ever gains types and shapes."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -43,23 +43,42 @@ def infer_missing_types(model: ir.Model) -> None:
         for v in model.graph.initializers.values()
     )
     _merge(model, _infer(model, data_prop, lambda proto: None))
+    folded: dict[str, np.ndarray] = {}
     if _lacks_shapes(model):
         folded = _fold_small_constants(model)
         if folded:
             _merge(model, _infer(model, data_prop, lambda proto: _as_initializers(proto, folded)))
     for _ in range(4):  # each round may unlock the next reshape's target
-        if not (_lacks_shapes(model) and _ranks_from_shape_operands(model)):
+        if not (_lacks_shapes(model) and _ranks_from_shape_operands(model, folded)):
             break
-        _merge(model, _infer(model, data_prop, lambda proto: None))
+        _merge(model, _infer(model, data_prop, lambda proto: _as_initializers(proto, folded)))
 
 
-def _ranks_from_shape_operands(model: ir.Model) -> bool:
+def _taken_nodes(nodes: Iterable[ir.Node], folded: dict[str, np.ndarray]) -> Iterable[ir.Node]:
+    """``nodes``, each If whose condition folded followed by the nodes of the branch it takes."""
+    for node in nodes:
+        yield node
+        if node.op_type == "If" and not node.domain and node.inputs[0] is not None:
+            branch = _taken_branch(node, folded.get(node.inputs[0].name or ""))
+            if branch is not None:
+                yield from _taken_nodes(branch, folded)
+
+
+def _ranks_from_shape_operands(model: ir.Model, folded: dict[str, np.ndarray]) -> bool:
     """Give a rank to the outputs of Reshape/Expand/ConstantOfShape whose target is a run-time tensor of
-    known length (onnx's inference gives them no shape at all); True when something was learned."""
+    known length (onnx's inference gives them no shape at all), and to an If's outputs the shapes of its taken
+    branch's (``folded``: the conditions known); True when something was learned."""
     learned = False
-    for node in model.graph:
+    for node in _taken_nodes(model.graph, folded):
         out = node.outputs[0] if node.outputs else None
         if out is None or out.shape is not None or node.domain:
+            continue
+        branch = _taken_branch(node, folded.get(node.inputs[0].name or "")) if node.op_type == "If" and \
+            node.inputs[0] is not None else None
+        if branch is not None:
+            for o, b in zip(node.outputs, branch.outputs, strict=False):
+                if o.shape is None and b.shape is not None:
+                    o.shape, learned = b.shape, True
             continue
         target = {"Reshape": 1, "Expand": 1, "ConstantOfShape": 0}.get(node.op_type)
         if target is None or len(node.inputs) <= target or node.inputs[target] is None:
@@ -119,20 +138,39 @@ def _sharper(new: ir.Shape, old: ir.Shape) -> bool:
 
 
 def _fold_small_constants(model: ir.Model) -> dict[str, np.ndarray]:
-    """Values of the top-level graph computed from constants alone (small ones), by name (``optimize.fold``)."""
-    opset = model.opset_imports.get("", 1)
+    """Values of the top-level graph computed from constants alone (small ones), by name (``optimize.fold``),
+    the taken branch of an If whose condition folds included."""
     known: dict[str, np.ndarray] = {}
     for name, v in model.graph.initializers.items():
         if v.const_value is not None and v.const_value.size <= _SMALL:
             known[name] = v.const_value.numpy()
     folded: dict[str, np.ndarray] = {}
-    for node in model.graph:
-        if node.op_type == "Constant" and not node.domain:
+    _fold_nodes(model.graph, known, folded, model.opset_imports.get("", 1))
+    return folded
+
+
+def _fold_nodes(nodes: Iterable[ir.Node], known: dict[str, np.ndarray], folded: dict[str, np.ndarray],
+                opset: int) -> None:
+    for node in nodes:
+        if node.domain:
+            continue
+        if node.op_type == "Constant":
             tensor = ir.convenience.get_const_tensor(node.outputs[0])
             if tensor is not None and tensor.size <= _SMALL:
                 known[node.outputs[0].name or ""] = tensor.numpy()
             continue
-        if node.domain or node.op_type not in _FOLDABLE:
+        if node.op_type == "If":
+            cond = known.get(node.inputs[0].name or "") if node.inputs[0] is not None else None
+            branch = _taken_branch(node, cond)
+            if branch is not None:
+                _fold_nodes(branch, known, folded, opset)
+            continue
+        if node.op_type in ("Shape", "Size"):
+            dims = _static_shape(node)
+            if dims is not None:
+                known[node.outputs[0].name or ""] = folded[node.outputs[0].name or ""] = dims
+            continue
+        if node.op_type not in _FOLDABLE:
             continue
         inputs = [v for v in node.inputs if v is not None]
         if not inputs or any(v.name not in known for v in inputs):
@@ -146,15 +184,64 @@ def _fold_small_constants(model: ir.Model) -> dict[str, np.ndarray]:
             if array.size <= _SMALL:
                 known[out.name or ""] = array
                 folded[out.name or ""] = array
-    return folded
+
+
+def _taken_branch(node: ir.Node, cond: np.ndarray | None) -> ir.Graph | None:
+    """The branch an If takes on the condition ``cond`` (None: not known)."""
+    if cond is None or cond.size != 1 or node.op_type != "If":
+        return None
+    attr = node.attributes.get("then_branch" if bool(cond.reshape(())) else "else_branch")
+    return attr.as_graph() if attr is not None else None
+
+
+def _static_shape(node: ir.Node) -> np.ndarray | None:
+    """The value of ``Shape(x)`` (its start and end applied) or ``Size(x)`` when x's shape is all numbers (a
+    ``Shape``'s output has one: its rank, so ``Size(Shape(x))`` folds under symbolic dimensions too), else None."""
+    x = node.inputs[0] if node.inputs else None
+    if x is None or x.shape is None or not all(isinstance(d, int) for d in x.shape):
+        return None
+    dims = [int(d) for d in x.shape]
+    if node.op_type == "Size":
+        return np.array(int(np.prod(dims)), dtype=np.int64)
+    start, end = node.attributes.get_int("start", 0), node.attributes.get_int("end", None)
+    return np.array(dims[start:end], dtype=np.int64)
 
 
 def _as_initializers(proto: onnx.ModelProto, folded: dict[str, np.ndarray]) -> None:
-    """Make the folded values initializers of ``proto`` and drop the nodes that computed them."""
+    """Make the folded values initializers of ``proto``, drop the nodes that computed them, and put the taken
+    branch in place of each If whose condition folded (exporters test ranks at run time: TorchScript's ``tile``
+    reshapes x in an If on ``Size(Shape(x)) < len(repeats)``, and inference gives no If output a rank)."""
     keep = [n for n in proto.graph.node if not (n.output and all(o in folded for o in n.output))]
     del proto.graph.node[:]
-    proto.graph.node.extend(keep)
+    proto.graph.node.extend(_inline_known_ifs(keep, folded))
     proto.graph.initializer.extend(onnx.numpy_helper.from_array(a, name) for name, a in folded.items())
+
+
+def _inline_known_ifs(nodes: list[onnx.NodeProto], folded: dict[str, np.ndarray]) -> list[onnx.NodeProto]:
+    """``nodes`` with each If whose condition is in ``folded`` replaced by its taken branch's nodes and an Identity
+    per output (only where the branch's names are new to the graph: a copy for inference, never the model)."""
+    taken = set()
+    for n in nodes:
+        taken.update(n.output)
+    out: list[onnx.NodeProto] = []
+    for n in nodes:
+        cond = folded.get(n.input[0]) if n.op_type == "If" and n.domain in ("", "ai.onnx") else None
+        if cond is None or cond.size != 1:
+            out.append(n)
+            continue
+        branch = next(a.g for a in n.attribute if a.name == ("then_branch" if bool(cond.reshape(())) else
+                                                            "else_branch"))
+        names = {o for b in branch.node for o in b.output} | {i.name for i in branch.initializer}
+        if names & taken or len(branch.output) != len(n.output):
+            out.append(n)
+            continue
+        taken |= names
+        out.extend(_inline_known_ifs([b for b in branch.node if not (b.output and all(o in folded for o in
+                                                                                       b.output))], folded))
+        out.extend(onnx.helper.make_node("Constant", [], [i.name], value=i) for i in branch.initializer)
+        out.extend(onnx.helper.make_node("Identity", [b.name], [o]) for b, o in zip(branch.output, n.output,
+                                                                                    strict=True) if o)
+    return out
 
 
 # ------------------------------------------------------------------------------- one node, function bodies

@@ -506,6 +506,33 @@ def test_recurrent_gradient_reads_no_run_time_broadcast() -> None:
     assert sum(n.op_type == "NonZero" for n in aug.model.graph.node) <= 2
 
 
+TILES = [(opset, dynamic) for opset in (13, 17) for dynamic in (False, True)]
+
+
+@pytest.mark.parametrize(("opset", "dynamic"), TILES, ids=[f"opset{o}-{'nchw' if d else 'static'}" for o, d in TILES])
+def test_tile_that_adds_axes_matches_torch(opset: int, dynamic: bool) -> None:
+    """TorchScript (opset 13+) writes ``tile`` with more repeats than x has axes as Ifs on
+    ``Size(Shape(x)) - len(repeats)``, x reshaped to the higher rank in a branch; Tile's gradient needs that rank,
+    which only folding the conditions gives ("needs the rank of '/If_1_output_0'" before). The exporter declares y
+    one axis short (onnxruntime warns and runs), so the seed is ones, built from y's run-time shape."""
+    torch.manual_seed(0)
+    module = seeded(Resample(lambda y: y.tile(2, 1, 1, 1, 3).mean(0)))
+    model = export(module, (2, 3, 6, 6), opset, NCHW if dynamic else {}, {})
+    aug = add_gradients(model, ["y"], ["@inputs", "@weights"])
+    weights = weight_map(model, module, [k for k in aug.gradients if k != "x"])
+    rng = np.random.default_rng(opset)
+    for shape in [(2, 3, 6, 6), (1, 3, 5, 7)] if dynamic else [(2, 3, 6, 6)]:
+        x = rng.standard_normal(shape).astype(np.float32)
+        got = run(aug.model, {"x": x})
+        y32 = module(torch.tensor(x)).detach().numpy()
+        dx64, p64 = torch_grads(module, x, np.ones(y32.shape, np.float32), True)
+        dx32, p32 = torch_grads(module, x, np.ones(y32.shape, np.float32), False)
+        compare(f"tile at opset {opset}, {shape}",
+                {"x": got[aug.gradients["x"]], **{k: got[aug.gradients[k]] for k in weights}},
+                {"x": dx64, **{k: layout(p64) for k, layout in weights.items()}},
+                {"x": dx32, **{k: layout(p32) for k, layout in weights.items()}})
+
+
 # ---------------------------------------------------------------------------------------------- torchvision
 def torchvision_models() -> Any:
     """torchvision.models, or a skip. Its model definitions are plain Python; where the wheel's compiled operators
