@@ -141,6 +141,7 @@ def payload(model: Path, ys: tuple[str, ...], report: Any, seed: int) -> dict[st
         "converted": report.converted,
         "fallback": report.fallback,
         "runner": report.runner,
+        "held_draws": report.held,
         "rtol": report.rtol,
         "flat": report.flat,
         "next_steps": report.next_steps(),
@@ -171,6 +172,8 @@ def show(model: Path, ys: tuple[str, ...], report: Any, seed: int) -> None:
     """The human-readable table."""
     click.echo(f"{model}: d({' + '.join(ys)})/dx along random directions, seed {seed}")
     click.echo(precision_line(report))
+    if report.held:
+        click.echo(f"random draws sampled once and held for every run: {', '.join(report.held)}")
     header = ["x", "shape", "analytic", "numeric", "rel err", "step", "result"]
     table = [header]
     for r in report.rows:

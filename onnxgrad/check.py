@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -153,7 +153,8 @@ def check_gradients(
     ``eps`` fixes the step (``steps`` gives several, tried in order); by default the steps and
     tolerance follow x's dtype (``STEPS``, ``RTOL``). ``stop_gradients`` are held at their values on ``feeds`` in
     the differences too (as ``gradients`` treats them). ``u`` and the directions come from streams of ``seed``
-    apart from the one ``run`` draws random inputs from. ``progress(done, total, x)`` is called after each x."""
+    apart from the one ``run`` draws random inputs from. ``progress(done, total, x)`` is called after each x.
+    Random draws (``draw_nodes``: random generators, Dropout in training mode) are sampled once and held fixed."""
     u_rng = np.random.default_rng([seed, U_STREAM])
     rng = np.random.default_rng([seed, DIRECTION_STREAM])
     model = upgrade(model)
@@ -161,13 +162,18 @@ def check_gradients(
     aug = add_gradients(model, list(ys), list(xs), [NEW_INPUT] * len(ys),
                         **({"stop_gradients": stops} if stops else {}))
     seed_names = aug.new_inputs
+    aug_model = aug.model
+    drawing = draw_nodes(model)
+    if drawing:  # one sample of the random draws, held in both models: differences of one function, not of noise
+        draws = record_draws(model, drawing, feeds, provider)
+        model, aug_model = hold_draws(model, drawing, draws), hold_draws(aug_model, drawing, draws)
     base = _values(model, feeds, [*xs, *ys, *stops], provider)
     x_vals = {x: base[x] for x in [*xs, *stops]}
     us = {
         s: np.asarray(u_rng.standard_normal(np.shape(base[y])), dtype=base[y].dtype)
         for s, y in zip(seed_names, ys, strict=True)
     }
-    grads = run(aug.model, {**feeds, **us}, provider=provider)
+    grads = run(aug_model, {**feeds, **us}, provider=provider)
     u_list = [us[s] for s in seed_names]
     # the round-off scale of the loss: sum_i |u_i| . |y_i|, in the outputs' own precision
     magnitude = float(sum(np.sum(np.abs(u.astype(np.float64) * base[y].astype(np.float64)))
@@ -243,9 +249,10 @@ def _check_one(
     which is allowed; a try whose gradient and quotient are both within it is ``flat``."""
     dt = x0.dtype
     base = x0.astype(np.float64)
+    finite = np.isfinite(base)  # a -inf of an attention mask stays put: x + h v is still -inf there
     # <g, v> has standard deviation |g| over random v: a directional derivative that cancels to
     # near zero is judged against that, not against itself
-    typical = float(np.linalg.norm(g))
+    typical = float(np.linalg.norm(np.where(finite, g, 0.0)))
     smallest = MIN_STEP[_kind(dt)]
     f0: float | None = None
     first: CheckRow | None = None
@@ -256,7 +263,9 @@ def _check_one(
         tries += 1
         xp, xm = (base + h * v).astype(dt), (base - h * v).astype(dt)
         # the step actually taken, after rounding to x's dtype (it matters in float32 and below)
-        analytic = float(np.sum(g * (xp.astype(np.float64) - xm.astype(np.float64)))) / (2 * h)
+        with np.errstate(invalid="ignore"):
+            taken = np.where(finite, xp.astype(np.float64) - xm.astype(np.float64), 0.0)
+            analytic = float(np.sum(np.where(finite, g * taken, 0.0))) / (2 * h)
         plus, minus = loss(xp), loss(xm)
         numeric = (plus - minus) / (2 * h)
         scale = max(abs(analytic), abs(numeric), typical, 1e-3)
@@ -274,7 +283,7 @@ def _check_one(
         return row, plus, minus, scale
 
     for _ in range(directions):
-        v = rng.standard_normal(x0.shape)
+        v = rng.standard_normal(x0.shape) * finite
         for h in steps:
             row, plus, minus, _scale = attempt(v, h)
             if row.status != MISMATCH:
@@ -303,6 +312,91 @@ def _check_one(
     assert first is not None
     first.tries = tries
     return first
+
+
+# ---------------------------------------------------------------------------- random draws
+DRAWS = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Bernoulli",
+                   "Multinomial"})
+
+
+def draw_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """The top-level nodes whose outputs change from run to run: the random generators, and each Dropout whose
+    training_mode input is not a constant false (a model exported for training). Central differences of such a
+    model compare noise: every run draws new masks."""
+    consts = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type == "Constant" and n.domain in ("", "ai.onnx"):
+            value = next((a.t for a in n.attribute if a.name == "value"), None)
+            if value is not None:
+                consts[n.output[0]] = onnx.numpy_helper.to_array(value)
+    out = []
+    for n in model.graph.node:
+        if n.domain not in ("", "ai.onnx"):
+            continue
+        if n.op_type in DRAWS:
+            out.append(n)
+        elif n.op_type == "Dropout" and len(n.input) > 2 and n.input[2]:
+            training = consts.get(n.input[2])
+            if training is None or bool(np.asarray(training).reshape(-1)[0]):
+                out.append(n)
+    return out
+
+
+def _mask_name(node: onnx.NodeProto) -> str:
+    return node.output[1] if len(node.output) > 1 and node.output[1] else f"{node.output[0]}__held_mask"
+
+
+def record_draws(model: onnx.ModelProto, drawing: Sequence[onnx.NodeProto], feeds: Mapping[str, np.ndarray],
+                 provider: str) -> dict[str, np.ndarray]:
+    """One run's draws on ``feeds``: each random generator's outputs; each Dropout's output, mask (one is added
+    where the node has none), ratio and training_mode."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    names: list[str] = []
+    masks = {n.output[0]: _mask_name(n) for n in drawing if n.op_type == "Dropout"}
+    for n in m.graph.node:
+        if n.op_type == "Dropout" and n.output[0] in masks:
+            del n.output[1:]
+            n.output.append(masks[n.output[0]])
+            names += [n.output[0], n.output[1], *(i for i in n.input[1:3] if i)]
+        elif n.op_type in DRAWS and any(o == d.output[0] for d in drawing for o in n.output[:1]):
+            names += [o for o in n.output if o]
+    return _values(m, feeds, names, provider)
+
+
+def hold_draws(model: onnx.ModelProto, drawing: Sequence[onnx.NodeProto],
+               draws: Mapping[str, np.ndarray]) -> onnx.ModelProto:
+    """A copy of ``model`` where ``drawing``'s nodes give the values ``draws`` recorded: a generator becomes
+    Constants; a Dropout ``y = x * (mask / (1 - ratio))`` with that mask (``y = x`` where training_mode was false),
+    its mask output a Constant. The gradient rules still differentiate the model's own Dropout: its mask is what
+    they read."""
+    held = {n.output[0]: n for n in drawing}
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    nodes: list[onnx.NodeProto] = []
+    for n in m.graph.node:
+        d = held.get(n.output[0]) if n.output and n.op_type in (*DRAWS, "Dropout") else None
+        if d is None:
+            nodes.append(n)
+            continue
+        if n.op_type != "Dropout":
+            nodes += [onnx.helper.make_node("Constant", [], [o], value=onnx.numpy_helper.from_array(draws[o]))
+                      for o in n.output if o]
+            continue
+        y = draws[n.output[0]]
+        ratio = float(np.asarray(draws[n.input[1]])) if len(n.input) > 1 and n.input[1] else 0.5
+        mask = np.asarray(draws[_mask_name(d)], dtype=bool)
+        factor = mask / (1.0 - ratio) if bool(np.asarray(draws[n.input[2]]).reshape(-1)[0]) else np.ones(mask.shape)
+        name = f"{n.output[0]}__held_factor"
+        nodes += [onnx.helper.make_node("Constant", [], [name], value=onnx.numpy_helper.from_array(
+                      factor.astype(y.dtype), name)),
+                  onnx.helper.make_node("Mul", [n.input[0], name], [n.output[0]])]
+        if len(n.output) > 1 and n.output[1]:
+            nodes.append(onnx.helper.make_node("Constant", [], [n.output[1]],
+                                               value=onnx.numpy_helper.from_array(mask)))
+    del m.graph.node[:]
+    m.graph.node.extend(nodes)
+    return m
 
 
 # ---------------------------------------------------------------------------- precision
@@ -424,6 +518,7 @@ class CheckReport:
     fallback: str | None  # why onnxruntime in float64 was given up, if it was
     rtol: float
     runner: str = ""  # what computed the rows: "onnxruntime (CPUExecutionProvider)", "onnx ReferenceEvaluator"
+    held: list[str] = field(default_factory=list)  # the random draws sampled once and held (``draw_nodes``)
 
     @property
     def ok(self) -> bool:
@@ -518,5 +613,6 @@ def check_model(
         name = elem_name(to) if to is not None else (elem_name(source[0]) if len(source) == 1 else "mixed")
         tol = rtol if rtol is not None else RTOL.get(name, RTOL["float32"])
         return CheckReport(rows, name, [elem_name(s) for s in source], converted, fallback, tol,
-                           provider_label(runner) if runner == REFERENCE else f"onnxruntime ({provider_label(runner)})")
+                           provider_label(runner) if runner == REFERENCE else f"onnxruntime ({provider_label(runner)})",
+                           [f"{n.op_type} '{n.name or n.output[0]}'" for n in draw_nodes(model)])
     raise AssertionError("unreachable")

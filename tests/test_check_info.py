@@ -628,3 +628,58 @@ def test_float64_check_through_function_body_ops_has_no_false_alarm(op: str, ops
     report = check_model(model, ["y"], xs, precision="float64", provider="reference")
     assert report.ok and all(r.status == OK and r.rel_error < 1e-8 for r in report.rows), \
         [(r.x, r.status, r.rel_error) for r in report.rows]
+
+
+# ---------------------------------------------------------------------------- random draws, non-finite xs
+def _drawing_model(kind: str) -> onnx.ModelProto:
+    """x -> Gemm(w) -> a node that draws anew every run -> Tanh -> y."""
+    draw = {
+        # a model exported for training (TrainingMode.TRAINING): Dropout with training_mode true, no mask output
+        "dropout": [oh.make_node("Constant", [], ["r"], value=numpy_helper.from_array(np.array(0.3, np.float32))),
+                    oh.make_node("Constant", [], ["t"], value=numpy_helper.from_array(np.array(True))),
+                    oh.make_node("Dropout", ["h", "r", "t"], ["d"])],
+        # the same with the mask as an output the gradient reads, and training_mode fed at run time
+        "dropout-mask-fed": [oh.make_node("Dropout", ["h", "", "train"], ["d", "mask"])],
+        # a random weight drawn in the graph (torch.rand in a forward, exported as RandomUniformLike)
+        "random-like": [oh.make_node("RandomUniformLike", ["h"], ["u"]), oh.make_node("Mul", ["h", "u"], ["d"])],
+    }[kind]
+    inputs = [oh.make_tensor_value_info("x", TensorProto.FLOAT, [3, 4])]
+    if kind == "dropout-mask-fed":
+        inputs.append(oh.make_tensor_value_info("train", TensorProto.BOOL, []))
+    w = numpy_helper.from_array(np.random.default_rng(1).standard_normal((4, 5)).astype(np.float32), "w")
+    graph = oh.make_graph([oh.make_node("MatMul", ["x", "w"], ["h"]), *draw, oh.make_node("Tanh", ["d"], ["y"])],
+                          "g", inputs, [oh.make_tensor_value_info("y", TensorProto.FLOAT, [3, 5])], [w])
+    return oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)], ir_version=8)
+
+
+@pytest.mark.parametrize("kind", ["dropout", "dropout-mask-fed", "random-like"])
+def test_check_holds_random_draws(kind: str) -> None:
+    """Each run of a model with Dropout in training mode draws a new mask, so central differences compared noise: a
+    model exported for training read MISMATCH on every x (rel. error 0.15-0.57). One sample of the draws is now held
+    in both the differences and the gradient model, where the Dropout rule still reads the mask."""
+    feeds = {"train": np.array(True)} if kind == "dropout-mask-fed" else None
+    report = check_model(_drawing_model(kind), ["y"], ["x", "w"], feeds)
+    assert report.ok and all(r.status == OK for r in report.rows), [(r.x, r.status, r.rel_error) for r in report.rows]
+    assert len(report.held) == 1 and report.held[0].split()[0] in ("Dropout", "RandomUniformLike")
+
+
+def test_check_holds_dropout_and_says_so(cli: Cli, tmp_path: Path) -> None:
+    model = save(_drawing_model("dropout"), tmp_path / "dropout.onnx")
+    r = cli("check", model, "--ys", "y", "--xs", "x", "--xs", "w")
+    assert r.code == 0, r.out + r.err
+    assert "random draws sampled once and held for every run: Dropout 'd'" in r.out
+    r = cli("check", model, "--ys", "y", "--xs", "w", "--json")
+    assert r.code == 0 and json.loads(r.out)["held_draws"] == ["Dropout 'd'"]
+
+
+def test_check_an_x_with_infinite_entries() -> None:
+    """An attention mask (0 and -inf) as an x: the -inf entries stay put and the finite ones are checked (each row
+    read ``kink`` with a NaN error before)."""
+    mask = np.where(np.tril(np.ones((4, 4))) > 0, 0.0, -np.inf).astype(np.float32)
+    graph = oh.make_graph([oh.make_node("Add", ["s", "m"], ["a"]), oh.make_node("Softmax", ["a"], ["y"])], "g",
+                          [oh.make_tensor_value_info("s", TensorProto.FLOAT, [4, 4])],
+                          [oh.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                          [numpy_helper.from_array(mask, "m")])
+    report = check_model(oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)], ir_version=8), ["y"], ["s", "m"])
+    assert [(r.x, r.status) for r in report.rows] == [("s", OK), ("m", OK)]
+    assert all(np.isfinite(r.rel_error) and r.rel_error < 1e-6 for r in report.rows)
