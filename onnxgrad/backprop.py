@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import onnx
 import onnx_ir as ir
 
 from onnxgrad import plans, registry
@@ -150,11 +151,14 @@ def node_label(node: ir.Node) -> str:
 
 def no_rule_error(node: ir.Node, opset: int, where: str = "") -> LookupError:
     domain = node.domain or "ai.onnx"
+    unknown = ""
+    if domain == "ai.onnx" and not onnx.defs.has(node.op_type):  # tf2onnx writes an Erfc that no runtime runs
+        unknown = f"; '{node.op_type}' is no operator of ONNX at any opset: no runtime runs this model as it is"
     return LookupError(
         f"no gradient rule for node {node_label(node)}{where} (op_type '{node.op_type}', domain '{domain}', "
         f"opset {opset}): register one with "
         f"@onnxgrad.register_gradient('{node.op_type}', domain='{node.domain}') "
-        f"or list its output in stop_gradients"
+        f"or list its output in stop_gradients{unknown}"
     )
 
 

@@ -184,7 +184,7 @@ def check_gradients(
     def loss(x: str, point: Mapping[str, np.ndarray]) -> float:
         key = "" if x in leaves else x
         if key not in sessions:
-            cut = [n for n in xs if n in leaves] if key == "" else [x]
+            cut = [n for n in xs if n in leaves and x_vals[n].size] if key == "" else [x]
             sess = session(cut_at(model, [*cut, *stops]), provider)
             sessions[key] = (sess, {i.name for i in sess.get_inputs()})
         sess, names = sessions[key]
@@ -204,6 +204,12 @@ def check_gradients(
             rows.append(CheckRow(x, math.nan, math.nan, math.inf, False, MISMATCH, 0.0, 0, tuple(x0.shape),
                                  x0.dtype.name, note=f"its gradient has shape {list(g.shape)}, it has "
                                  f"{list(x0.shape)}"))
+            if progress is not None:
+                progress(done, len(unique), x)
+            continue
+        if x0.size == 0:  # Resize's empty roi, say: only the gradient's shape says anything
+            rows.append(CheckRow(x, 0.0, 0.0, 0.0, True, OK, 0.0, 0, tuple(x0.shape), x0.dtype.name,
+                                 note="no elements: nothing to compare"))
             if progress is not None:
                 progress(done, len(unique), x)
             continue
@@ -424,7 +430,47 @@ def convert_floats(model: onnx.ModelProto, to: int = onnx.TensorProto.DOUBLE) ->
         _convert_nodes(f.node, to)
         for vi in f.value_info:
             _convert_type(vi.type, to)
+    opset = next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset is not None:
+        _keep_fixed_float_inputs(m.graph, opset)
     return m
+
+
+def _keep_fixed_float_inputs(g: onnx.GraphProto, opset: int) -> None:
+    """Cast back to float32 what an input that only takes float32 reads (Resize's and Upsample's scales): a
+    converted model must stay valid (tf2onnx stores the scales as an initializer, and a float64 one broke inference
+    of every value after the Resize)."""
+    nodes: list[onnx.NodeProto] = []
+    for node in g.node:
+        for a in node.attribute:
+            for sub in [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs):
+                _keep_fixed_float_inputs(sub, opset)
+        for k in _float32_only_inputs(node, opset):
+            cast = f"{node.input[k]}__float32"
+            nodes.append(onnx.helper.make_node("Cast", [node.input[k]], [cast], to=onnx.TensorProto.FLOAT))
+            node.input[k] = cast
+        nodes.append(node)
+    del g.node[:]
+    g.node.extend(nodes)
+
+
+def _float32_only_inputs(node: onnx.NodeProto, opset: int) -> list[int]:
+    """Positions of the node's inputs that its schema types as float32 alone."""
+    if node.domain not in ("", "ai.onnx"):
+        return []
+    try:
+        schema = onnx.defs.get_schema(node.op_type, opset, "")
+    except onnx.defs.SchemaError:
+        return []
+    allowed = {c.type_param_str: set(c.allowed_type_strs) for c in schema.type_constraints}
+    out = []
+    for k, name in enumerate(node.input):
+        if not name or not schema.inputs:
+            continue
+        formal = schema.inputs[min(k, len(schema.inputs) - 1)]
+        if allowed.get(formal.type_str, {formal.type_str}) == {"tensor(float)"}:
+            out.append(k)
+    return out
 
 
 def _convert_tensor(t: onnx.TensorProto, to: int) -> onnx.TensorProto:
@@ -535,7 +581,7 @@ class CheckReport:
         """What to do about each verdict present, one line each (none when every row is ok)."""
         counts = {s: sum(1 for r in self.rows if r.status == s) for s in (KINK, FLAT, MISMATCH)}
         steps = [f"{r.x}: {r.note}: a rule on its path returns a gradient of the wrong shape (a sum over broadcast "
-                 "axes missed?)" for r in self.rows if r.note]
+                 "axes missed?)" for r in self.rows if r.note and r.status == MISMATCH]
         if any(r.status == MISMATCH and not r.note for r in self.rows):
             bad = ", ".join(r.x for r in self.rows if r.status == MISMATCH and not r.note)
             if self.precision != "float64":

@@ -683,3 +683,31 @@ def test_check_an_x_with_infinite_entries() -> None:
     report = check_model(oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)], ir_version=8), ["y"], ["s", "m"])
     assert [(r.x, r.status) for r in report.rows] == [("s", OK), ("m", OK)]
     assert all(np.isfinite(r.rel_error) and r.rel_error < 1e-6 for r in report.rows)
+
+
+def _resize_then_slice() -> onnx.ModelProto:
+    """x (run-time batch) -> Resize (linear, scales and an empty roi as initializers, as tf2onnx writes Keras'
+    UpSampling2D) -> Slice (Keras' Cropping2D) -> y."""
+    inits = [numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales"),
+             numpy_helper.from_array(np.zeros(0, np.float32), "roi"),
+             numpy_helper.from_array(np.array([1, 0], np.int64), "starts"),
+             numpy_helper.from_array(np.array([8, 7], np.int64), "ends"),
+             numpy_helper.from_array(np.array([2, 3], np.int64), "axes")]
+    nodes = [oh.make_node("Resize", ["x", "roi", "scales"], ["r"], mode="linear"),
+             oh.make_node("Slice", ["r", "starts", "ends", "axes"], ["y"])]
+    graph = oh.make_graph(nodes, "g", [oh.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 2, 4, 4])],
+                          [oh.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 2, 7, 7])], inits)
+    return oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)], ir_version=8)
+
+
+def test_float64_conversion_keeps_float32_only_inputs() -> None:
+    """Resize's scales take float32 alone: converted to float64 they made the model invalid, inference gave no type
+    to anything after the Resize, and ``check`` of a Keras UpSampling2D + Cropping2D export stopped with the Slice
+    rule's "a filled tensor needs a dtype". The converted model now casts them back, and an empty x (the roi) gets
+    a row without differences."""
+    model = _resize_then_slice()
+    converted = convert_floats(model)
+    onnx.checker.check_model(onnx.shape_inference.infer_shapes(converted, strict_mode=True), full_check=True)
+    report = check_model(model, ["y"], ["x", "roi"])
+    assert [(r.x, r.status) for r in report.rows] == [("x", OK), ("roi", OK)] and report.precision == "float64"
+    assert report.rows[1].note == "no elements: nothing to compare" and not report.next_steps()

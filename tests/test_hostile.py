@@ -181,6 +181,9 @@ HOSTILE = [
     # what to differentiate
     Hostile("no-rule-on-path-unnamed-node", proto(with_foo()), ["--ys", "f", "--xs", "x"], 1,
             "no gradient rule for node #1 (unnamed) (op_type 'Foo', domain 'my.ops', opset 1)"),
+    Hostile("op-that-onnx-does-not-have-on-path", proto(model([node("Erfc", ["x"], ["y"], "erfc")], [f32("x")],
+                                                              [f32("y")])), X_Y, 1,
+            "'Erfc' is no operator of ONNX at any opset: no runtime runs this model as it is"),
     # where OUT goes
     Hostile("out-under-a-file", lambda p: shutil.copy(MLP, p), [*LOSS_W2, "-o", "{model}/out.onnx"], 1,
             "cannot write '{model}/out.onnx': '{model}' is not a folder"),
