@@ -317,6 +317,9 @@ def _check_one(
             first = first or row
     assert first is not None
     first.tries = tries
+    if not math.isfinite(first.numeric):
+        first.note = ("the loss is not finite at x +- h v for every step tried: the function is undefined next to x "
+                      "(a Pow of a negative base whose exponent moves, say)")
     return first
 
 
@@ -596,8 +599,10 @@ class CheckReport:
             what = "the loss is flat here (every gradient is zero within round-off, a saturated softmax, say)" \
                 if self.flat else f"{counts[FLAT]} flat (zero within round-off): nothing to compare for them"
             steps.append(f"{what}: feed other inputs (--inputs, --input) or another --seed, or pick another --ys")
-        if counts[KINK]:
-            steps.append(f"{counts[KINK]} kink: no step was smooth (ReLU, max-pool, abs at a tie); rerun with "
+        steps += [f"{r.x}: {r.note}" for r in self.rows if r.status == KINK and r.note]
+        plain = sum(1 for r in self.rows if r.status == KINK and not r.note)
+        if plain:
+            steps.append(f"{plain} kink: no step was smooth (ReLU, max-pool, abs at a tie); rerun with "
                          "another --seed to check them at a smooth point")
         return steps
 

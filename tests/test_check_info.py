@@ -711,3 +711,17 @@ def test_float64_conversion_keeps_float32_only_inputs() -> None:
     report = check_model(model, ["y"], ["x", "roi"])
     assert [(r.x, r.status) for r in report.rows] == [("x", OK), ("roi", OK)] and report.precision == "float64"
     assert report.rows[1].note == "no elements: nothing to compare" and not report.next_steps()
+
+
+def test_an_exponent_that_moves_off_its_integer_is_a_kink_that_says_why() -> None:
+    """Pow(x, 2) with 2 an initializer (PyTorch's dynamo export of ``d ** 2``) and x < 0: moving the exponent makes
+    the loss NaN at every step, a ``kink`` whose next step now says the function is undefined there (it read as a
+    kink with a NaN error and the advice to try another seed)."""
+    graph = oh.make_graph([oh.make_node("Pow", ["x", "p"], ["y"])], "g",
+                          [oh.make_tensor_value_info("x", TensorProto.FLOAT, [3])],
+                          [oh.make_tensor_value_info("y", TensorProto.FLOAT, [3])],
+                          [numpy_helper.from_array(np.array(2.0, np.float32), "p")])
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)], ir_version=8)
+    report = check_model(model, ["y"], ["x", "p"], {"x": np.array([-1.5, 0.5, -2.0], np.float32)})
+    assert [(r.x, r.status) for r in report.rows] == [("x", OK), ("p", KINK)] and report.ok
+    assert report.next_steps() == [f"p: {report.rows[1].note}"] and "undefined next to x" in report.rows[1].note
