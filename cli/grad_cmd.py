@@ -222,7 +222,7 @@ def report(
     click.echo(f"wrote {out} (opset {opset}, {added} gradient nodes, {len(model.graph.output)} outputs)")
     width = max(len(x) for x in gradients)
     for x, name in gradients.items():
-        target = "none (no y depends on it)" if name is None else f"{name}  {type_string(model, name)}"
+        target = "none (no float path to the ys)" if name is None else f"{name}  {type_string(model, name)}"
         click.echo(f"  d/d {x:<{width}}  ->  {target}")
     for k, found in (higher or {}).items():
         for x, name in found.items():

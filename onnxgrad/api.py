@@ -17,8 +17,8 @@ import numpy as np
 import onnx_ir as ir
 
 import onnxgrad.rules  # noqa: F401  (registers every rule)
-from onnxgrad.backprop import Request, UndefinedGradient, backprop, gc_paused
-from onnxgrad.emitter import FLOAT_TYPES, Emitter
+from onnxgrad.backprop import Request, UndefinedGradient, backprop, gc_paused, node_label
+from onnxgrad.emitter import FLOAT_TYPES, Emitter, implicit_inputs
 from onnxgrad.registry import UNDEFINED, Undefined, opset_of
 from onnxgrad.remat import Budget
 from onnxgrad.remat import apply as remat_apply
@@ -240,6 +240,7 @@ def gradients(
         found = dict(zip(floats, raw, strict=True))
         finals = _finalize(em, x_vals, [found.get(x) for x in x_vals], why, unconnected,
                            {*seeds, *graph.inputs, *graph.initializers.values()})
+        _note_integer_crossings(graph, [x for x in floats if found.get(x) is None], y_vals, stop, unconnected)
         if remat_apply(em, [v for v in finals if v is not None], recompute, remat, memory_budget, totals):
             model.metadata_props[REMAT_KEY] = "recomputed forward segments: run with onnxgrad.runtime.session"
     except BaseException:
@@ -278,6 +279,52 @@ def _note_tied_statistics(graph: ir.Graph, xs: Sequence[ir.Value]) -> None:
                 f"xs: {source.name!r} is also BatchNormalization node '{node.name}''s running {what} (through "
                 f"{v.name!r}: the exporter merges tensors of equal value), so its gradient includes that path; "
                 "export with distinct statistics (a trained model has them) if that is not meant"), stacklevel=4)
+
+
+_SHAPE_ONLY = frozenset({"Shape", "Size", "EyeLike", "RandomUniformLike", "RandomNormalLike"})
+
+
+def _note_integer_crossings(graph: ir.Graph, xs: Sequence[ir.Value], ys: Sequence[ir.Value], stop: set[ir.Value],
+                            unconnected: UnconnectedGradients) -> None:
+    """A note for each float x without a gradient that a y still depends on through values that are not float,
+    naming the nodes where its paths leave the floats (the QuantizeLinear of a quantized model, a Cast to int)."""
+    if not xs:
+        return
+    bits = {x: 1 << k for k, x in enumerate(dict.fromkeys(xs))}
+    reach: dict[ir.Value, int] = dict(bits)  # value -> the xs it depends on, as a bitmask
+    crossings: list[tuple[ir.Node, int]] = []
+    for node in graph:
+        if node.op_type in _SHAPE_ONLY and node.domain in ("", "ai.onnx"):
+            continue  # no dependence on the values
+        ins = [v for v in (*node.inputs, *implicit_inputs(node)) if v is not None]
+        mask = 0
+        for v in ins:
+            mask |= reach.get(v, 0)
+        if not mask:
+            continue
+        outs = [o for o in node.outputs if o not in stop]
+        for o in outs:
+            reach[o] = reach.get(o, 0) | mask
+        floats_in = 0
+        for v in ins:
+            if v.dtype in FLOAT_TYPES:
+                floats_in |= reach.get(v, 0)
+        if floats_in and outs and not any(o.dtype in FLOAT_TYPES for o in outs):
+            crossings.append((node, floats_in))
+    hits = 0
+    for y in ys:
+        hits |= reach.get(y, 0)
+    for x, bit in bits.items():
+        if not hits & bit:
+            continue
+        where = [n for n, m in crossings if m & bit]
+        named = ", ".join(f"{n.op_type} {node_label(n)}" for n in where[:3]) + (", ..." if len(where) > 3 else "")
+        quantized = any(n.op_type in ("QuantizeLinear", "DynamicQuantizeLinear") for n in where)
+        warnings.warn(GradientNote(
+            f"xs: the ys depend on {x.name!r} only through values that are not float (from {named}), which carry "
+            f"no gradient: unconnected, so {'zeros' if unconnected is UnconnectedGradients.ZERO else 'None'}"
+            + ("; a straight-through estimator of the fake quantisation is y = x + stop_gradient(DQ(Q(x)) - x), "
+               "written into the model" if quantized else "")), stacklevel=4)
 
 
 def _finalize(

@@ -5,6 +5,7 @@ and 'zero' at run-time shapes."""
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,6 +13,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
+from onnx import helper as oh
 
 import onnxgrad
 from onnxgrad import AggregationMethod, GradInput, UnconnectedGradients
@@ -472,3 +474,45 @@ def test_note_for_batchnorm_statistics_tied_to_an_x() -> None:
     assert sum("'bn.bias' is also BatchNormalization node 'bn''s running mean" in n for n in notes) == 1, notes
     assert sum("'bn.weight' is also BatchNormalization node 'bn''s running variance" in n for n in notes) == 1, notes
     assert not any("conv.weight" in n for n in notes), notes
+
+
+def _crossing_model(middle: list[onnx.NodeProto]) -> onnx.ModelProto:
+    """x -> ``middle`` (ending in 'h') -> h + b -> y, with b a float initializer."""
+    inits = [onnx.numpy_helper.from_array(np.array(0.05, np.float32), "s"),
+             onnx.numpy_helper.from_array(np.array(0, np.int8), "zp"),
+             onnx.numpy_helper.from_array(np.ones((2, 4), np.float32), "b")]
+    graph = oh.make_graph([*middle, oh.make_node("Add", ["h", "b"], ["y"])], "g",
+                          [oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 4])],
+                          [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 4])], inits)
+    return oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)], ir_version=8)
+
+
+CROSSINGS = {
+    # a quantized model (QDQ): x is fake-quantized before use
+    "qdq": ([oh.make_node("QuantizeLinear", ["x", "s", "zp"], ["q"], "quant"),
+             oh.make_node("DequantizeLinear", ["q", "s", "zp"], ["h"])],
+            "only through values that are not float (from QuantizeLinear 'quant'), which carry no gradient: "
+            "unconnected, so None; a straight-through estimator"),
+    "argmax": ([oh.make_node("ArgMax", ["x"], ["i"], "pick", keepdims=1), oh.make_node("Cast", ["i"], ["h"], to=1)],
+               "only through values that are not float (from ArgMax 'pick'), which carry no gradient: unconnected, "
+               "so None"),
+    "shape-only": ([oh.make_node("Shape", ["x"], ["n"]), oh.make_node("ConstantOfShape", ["n"], ["h"])], None),
+}
+
+
+@pytest.mark.parametrize("case", list(CROSSINGS))
+def test_an_x_the_ys_reach_only_through_integers_gets_a_note(case: str) -> None:
+    """x's paths to y leave the floats (float -> int -> float contributes nothing, as in tf.gradients): its gradient
+    is None, and a note now says why (``grad`` said "no y depends on it"), with the straight-through estimator for
+    a quantized model. A value read for its shape alone is no dependence: no note."""
+    middle, note = CROSSINGS[case]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        aug = onnxgrad.add_gradients(_crossing_model(middle), ["y"], ["x", "b"])
+    notes = [str(w.message) for w in caught if issubclass(w.category, onnxgrad.GradientNote)]
+    assert aug.gradients["x"] is None and aug.gradients["b"] is not None
+    if note is None:
+        assert not notes, notes
+    else:
+        assert len(notes) == 1 and f"xs: the ys depend on 'x' {note}" in notes[0], notes
+        assert ("straight-through" in notes[0]) == (case == "qdq")
