@@ -157,6 +157,9 @@ def type_string(model: onnx.ModelProto, name: str) -> str:
               "sizes taken at the --dim sizes (symbolic dimensions not named: 1).")
 @click.option("--dim", "dim_items", multiple=True, metavar="NAME=SIZE",
               help="Size of a symbolic dimension for --memory-budget.")
+@click.option("--straight-through", is_flag=True,
+              help="Pass gradients through each QuantizeLinear -> DequantizeLinear pair of a quantized model where x "
+              "lies inside the integer grid (torch's fake-quantisation estimator); without it they pass none.")
 @click.option("--json", "as_json", is_flag=True, help="Print only a JSON object on stdout.")
 def grad(
     model: Path,
@@ -175,6 +178,7 @@ def grad(
     remat: str | None,
     memory_budget: str | None,
     dim_items: tuple[str, ...],
+    straight_through: bool,
     as_json: bool,
 ) -> None:
     """Append the gradients of sum(grad_ys * ys) with respect to each x to MODEL, as outputs of OUT.
@@ -190,6 +194,8 @@ def grad(
     )
     if order > 1:
         options["hvp_mode"] = hvp_mode
+    if straight_through:
+        options["straight_through"] = True
     if recompute:
         options["recompute"] = list(recompute)
     if remat:

@@ -50,6 +50,9 @@ def _fail(e: BaseException) -> ModelError:
               help="Dropout: a mask from a seed input (train), or none (eval).")
 @click.option("--accumulate", is_flag=True, help="Accumulate gradients over micro-batches (an `apply` input).")
 @click.option("--output-value", "outputs", multiple=True, metavar="NAME", help="Also output this value.")
+@click.option("--straight-through", is_flag=True,
+              help="Train through the QuantizeLinear -> DequantizeLinear pairs of a quantized model (quantisation-"
+              "aware training with torch's fake-quantisation estimator).")
 @click.option("--initial", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE.npz",
               help="Where to write the starting params and state (default: OUT's stem + .initial.npz).")
 @click.option("--json", "as_json", is_flag=True, help="Print only where everything is in OUT, as JSON.")
@@ -58,7 +61,7 @@ def train_step(model: Path, out: Path, loss: str, params: tuple[str, ...], freez
                weight_decay: float | None, betas: tuple[float, float] | None, eps: float | None,
                amsgrad: bool | None, lr_decay: float | None, initial_accumulator_value: float | None,
                clip_grad_norm: float | None, batchnorm: str, dropout: str, accumulate: bool, outputs: tuple[str, ...],
-               initial: Path | None, as_json: bool) -> None:
+               straight_through: bool, initial: Path | None, as_json: bool) -> None:
     """Write the train-step model of MODEL: inputs the batch, the params, the optimizer state, lr and step;
     outputs the loss, the new params and the new state. Standard ONNX ops only: it runs on stock onnxruntime."""
     if out.exists() and out.resolve() == model.resolve():
@@ -71,7 +74,8 @@ def train_step(model: Path, out: Path, loss: str, params: tuple[str, ...], freez
     try:
         step = make_train_step(model, loss, list(params) or None, optimizer, frozen=freeze, outputs=outputs,
                                clip_grad_norm=clip_grad_norm, batchnorm=batchnorm, dropout=dropout,
-                               accumulate=accumulate, **{k: v for k, v in hyper.items() if v is not None})
+                               accumulate=accumulate, straight_through=straight_through,
+                               **{k: v for k, v in hyper.items() if v is not None})
         init = step.save(out, initial)
     except (LookupError, ValueError, TypeError, onnx.checker.ValidationError) as e:
         raise _fail(e) from None

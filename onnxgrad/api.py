@@ -175,6 +175,7 @@ def gradients(
     recompute: Sequence[str] | None = None,
     remat: str | None = None,
     memory_budget: int | str | Budget | None = None,
+    straight_through: bool = False,
 ) -> list[str | None]:
     """Add to ``model`` the gradient of ``sum(grad_ys[i] * ys[i])`` with respect to each x.
 
@@ -182,7 +183,10 @@ def gradients(
     on it and ``unconnected_gradients`` is 'none'. ``gate_gradients`` is accepted for compatibility
     and has no effect: ONNX graphs are pure dataflow. ``recompute`` (value names or fnmatch patterns), ``remat``
     ('nothing-saveable', 'matmuls-only') and ``memory_budget`` (bytes, or '512MB') recompute forward values inside
-    the gradient part instead of keeping them alive (``onnxgrad.remat``).
+    the gradient part instead of keeping them alive (``onnxgrad.remat``). ``straight_through``: each
+    ``DequantizeLinear(QuantizeLinear(x))`` of a quantized model passes dy to x where x lies inside the integer grid
+    (the estimator of torch's fake quantisation, ``onnxgrad.plans.quantization``); by default the integer value
+    between them carries no gradient.
     """
     del gate_gradients  # no control edges in ONNX: nothing to gate
     if not isinstance(model, ir.Model):
@@ -236,11 +240,13 @@ def gradients(
         _note_tied_statistics(graph, x_vals)
         floats = [x for x in x_vals if x.dtype is None or x.dtype in FLOAT_TYPES]
         totals: dict[ir.Value, ir.Value] = {}
-        raw, why = backprop(em, graph, Request(y_vals, floats, seeds, stop, totals), graph.opset_imports)
+        raw, why = backprop(em, graph, Request(y_vals, floats, seeds, stop, totals, bool(straight_through)),
+                            graph.opset_imports)
         found = dict(zip(floats, raw, strict=True))
         finals = _finalize(em, x_vals, [found.get(x) for x in x_vals], why, unconnected,
                            {*seeds, *graph.inputs, *graph.initializers.values()})
-        _note_integer_crossings(graph, [x for x in floats if found.get(x) is None], y_vals, stop, unconnected)
+        _note_integer_crossings(graph, [x for x in floats if found.get(x) is None], y_vals, stop, unconnected,
+                                bool(straight_through))
         if remat_apply(em, [v for v in finals if v is not None], recompute, remat, memory_budget, totals):
             model.metadata_props[REMAT_KEY] = "recomputed forward segments: run with onnxgrad.runtime.session"
     except BaseException:
@@ -285,7 +291,7 @@ _SHAPE_ONLY = frozenset({"Shape", "Size", "EyeLike", "RandomUniformLike", "Rando
 
 
 def _note_integer_crossings(graph: ir.Graph, xs: Sequence[ir.Value], ys: Sequence[ir.Value], stop: set[ir.Value],
-                            unconnected: UnconnectedGradients) -> None:
+                            unconnected: UnconnectedGradients, straight_through: bool) -> None:
     """A note for each float x without a gradient that a y still depends on through values that are not float,
     naming the nodes where its paths leave the floats (the QuantizeLinear of a quantized model, a Cast to int)."""
     if not xs:
@@ -319,12 +325,13 @@ def _note_integer_crossings(graph: ir.Graph, xs: Sequence[ir.Value], ys: Sequenc
             continue
         where = [n for n, m in crossings if m & bit]
         named = ", ".join(f"{n.op_type} {node_label(n)}" for n in where[:3]) + (", ..." if len(where) > 3 else "")
-        quantized = any(n.op_type in ("QuantizeLinear", "DynamicQuantizeLinear") for n in where)
+        quantized = not straight_through and any(n.op_type in ("QuantizeLinear", "DynamicQuantizeLinear")
+                                                 for n in where)
         warnings.warn(GradientNote(
             f"xs: the ys depend on {x.name!r} only through values that are not float (from {named}), which carry "
             f"no gradient: unconnected, so {'zeros' if unconnected is UnconnectedGradients.ZERO else 'None'}"
-            + ("; a straight-through estimator of the fake quantisation is y = x + stop_gradient(DQ(Q(x)) - x), "
-               "written into the model" if quantized else "")), stacklevel=4)
+            + ("; straight_through=True (grad --straight-through) passes it through the fake quantisation as "
+               "torch's FakeQuantize does" if quantized else "")), stacklevel=4)
 
 
 def _finalize(

@@ -50,6 +50,7 @@ class Request:
     seeds: list[ir.Value]  # one per y, same dtype and shape as y
     stop: set[ir.Value] = field(default_factory=set)
     totals: dict[ir.Value, ir.Value] | None = None  # when given, filled with every walked value's gradient
+    straight_through: bool = False  # DequantizeLinear(QuantizeLinear(x)) passes gradient to x (plans/quantization)
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,7 @@ class WalkContext:
     xs: frozenset[ir.Value]
     ys: frozenset[ir.Value]
     opset: int
+    straight_through: bool = False
 
 
 class UndefinedGradient(ValueError):
@@ -78,12 +80,15 @@ def _subgraph_owners(nodes: Sequence[ir.Node]) -> dict[int, ir.Node]:
 
 
 def _forward_reach(
-    nodes: Sequence[ir.Node], xs: Sequence[ir.Value], stop: set[ir.Value], order: dict[int, int]
+    nodes: Sequence[ir.Node], xs: Sequence[ir.Value], stop: set[ir.Value], order: dict[int, int],
+    straight_through: bool = False,
 ) -> set[ir.Value]:
     """Float values that depend on some x through float values and ``nodes`` (stopped values pass nothing on).
 
     A value used inside a subgraph (If, Loop, Scan) reaches the outputs of the node that holds the subgraph;
-    consumers outside ``nodes`` (the forward graph around a function body, say) are not followed."""
+    consumers outside ``nodes`` (the forward graph around a function body, say) are not followed.
+    ``straight_through``: a QuantizeLinear's integer output, and the outputs of the DequantizeLinear nodes that read
+    it, are reached from its float input too."""
     seen: set[ir.Value] = set(xs)
     stack = list(xs)
     outer: dict[int, ir.Node] | None = None
@@ -102,6 +107,13 @@ def _forward_reach(
                 if out not in seen and is_float(out):
                     seen.add(out)
                     stack.append(out)
+            if straight_through and node.op_type == "QuantizeLinear" and not node.domain and node.inputs[0] is v:
+                for use in node.outputs[0].uses():
+                    dq = use.node
+                    if dq.op_type == "DequantizeLinear" and not dq.domain and use.idx == 0 and id(dq) in order \
+                            and dq.outputs[0] not in seen:
+                        seen.update((node.outputs[0], dq.outputs[0]))
+                        stack.append(dq.outputs[0])
     return seen
 
 
@@ -225,7 +237,7 @@ def backprop(em: Emitter, nodes: Iterable[ir.Node], req: Request, opsets: Mappin
     the undefined ones, which input made them so."""
     nodes = list(nodes)
     order = {id(n): i for i, n in enumerate(nodes)}
-    between = _forward_reach(nodes, req.xs, req.stop, order) & _backward_reach(req.ys, req.stop)
+    between = _forward_reach(nodes, req.xs, req.stop, order, req.straight_through) & _backward_reach(req.ys, req.stop)
     walk = Walk(em)
     for y, seed in zip(req.ys, req.seeds, strict=True):
         if y in between:
@@ -238,7 +250,7 @@ def backprop(em: Emitter, nodes: Iterable[ir.Node], req: Request, opsets: Mappin
     }
     path = sorted((n for n in producers.values() if _uses_any(n, between)), key=lambda n: order[id(n)])
     ctx = WalkContext(frozenset(between - req.stop), frozenset(req.stop), frozenset(req.xs), frozenset(req.ys),
-                      opset_of(opsets))
+                      opset_of(opsets), req.straight_through)
     fused = {id(f.nodes[-1]): f for f in plans.fusions(ctx, path)}
     absorbed = {id(n) for f in fused.values() for n in f.nodes[:-1]}
 

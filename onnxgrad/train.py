@@ -136,6 +136,7 @@ def make_train_step(
     batchnorm: str = "train",
     dropout: str = "train",
     accumulate: bool = False,
+    straight_through: bool = False,
     **hyper: Any,
 ) -> TrainStep:
     """Build the train-step model of ``model`` (a path, ``onnx.ModelProto`` or ``onnx_ir.Model``; not modified).
@@ -147,7 +148,9 @@ def make_train_step(
     instance; ``hyper``: its torch.optim keyword arguments. ``clip_grad_norm``: clip the gradients by their global
     norm first. ``batchnorm`` / ``dropout``: ``train`` (PyTorch's training mode) or ``eval`` (as exported).
     ``accumulate``: add each micro-batch's gradient into state and step only when the ``apply`` input is True,
-    with the mean of the gradients accumulated. ``outputs``: values to output beside the loss."""
+    with the mean of the gradients accumulated. ``outputs``: values to output beside the loss.
+    ``straight_through``: train through fake quantisation (QuantizeLinear -> DequantizeLinear) as ``gradients``
+    does with it: quantisation-aware training."""
     for what, mode in (("batchnorm", batchnorm), ("dropout", dropout)):
         if mode not in MODES:
             raise ValueError(f"{what} must be 'train' or 'eval', got {mode!r}")
@@ -192,7 +195,8 @@ def make_train_step(
     ir.passes.common.TopologicalSortPass()(m)
 
     try:
-        names = gradients(m, loss_v.name or "", [p.name or "" for p in trainable], name=unique_scope(graph, "grad"))
+        names = gradients(m, loss_v.name or "", [p.name or "" for p in trainable], name=unique_scope(graph, "grad"),
+                          straight_through=straight_through)
     finally:
         _lower_batchnorms(m)
     _share_max_pools(m)

@@ -492,7 +492,7 @@ CROSSINGS = {
     "qdq": ([oh.make_node("QuantizeLinear", ["x", "s", "zp"], ["q"], "quant"),
              oh.make_node("DequantizeLinear", ["q", "s", "zp"], ["h"])],
             "only through values that are not float (from QuantizeLinear 'quant'), which carry no gradient: "
-            "unconnected, so None; a straight-through estimator"),
+            "unconnected, so None; straight_through=True (grad --straight-through) passes it through"),
     "argmax": ([oh.make_node("ArgMax", ["x"], ["i"], "pick", keepdims=1), oh.make_node("Cast", ["i"], ["h"], to=1)],
                "only through values that are not float (from ArgMax 'pick'), which carry no gradient: unconnected, "
                "so None"),

@@ -12,13 +12,14 @@ import onnx_ir as ir
 from onnxgrad.plans.activation_fusions import gelu
 from onnxgrad.plans.base import Fusion, NotApplicable
 from onnxgrad.plans.conv_fusions import conv_batch_norm, conv_mul
+from onnxgrad.plans.quantization import fake_quant
 
 if TYPE_CHECKING:
     from onnxgrad.backprop import WalkContext
 
 Maker = Callable[["WalkContext", ir.Node, set[int]], Fusion | NotApplicable]
 FUSIONS: dict[str, tuple[Maker, ...]] = {  # by the op type of the node that ends a fusion; the first that applies
-    "BatchNormalization": (conv_batch_norm,), "Mul": (conv_mul, gelu),
+    "BatchNormalization": (conv_batch_norm,), "Mul": (conv_mul, gelu), "DequantizeLinear": (fake_quant,),
 }
 
 

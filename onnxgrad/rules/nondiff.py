@@ -54,9 +54,9 @@ register_nondifferentiable(
 register_nondifferentiable(
     "DequantizeLinear", "DynamicQuantizeLinear", undefined=True,
     notes="undefined for the float scale (DequantizeLinear) and y_scale (DynamicQuantizeLinear), which do change "
-    "the output. For a "
-    "straight-through estimator (fake quantisation), write y = x + stop_gradient(DQ(Q(x)) - x), or put "
-    "the Q/DQ output in stop_gradients and add the float bypass yourself",
+    "the output. With straight_through=True (grad --straight-through) a QuantizeLinear -> DequantizeLinear pair "
+    "passes dy to x inside the integer grid, torch's FakeQuantize estimator (per tensor or per axis; "
+    "onnxgrad/plans/quantization.py)",
 )
 register_nondifferentiable("BitCast", notes="reinterprets bits: no derivative")
 register_nondifferentiable(
