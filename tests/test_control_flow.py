@@ -5,6 +5,7 @@ HVP through a Loop. The one-node rule cases (tests/cases/control_flow.py) run in
 
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
 from collections.abc import Callable
@@ -328,6 +329,78 @@ def test_scripted_loop_against_autograd(opset: int, trips: int) -> None:
     u = np.random.default_rng(0).standard_normal((2, 3))
     expect = _torch_grads(module, (x, trips), u)
     _compare(proto, {"x": x.numpy(), "n": np.array(trips)}, expect, u, names)
+
+
+class _ListLoop(torch.nn.Module):
+    """A scripted loop that appends to a list and stacks it: a sequence carried by the Loop, SequenceInsert at its
+    end each iteration, ConcatFromSequence after."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 3).double()
+
+    def forward(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        outs: list[torch.Tensor] = []
+        h = x
+        for _ in range(n):
+            h = torch.tanh(self.lin(h))
+            outs.append(h * x)
+        return torch.stack(outs, 0)
+
+
+@pytest.mark.parametrize("opset", [13, 17])  # at 11 the exporter writes the list as a scan output
+@pytest.mark.parametrize("trips", [1, 4])
+def test_scripted_loop_appending_to_a_list_against_autograd(opset: int, trips: int) -> None:
+    """A loop-carried sequence that starts empty and only grows at its end: its element t is the gradient's element t
+    in the reverse Loop ("the saving Loop cannot stack" sequences before)."""
+    torch.manual_seed(2)
+    module = _ListLoop()
+    x = torch.randn(2, 3, dtype=torch.float64)
+    f = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(torch.jit.script(module), (x, 3), f, dynamo=False, opset_version=opset,
+                          input_names=["x", "n"], output_names=["y"])
+    proto = onnx.load_from_string(f.getvalue())
+    ops = {n.op_type for n in proto.graph.node} | {b.op_type for n in proto.graph.node for a in n.attribute
+                                                   if a.type == onnx.AttributeProto.GRAPH for b in a.g.node}
+    assert {"Loop", "SequenceInsert", "ConcatFromSequence"} <= ops
+    names = {"x": "x", **_param_names(proto, module)}
+    u = np.random.default_rng(0).standard_normal((trips, 2, 3))
+    _compare(proto, {"x": x.numpy(), "n": np.array(trips)}, _torch_grads(module, (x, trips), u), u, names)
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+def test_embedding_bag_from_the_default_exporter_against_autograd(mode: str) -> None:
+    """torch.onnx.export's default (dynamo) writes EmbeddingBag as a Loop appending each bag's row to a sequence
+    (an empty bag too); the table's gradient against autograd."""
+    pytest.importorskip("onnxscript")
+
+    class Bag(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bag, self.lin = torch.nn.EmbeddingBag(10, 5, mode=mode), torch.nn.Linear(5, 5)
+
+        def forward(self, x: Any, ids: Any, offsets: Any) -> Any:
+            return self.bag(ids, offsets) * self.lin(x)
+
+    torch.manual_seed(0)
+    module = Bag().eval()
+    x, ids, offsets = torch.randn(3, 5), torch.tensor([1, 2, 3, 4, 4, 9, 0]), torch.tensor([0, 3, 3])
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        proto = torch.onnx.export(module, (x, ids, offsets), dynamo=True, opset_version=18, verbose=False,
+                                  input_names=["x", "ids", "offsets"], output_names=["y"]).model_proto
+    assert "Loop" in {n.op_type for n in proto.graph.node}
+    names = {"x": "x", **_param_names(proto, module)}
+    u = np.random.default_rng(0).standard_normal((3, 5)).astype(np.float32)
+    aug = add_gradients(proto, ["y"], list(names.values()), grad_ys=[u])
+    got = run(aug.model, {"x": x.numpy(), "ids": ids.numpy(), "offsets": offsets.numpy()})
+    xt = x.clone().requires_grad_()
+    (module(xt, ids, offsets) * torch.from_numpy(u)).sum().backward()
+    want = {"x": xt.grad, **{k: p.grad for k, p in module.named_parameters()}}
+    for k, graph_name in names.items():
+        np.testing.assert_allclose(got[aug.gradients[graph_name]], want[k].numpy(), rtol=1e-5, atol=1e-6, err_msg=k)
 
 
 # ------------------------------------------------------------------------------------------ TensorFlow

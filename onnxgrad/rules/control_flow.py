@@ -26,7 +26,7 @@ recomputes one step from its saved state, so memory stays O(T x |state| + |captu
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -266,32 +266,54 @@ def _stacked(like: ir.Value) -> ir.Shape | None:
     return None if like.shape is None else ir.Shape([None, *like.shape])
 
 
-def _saving_loop(em: Emitter, node: ir.Node, body: ir.Graph, n_state: int) -> tuple[ir.Value, list[ir.Value]]:
+def _saving_loop(em: Emitter, node: ir.Node, body: ir.Graph, n_state: int, skip: Collection[int] = ()
+                 ) -> tuple[ir.Value, list[ir.Value | None]]:
     """A copy of the Loop that also counts its iterations and emits each iteration's loop-carried inputs as
-    scan outputs: (the count, one stack per loop-carried value)."""
+    scan outputs: (the count, one stack per loop-carried value; None for those in ``skip``)."""
     tag = em.fresh_name("Loop_save")
     g = _copy(body, tag, em.opset)
     ems = _body_emitter(em, g, f"{tag}/save")
     count_in = _scalar(f"{tag}/count_in", INT64)
     g.inputs.append(count_in)
     count_out = ems.Add(count_in, ems.const(np.array(1), dtype=INT64))
-    states = list(g.inputs)[2:2 + n_state]
+    states = [v for k, v in enumerate(list(g.inputs)[2:2 + n_state]) if k not in skip]
     outs = [g.outputs[0], *g.outputs[1:1 + n_state], count_out, *states]
     _close(ems, g, outs, [g.outputs[0], *g.outputs[1:1 + n_state], count_in, *states])
     zero = em.const(np.array(0), dtype=INT64)
-    made = em.op("Loop", *node.inputs[:2], *node.inputs[2:], zero, _outputs=2 * n_state + 1, body=g)
+    made = em.op("Loop", *node.inputs[:2], *node.inputs[2:], zero, _outputs=n_state + 1 + len(states), body=g)
     made = made if isinstance(made, tuple) else (made,)  # a Loop of scan outputs only: the count alone
-    count, stacks = made[n_state], list(made[n_state + 1:])
+    count, saved = made[n_state], iter(made[n_state + 1:])
     _fix_outputs(made[:n_state], node.outputs[:n_state])
     count.type, count.shape = ir.TensorType(INT64), ir.Shape([])
-    for s, v in zip(stacks, states, strict=True):
-        s.type, s.shape = v.type, _stacked(v)
+    stacks: list[ir.Value | None] = [None if k in skip else next(saved) for k in range(n_state)]
+    for s, v in zip(stacks, list(g.inputs)[2:2 + n_state], strict=True):
+        if s is not None:
+            s.type, s.shape = v.type, _stacked(v)
     return count, stacks
+
+
+def _appended(node: ir.Node, body: ir.Graph, k: int) -> ir.Node | None:
+    """The SequenceInsert that appends to loop-carried value k, when k is a sequence the loop only appends to: it
+    starts empty (SequenceEmpty), and the body reads it only to append one element at the end, which is all its
+    next value is (a list built in a scripted loop, EmbeddingBag's rows in PyTorch's dynamo export)."""
+    init = node.inputs[2 + k]
+    made = None if init is None else init.producer()
+    if made is None or made.op_type != "SequenceEmpty" or made.domain not in ("", "ai.onnx"):
+        return None
+    uses = list(body.inputs[2 + k].uses())
+    ins = uses[0].node if len(uses) == 1 else None
+    if ins is None or ins.op_type != "SequenceInsert" or ins.domain not in ("", "ai.onnx") or uses[0].idx != 0 \
+            or (len(ins.inputs) > 2 and ins.inputs[2] is not None) or ins.outputs[0] is not body.outputs[1 + k] \
+            or list(ins.outputs[0].uses()):
+        return None
+    return ins
 
 
 @register("Loop", since=1, captures=True,
           notes="a saving Loop (iteration count and loop-carried values), then a reverse Loop over that count "
-                "recomputing each body; captured weights' gradients accumulate in the carry")
+                "recomputing each body; captured weights' gradients accumulate in the carry; a carried sequence "
+                "must start empty and only grow at its end (a list appended to), its element t then seeds "
+                "iteration t")
 def loop_grad(em: Emitter, node: ir.Node, grads: Sequence[ir.Value | None]) -> list[Grad]:
     """d(v_initial), d(captured) = reverse Loop of walk(body) over the iterations the forward ran"""
     body = node.attributes["body"].as_graph()
@@ -300,17 +322,19 @@ def loop_grad(em: Emitter, node: ir.Node, grads: Sequence[ir.Value | None]) -> l
     caps = implicit_inputs(node)
     _outer_shapes([*caps, *node.inputs[2:]])
     finals = list(node.outputs[:n_state])
-    carried = [k for k in range(n_state) if is_float(finals[k])]
+    appends = {k: ins for k in range(n_state) if (ins := _appended(node, body, k)) is not None}
+    carried = [k for k in range(n_state) if is_float(finals[k]) and k not in appends]
     cap_x = [c for c in caps if is_float(c)]
     if not carried and not cap_x:
         return [None] * (len(node.inputs) + len(caps))
-    odd = [v.name for v in node.inputs[2:] if v is not None and v.type is not None
-           and not isinstance(v.type, ir.TensorType)]
+    odd = [v.name for k, v in enumerate(node.inputs[2:]) if v is not None and v.type is not None
+           and not isinstance(v.type, ir.TensorType) and k not in appends]
     if odd:
         raise ValueError(f"Loop node {node_label(node)}: the loop-carried values {odd} are sequences or optionals, "
-                         "which the saving Loop cannot stack for the backward pass; list the Loop's outputs in "
-                         "stop_gradients, or carry tensors")
-    count, stacks = _saving_loop(em, node, body, n_state)
+                         "which the saving Loop cannot stack for the backward pass (a sequence that starts empty "
+                         "and only grows by one SequenceInsert at its end per iteration is taken); list the Loop's "
+                         "outputs in stop_gradients, or carry tensors")
+    count, stacks = _saving_loop(em, node, body, n_state, appends)
 
     tag = em.fresh_name("Loop_grad")
     g = _copy(body, tag, em.opset)
@@ -325,7 +349,10 @@ def loop_grad(em: Emitter, node: ir.Node, grads: Sequence[ir.Value | None]) -> l
     one = emb.const(np.array(1), dtype=INT64)
     t = emb.Sub(emb.Sub(count, one), step)  # the forward iteration this one undoes
     t.type, t.shape = ir.TensorType(INT64), ir.Shape([])
-    at_t = [emb.Gather(s, t, axis=0) for s in stacks]
+    # an appended-to sequence is not saved: its element t is read from its gradient, the body appends to nothing
+    pushed = {k: ins.inputs[1] for k in appends if (ins := _appended(node, g, k)) is not None}
+    at_t = [emb.Gather(s, t, axis=0) if s is not None else emb.op("SequenceEmpty", dtype=like.dtype)
+            for s, like in zip(stacks, old[2:], strict=True)]
     for v, like in zip(at_t, old[2:], strict=True):
         v.type, v.shape = like.type, like.shape
     old[0].replace_all_uses_with(t, replace_graph_outputs=True)
@@ -336,6 +363,10 @@ def loop_grad(em: Emitter, node: ir.Node, grads: Sequence[ir.Value | None]) -> l
     g.inputs.extend([step, go_on, *dv_in, *dc_in])
     ys = [g.outputs[1 + k] for k in carried]
     seeds: list[ir.Value | None] = list(dv_in)
+    for k, pushed_value in pushed.items():
+        if grads[k] is not None and pushed_value is not None and is_float(pushed_value):
+            ys.append(pushed_value)
+            seeds.append(_typed(emb.SequenceAt(grads[k], t), pushed_value))
     for s in range(n_scan):
         y = g.outputs[1 + n_state + s]
         gs = grads[n_state + s]
