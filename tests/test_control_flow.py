@@ -20,7 +20,7 @@ from onnx import TensorProto as TP
 from onnx import helper as oh
 
 from onnxgrad import NEW_INPUT, add_gradients, gradients, hessian_vector_product, registry
-from onnxgrad.check import check_gradients
+from onnxgrad.check import check_gradients, check_model
 from onnxgrad.emitter import implicit_inputs
 from onnxgrad.runtime import run
 from tests.cases.control_flow import ELSE, LOOP_BODY, SCAN_BODY, THEN, body, vi
@@ -210,19 +210,32 @@ def test_a_constant_condition_is_inlined() -> None:
     assert all(r.ok for r in rows), rows
 
 
-def test_a_loop_carrying_a_sequence_says_why_it_stops() -> None:
-    """The saving Loop stacks loop-carried tensors; a carried sequence (a scripted list append) cannot be stacked."""
-    seq_body = body([("h2", "Tanh", ["h"], {}), ("s2", "SequenceInsert", ["s", "h2"], {}),
+def _list_loop(insert_at: int | None) -> Model:
+    """h -> Loop(M) { h = tanh(h); s = SequenceInsert(s, h[, insert_at]) } -> stack(s): a scripted list append."""
+    at = [] if insert_at is None else [("p", "Constant", [], {"value": oh.make_tensor("p", TP.INT64, [], [insert_at])})]
+    seq_body = body([("h2", "Tanh", ["h"], {}), *at, ("s2", "SequenceInsert", ["s", "h2", *(["p"] if at else [])], {}),
                      ("c2", "Identity", ["c"], {})],
                     [vi("i", [], TP.INT64), vi("c", [], TP.BOOL), vi("h", [3])], [vi("c2", [], TP.BOOL), vi("h2", [3])])
     seq_body.input.append(oh.make_tensor_sequence_value_info("s", D, [3]))
     seq_body.output.append(oh.make_tensor_sequence_value_info("s2", D, [3]))
-    model = Model("loop-with-list", [oh.make_node("SequenceEmpty", [], ["s0"], dtype=D),
-                                     oh.make_node("Loop", ["M", "", "h0", "s0"], ["hT", "sT"], body=seq_body),
-                                     oh.make_node("ConcatFromSequence", ["sT"], ["y"], axis=0, new_axis=1)],
-                  {"h0": rnd(3, seed=1)}, ["y"], data={"M": np.array(2)})
-    with pytest.raises(ValueError, match="sequences or optionals"):
-        add_gradients(model.proto(), ["y"], ["h0"])
+    return Model("loop-with-list", [oh.make_node("SequenceEmpty", [], ["s0"], dtype=D),
+                                    oh.make_node("Loop", ["M", "", "h0", "s0"], ["hT", "sT"], body=seq_body),
+                                    oh.make_node("ConcatFromSequence", ["sT"], ["y"], axis=0, new_axis=1)],
+                 {"h0": rnd(3, seed=1)}, ["y"], data={"M": np.array(2)})
+
+
+def test_a_loop_appending_to_a_sequence_by_central_differences() -> None:
+    """A carried sequence that starts empty and grows at its end: not saved, its gradient read element by element."""
+    model = _list_loop(None)
+    rows = check_gradients(model.proto(), ["y"], ["h0"], model.feeds)
+    assert all(r.ok for r in rows), [(r.x, r.analytic, r.numeric) for r in rows]
+
+
+def test_a_loop_carrying_a_sequence_otherwise_says_why_it_stops() -> None:
+    """The saving Loop stacks loop-carried tensors; a carried sequence that grows elsewhere than at its end (or
+    starts full) cannot be stacked."""
+    with pytest.raises(ValueError, match=r"sequences or optionals, .* only grows by one SequenceInsert at its end"):
+        add_gradients(_list_loop(0).proto(), ["y"], ["h0"])
 
 
 def test_implicit_inputs_are_the_outer_values_in_first_use_order() -> None:
@@ -368,6 +381,24 @@ def test_scripted_loop_appending_to_a_list_against_autograd(opset: int, trips: i
     names = {"x": "x", **_param_names(proto, module)}
     u = np.random.default_rng(0).standard_normal((trips, 2, 3))
     _compare(proto, {"x": x.numpy(), "n": np.array(trips)}, _torch_grads(module, (x, trips), u), u, names)
+
+
+def test_second_derivative_through_a_loop_appending_to_a_list() -> None:
+    """The gradient graph of the list-appending loop reads its gradient sequence inside the reverse Loop; its own
+    gradient (order 2, by central differences) treats that sequence as the constant it is (an invalid model
+    before: Shape of a sequence)."""
+    torch.manual_seed(2)
+    f = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(torch.jit.script(_ListLoop().float()), (torch.randn(2, 3), 3), f, dynamo=False,
+                          opset_version=17, input_names=["x", "n"], output_names=["y"])
+    proto = onnx.load_from_string(f.getvalue())
+    weights = [t.name for t in proto.graph.initializer if t.data_type == TP.FLOAT]
+    aug = add_gradients(proto, ["y"], ["x"])
+    x = np.random.default_rng(1).standard_normal((2, 3)).astype(np.float32)
+    report = check_model(aug.model, [aug.gradients["x"]], ["x", *weights], {"x": x, "n": np.array(3)})
+    assert report.ok and all(r.status == "ok" for r in report.rows), [(r.x, r.status) for r in report.rows]
 
 
 @pytest.mark.parametrize("mode", ["sum", "mean", "max"])

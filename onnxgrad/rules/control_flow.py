@@ -26,7 +26,7 @@ recomputes one step from its saved state, so memory stays O(T x |state| + |captu
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -257,6 +257,22 @@ def if_grad(em: Emitter, node: ir.Node, grads: Sequence[ir.Value | None]) -> lis
 
 
 # --------------------------------------------------------------------------------------------- Loop
+def _float_captures(caps: Sequence[ir.Value]) -> list[ir.Value]:
+    """The float tensors among the outer values a Loop's or Scan's body reads: the reverse loop accumulates their
+    gradients in its carry. A sequence or optional read from outside has no carry form: ``_cap_grad``."""
+    return [c for c in caps if is_float(c) and not _untensored(c)]
+
+
+def _untensored(c: ir.Value) -> bool:
+    return c.type is not None and not isinstance(c.type, ir.TensorType)
+
+
+def _cap_grad(found: Mapping[ir.Value, Grad], c: ir.Value) -> Grad:
+    """The gradient of the captured value c: found, else undefined for a float sequence or optional (a second
+    derivative through a loop that appended to a list reads its gradient sequence so), else None."""
+    return found.get(c, UNDEFINED if is_float(c) and _untensored(c) else None)
+
+
 def _scalar(name: str, dtype: ir.DataType) -> ir.Value:
     return ir.Value(name=name, type=ir.TensorType(dtype), shape=ir.Shape([]))
 
@@ -324,9 +340,9 @@ def loop_grad(em: Emitter, node: ir.Node, grads: Sequence[ir.Value | None]) -> l
     finals = list(node.outputs[:n_state])
     appends = {k: ins for k in range(n_state) if (ins := _appended(node, body, k)) is not None}
     carried = [k for k in range(n_state) if is_float(finals[k]) and k not in appends]
-    cap_x = [c for c in caps if is_float(c)]
+    cap_x = _float_captures(caps)
     if not carried and not cap_x:
-        return [None] * (len(node.inputs) + len(caps))
+        return [*([None] * len(node.inputs)), *(_cap_grad({}, c) for c in caps)]
     odd = [v.name for k, v in enumerate(node.inputs[2:]) if v is not None and v.type is not None
            and not isinstance(v.type, ir.TensorType) and k not in appends]
     if odd:
@@ -399,7 +415,7 @@ def loop_grad(em: Emitter, node: ir.Node, grads: Sequence[ir.Value | None]) -> l
     by_cap: dict[ir.Value, Grad] = dict(zip(cap_x, made[len(carried):n_c], strict=True))
     for c, stacked in zip(sliced, made[n_c:], strict=True):
         by_cap[c] = _unstack(em, stacked, c, count)
-    return [None, None, *(by_state.get(k) for k in range(n_state)), *(by_cap.get(c) for c in caps)]
+    return [None, None, *(by_state.get(k) for k in range(n_state)), *(_cap_grad(by_cap, c) for c in caps)]
 
 
 def _step_slices(g: ir.Graph, c: ir.Value, step: ir.Value) -> list[ir.Value]:
@@ -497,9 +513,9 @@ def scan_grad(em: Emitter, node: ir.Node, grads: Sequence[ir.Value | None]) -> l
     _outer_shapes([*caps, *node.inputs])
     carried = [k for k in range(n_state) if is_float(node.outputs[k])]
     scanned = [k for k in range(n_in) if is_float(node.inputs[n_state + k])]
-    cap_x = [c for c in caps if is_float(c)]
+    cap_x = _float_captures(caps)
     if not carried and not scanned and not cap_x:
-        return [None] * (len(node.inputs) + len(caps))
+        return [*([None] * len(node.inputs)), *(_cap_grad({}, c) for c in caps)]
 
     # the saving Scan: the same steps, emitting each step's incoming states
     tag = em.fresh_name("Scan_save")
@@ -550,7 +566,7 @@ def scan_grad(em: Emitter, node: ir.Node, grads: Sequence[ir.Value | None]) -> l
     by_cap = dict(zip(cap_x, made[len(carried):len(carried) + len(cap_x)], strict=True))
     by_x = dict(zip(scanned, made[len(carried) + len(cap_x):], strict=True))
     return [*(by_state.get(k) for k in range(n_state)), *(by_x.get(k) for k in range(n_in)),
-            *(by_cap.get(c) for c in caps)]
+            *(_cap_grad(by_cap, c) for c in caps)]
 
 
 @register("Scan", since=8, captures=True,
@@ -568,9 +584,9 @@ def scan8_grad(em: Emitter, node: ir.Node, grads: Sequence[ir.Value | None]) -> 
     _outer_shapes([*caps, *node.inputs[1:]])
     carried = [k for k in range(n_state) if is_float(node.outputs[k])]
     scanned = [k for k in range(n_in) if is_float(node.inputs[1 + n_state + k])]
-    cap_x = [c for c in caps if is_float(c)]
+    cap_x = _float_captures(caps)
     if not carried and not scanned and not cap_x:
-        return [None] * (len(node.inputs) + len(caps))
+        return [*([None] * len(node.inputs)), *(_cap_grad({}, c) for c in caps)]
 
     tag = em.fresh_name("Scan_save")
     g = _copy(body, tag, em.opset)
@@ -619,7 +635,7 @@ def scan8_grad(em: Emitter, node: ir.Node, grads: Sequence[ir.Value | None]) -> 
     by_cap = dict(zip(cap_x, d_caps, strict=True))
     by_x = dict(zip(scanned, d_xs, strict=True))
     return [None, *(by_state.get(k) for k in range(n_state)), *(by_x.get(k) for k in range(n_in)),
-            *(by_cap.get(c) for c in caps)]
+            *(_cap_grad(by_cap, c) for c in caps)]
 
 
 def _batched_zeros(em: Emitter, c: ir.Value, batched: ir.Value) -> ir.Value:
