@@ -296,6 +296,10 @@ def _note_integer_crossings(graph: ir.Graph, xs: Sequence[ir.Value], ys: Sequenc
     naming the nodes where its paths leave the floats (the QuantizeLinear of a quantized model, a Cast to int)."""
     if not xs:
         return
+    needed: set[ir.Value] = set(ys)  # the values some y depends on
+    for node in reversed(list(graph)):
+        if any(o in needed for o in node.outputs):
+            needed.update(v for v in (*node.inputs, *implicit_inputs(node)) if v is not None)
     bits = {x: 1 << k for k, x in enumerate(dict.fromkeys(xs))}
     reach: dict[ir.Value, int] = dict(bits)  # value -> the xs it depends on, as a bitmask
     crossings: list[tuple[ir.Node, int]] = []
@@ -315,15 +319,15 @@ def _note_integer_crossings(graph: ir.Graph, xs: Sequence[ir.Value], ys: Sequenc
         for v in ins:
             if v.dtype in FLOAT_TYPES:
                 floats_in |= reach.get(v, 0)
-        if floats_in and outs and not any(o.dtype in FLOAT_TYPES for o in outs):
+        if floats_in and any(o.dtype is not None and o.dtype not in FLOAT_TYPES and o in needed for o in outs):
             crossings.append((node, floats_in))
     hits = 0
     for y in ys:
         hits |= reach.get(y, 0)
     for x, bit in bits.items():
-        if not hits & bit:
-            continue
         where = [n for n, m in crossings if m & bit]
+        if not hits & bit or not where:  # no y depends on x, or only through a rule that gives none (a stop marker)
+            continue
         named = ", ".join(f"{n.op_type} {node_label(n)}" for n in where[:3]) + (", ..." if len(where) > 3 else "")
         quantized = not straight_through and any(n.op_type in ("QuantizeLinear", "DynamicQuantizeLinear")
                                                  for n in where)
