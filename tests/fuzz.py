@@ -26,7 +26,9 @@ Shape = tuple[int, ...]
 UNARY = ["Tanh", "Sigmoid", "Neg", "Relu", "Abs", "Sin", "Cos", "Identity", "ExpT", "LogP", "SqrtP", "IntPath"]
 BINARY = ["Add", "Sub", "Mul", "Max", "Min", "DivP", "WhereGt"]
 OTHER = ["MatMul", "ReduceSum", "ReduceMean", "Softmax", "Transpose", "Reshape", "Concat"]
-CONTROL = ["If", "Loop", "Scan"]  # If: sin(a * b) or tanh(a) + b; Loop: k trips of tanh(h * b); Scan over axis 0
+# If: sin(a * b) or tanh(a) + b; Loop: k trips of tanh(h * b); LoopList: the same, each h appended to a sequence
+# (SequenceEmpty, SequenceInsert; opset 13+), stacked and summed after; Scan over axis 0
+CONTROL = ["If", "Loop", "LoopList", "Scan"]
 OPSETS = [11, 13, 17, 18]
 KINKS = {"Relu", "Abs", "Max", "Min", "WhereGt", "IntPath"}
 
@@ -83,6 +85,8 @@ def graph_specs(draw: st.DrawFn, max_nodes: int = 8) -> GraphSpec:
             continue
         if kind == "c":
             op = draw(st.sampled_from(CONTROL))
+            if op == "LoopList" and spec.opset < 13:  # Loop carries sequences from opset 13
+                op = "Loop"
             if op == "Scan":
                 if not sa or sa[0] < 1:
                     continue
@@ -94,6 +98,8 @@ def graph_specs(draw: st.DrawFn, max_nodes: int = 8) -> GraphSpec:
             attrs: dict[str, Any] = {"shape": list(sa)}
             if op == "Loop":
                 attrs["trips"] = draw(st.integers(0, 3))
+            elif op == "LoopList":  # at least one element: ConcatFromSequence refuses an empty sequence
+                attrs["trips"] = draw(st.integers(1, 3))
             spec.nodes.append((op, (a, b), attrs))
             shapes.append(sa)
             continue
@@ -229,7 +235,7 @@ def to_onnx(spec: GraphSpec) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
         elif op == "Concat":
             nodes.append(oh.make_node(op, ins, [out], axis=attrs["axis"]))
         elif op in CONTROL:
-            nodes += _control_nodes(op, ins, out, attrs, const)
+            nodes += _control_nodes(op, ins, out, {**attrs, "opset": spec.opset}, const)
         else:  # pragma: no cover
             raise AssertionError(op)
     # onnx's inference gives Loop outputs no shape (as exporters do, the model states them)
@@ -240,11 +246,19 @@ def to_onnx(spec: GraphSpec) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
         [oh.make_value_info(value_name(y), onnx.TypeProto()) if y not in control else
          oh.make_tensor_value_info(value_name(y), TP.DOUBLE, control[y]) for y in spec.ys], inits,
         value_info=[oh.make_tensor_value_info(value_name(v), TP.DOUBLE, d) for v, d in control.items()
-                    if v not in spec.ys])
+                    if v not in spec.ys] + [vi for i, (op, _, attrs) in enumerate(spec.nodes) if op == "LoopList"
+                                            for vi in _list_loop_types(value_name(k + i), attrs)])
     model = onnx.shape_inference.infer_shapes(
         oh.make_model(graph, opset_imports=[oh.make_opsetid("", spec.opset)], ir_version=8), strict_mode=True)
     feeds = {value_name(i): rng.standard_normal(s) for i, s in enumerate(spec.inputs)}
     return model, feeds
+
+
+def _list_loop_types(out: str, attrs: dict[str, Any]) -> list[onnx.ValueInfoProto]:
+    """The types of a LoopList's inner values, which onnx's inference leaves without one."""
+    shape, p = list(attrs["shape"]), f"{out}_"
+    return [oh.make_tensor_value_info(p + "hT", TP.DOUBLE, shape),
+            oh.make_tensor_value_info(p + "st", TP.DOUBLE, [attrs["trips"], *shape])]
 
 
 def _control_nodes(op: str, ins: list[str], out: str, attrs: dict[str, Any], const: Any) -> list[onnx.NodeProto]:
@@ -268,6 +282,22 @@ def _control_nodes(op: str, ins: list[str], out: str, attrs: dict[str, Any], con
                               oh.make_tensor_value_info(p + "c", TP.BOOL, []), typed(p + "h", shape)],
                              [oh.make_tensor_value_info(p + "co", TP.BOOL, []), typed(p + "hn", shape)])
         return [oh.make_node("Loop", [const(attrs["trips"], np.int64), "", ins[0]], [out], body=body)]
+    if op == "LoopList":
+        seq = lambda name: oh.make_tensor_sequence_value_info(name, TP.DOUBLE, shape)  # noqa: E731
+        body = oh.make_graph([oh.make_node("Mul", [p + "h", ins[1]], [p + "m"]),
+                              oh.make_node("Tanh", [p + "m"], [p + "hn"]),
+                              oh.make_node("SequenceInsert", [p + "s", p + "hn"], [p + "sn"]),
+                              oh.make_node("Identity", [p + "c"], [p + "co"])], p + "body",
+                             [oh.make_tensor_value_info(p + "i", TP.INT64, []),
+                              oh.make_tensor_value_info(p + "c", TP.BOOL, []), typed(p + "h", shape), seq(p + "s")],
+                             [oh.make_tensor_value_info(p + "co", TP.BOOL, []), typed(p + "hn", shape),
+                              seq(p + "sn")])
+        summed = oh.make_node("ReduceSum", [p + "st", const([0], np.int64)], [out], keepdims=0) \
+            if attrs["opset"] >= 13 else oh.make_node("ReduceSum", [p + "st"], [out], axes=[0], keepdims=0)
+        return [oh.make_node("SequenceEmpty", [], [p + "s0"], dtype=TP.DOUBLE),
+                oh.make_node("Loop", [const(attrs["trips"], np.int64), "", ins[0], p + "s0"], [p + "hT", p + "sT"],
+                             body=body),
+                oh.make_node("ConcatFromSequence", [p + "sT"], [p + "st"], axis=0, new_axis=1), summed]
     body = oh.make_graph([oh.make_node("Mul", [p + "s", p + "x"], [p + "m"]), oh.make_node("Add", [p + "m", p + "x"],
                           [p + "a"]), oh.make_node("Tanh", [p + "a"], [p + "sn"]),
                           oh.make_node("Identity", [p + "sn"], [p + "y"])], p + "body",
@@ -285,6 +315,12 @@ def _torch_control(op: str, xs: list[torch.Tensor], attrs: dict[str, Any]) -> to
         for _ in range(attrs["trips"]):
             h = torch.tanh(h * xs[1])
         return h * 1
+    if op == "LoopList":
+        h, outs = xs[0], []
+        for _ in range(attrs["trips"]):
+            h = torch.tanh(h * xs[1])
+            outs.append(h)
+        return torch.stack(outs).sum(0)
     s = torch.ones(xs[0].shape[1:], dtype=xs[0].dtype)
     steps = range(xs[0].shape[0] - 1, -1, -1) if attrs["reverse"] else range(xs[0].shape[0])
     outs = []

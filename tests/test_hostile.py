@@ -184,6 +184,9 @@ HOSTILE = [
     Hostile("op-that-onnx-does-not-have-on-path", proto(model([node("Erfc", ["x"], ["y"], "erfc")], [f32("x")],
                                                               [f32("y")])), X_Y, 1,
             "'Erfc' is no operator of ONNX at any opset: no runtime runs this model as it is"),
+    Hostile("removed-experimental-op-on-path", proto(model([node("ATen", ["x"], ["y"], "aten")], [f32("x")],
+                                                           [f32("y")], opset=8)), X_Y, 1,
+            "'ATen' is an experimental op ONNX has removed (onnxruntime still runs some)"),
     # where OUT goes
     Hostile("out-under-a-file", lambda p: shutil.copy(MLP, p), [*LOSS_W2, "-o", "{model}/out.onnx"], 1,
             "cannot write '{model}/out.onnx': '{model}' is not a folder"),

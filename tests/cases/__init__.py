@@ -5,6 +5,7 @@ from tests.cases import (
     control_flow,
     conv,
     core,
+    experimental,
     fused,
     linalg,
     movement,
@@ -28,4 +29,5 @@ ALL = [
     *fused.CASES,
     *recurrent.CASES,
     *control_flow.CASES,
+    *experimental.CASES,
 ]
