@@ -43,6 +43,8 @@ def infer_missing_types(model: ir.Model) -> None:
         for v in model.graph.initializers.values()
     )
     _merge(model, _infer(model, data_prop, lambda proto: None))
+    if _lacks_shapes(model) and _experimental_shapes(model):
+        _merge(model, _infer(model, data_prop, lambda proto: None))
     folded: dict[str, np.ndarray] = {}
     if _lacks_shapes(model):
         folded = _fold_small_constants(model)
@@ -62,6 +64,38 @@ def _taken_nodes(nodes: Iterable[ir.Node], folded: dict[str, np.ndarray]) -> Ite
             branch = _taken_branch(node, folded.get(node.inputs[0].name or ""))
             if branch is not None:
                 yield from _taken_nodes(branch, folded)
+
+
+_SAME_AS_INPUT = frozenset({"ImageScaler", "Scale", "ScaledTanh", "ParametricSoftplus", "Affine"})
+
+
+def _experimental_shapes(model: ir.Model) -> bool:
+    """Types and shapes for the outputs of the experimental ops ONNX removed (onnx's inference has no schema for
+    them, and tiny-YOLOv2 starts with an ImageScaler: nothing after it had a shape); True when something was
+    learned."""
+    learned = False
+    for node in model.graph:
+        x, out = (node.inputs[0] if node.inputs else None), (node.outputs[0] if node.outputs else None)
+        if node.domain not in ("", "ai.onnx") or x is None or out is None or out.type is not None or x.type is None:
+            continue
+        if node.op_type in _SAME_AS_INPUT:
+            out.type, out.shape = x.type, x.shape
+        elif node.op_type == "Crop" and x.shape is not None and x.shape.rank() == 4:
+            left, top, right, bottom = [*node.attributes.get_ints("border", [0, 0, 0, 0]), 0, 0, 0, 0][:4]
+            n, c, h, w = x.shape
+            size = node.attributes.get_ints("scale", None)
+            if size is not None:
+                h, w = size[:2]
+            else:
+                h = h - top - bottom if isinstance(h, int) else None
+                w = w - left - right if isinstance(w, int) else None
+            out.type, out.shape = x.type, ir.Shape([n, c, h, w])
+        elif node.op_type == "DynamicSlice" and x.shape is not None:
+            out.type, out.shape = x.type, ir.Shape([None] * x.shape.rank())
+        else:
+            continue
+        learned = True
+    return learned
 
 
 def _ranks_from_shape_operands(model: ir.Model, folded: dict[str, np.ndarray]) -> bool:

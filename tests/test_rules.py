@@ -73,3 +73,26 @@ def test_dropout_training_routes_through_the_run_s_own_mask(mask_output: bool) -
     assert 0.5 < keep.mean() < 0.7  # ratio 0.4 applied, not a mask of ones
     np.testing.assert_allclose(got["y"], x * keep / 0.6, rtol=1e-6)
     np.testing.assert_allclose(got[aug.gradients["x"]], seed * keep / 0.6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("first", ["ImageScaler", "Crop"])
+def test_shapes_flow_through_an_experimental_op_onnx_removed(first: str) -> None:
+    """tiny-YOLOv2 (model zoo, opset 8) starts with an ImageScaler, for which onnx's inference has no schema: no
+    value after it had a shape, and MaxPool's rule stopped ("needs the rank of its input"). Its outputs now take
+    their shapes from the op's own semantics, and the whole model checks by central differences."""
+    rng = np.random.default_rng(0)
+    inits = [onnx.numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32) * 0.3, "w"),
+             onnx.numpy_helper.from_array(np.full(4, 0.1, np.float32), "b")]
+    head = {"ImageScaler": oh.make_node("ImageScaler", ["x"], ["s"], scale=1 / 255.0, bias=[0.1, 0.2, 0.3]),
+            "Crop": oh.make_node("Crop", ["x"], ["s"], border=[1, 1, 1, 1])}[first]
+    nodes = [head, oh.make_node("Conv", ["s", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
+             oh.make_node("LeakyRelu", ["c"], ["l"], alpha=0.1),
+             oh.make_node("MaxPool", ["l"], ["y"], kernel_shape=[2, 2], strides=[2, 2])]
+    graph = oh.make_graph(nodes, "g", [oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 10, 10])],
+                          [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], inits)
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 8)], ir_version=3)
+    model.graph.input.extend(oh.make_tensor_value_info(t.name, onnx.TensorProto.FLOAT, list(t.dims)) for t in inits)
+    from onnxgrad.check import check_model
+
+    report = check_model(model, ["y"], ["x", "w", "b"], {"x": rng.uniform(0, 255, (1, 3, 10, 10)).astype(np.float32)})
+    assert report.ok and all(r.status == "ok" for r in report.rows), [(r.x, r.status) for r in report.rows]
