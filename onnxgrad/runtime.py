@@ -7,7 +7,7 @@ import difflib
 import os
 import re
 import weakref
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -309,7 +309,36 @@ def _faithful_ops() -> list[type]:
 
     softmaxes = [_softmax_kind(k) for k in ("Softmax", "LogSoftmax", "Hardmax")]
     return [Erf, Gelu, Conv, ConvTranspose, BatchNormalization, Dropout, LRN, Pad, GroupNormalization,
-            MeanVarianceNormalization, *softmaxes]
+            MeanVarianceNormalization, *softmaxes, *_experimental_ops()]
+
+
+def _experimental_ops() -> list[type]:
+    """Reference kernels for the experimental ops ONNX removed (onnx's evaluator has none; onnxruntime runs them
+    in float32 alone), so an old zoo model (tiny-YOLOv2's ImageScaler) checks in float64."""
+    from onnx.reference.op_run import OpRun
+
+    def elementwise(name: str, fn: Callable[..., np.ndarray]) -> type:
+        def _run(self: OpRun, x: np.ndarray, **attrs: Any) -> tuple[np.ndarray]:
+            return (np.asarray(fn(x, **attrs)).astype(x.dtype),)
+        return type(name, (OpRun,), {"op_domain": "", "_run": _run})
+
+    def image_scaler(x: np.ndarray, scale: float = 1.0, bias: Sequence[float] | None = None) -> np.ndarray:
+        shift = np.zeros(x.shape[1]) if bias is None else np.asarray(bias)
+        return scale * x + shift.reshape((1, -1) + (1,) * (x.ndim - 2))
+
+    def crop(x: np.ndarray, border: Sequence[int] | None = None, scale: Sequence[int] | None = None) -> np.ndarray:
+        left, top, right, bottom = list(border or [0, 0, 0, 0])
+        h, w = (scale[0], scale[1]) if scale else (x.shape[2] - top - bottom, x.shape[3] - left - right)
+        return x[:, :, top:top + h, left:left + w]
+
+    return [
+        elementwise("ImageScaler", image_scaler),
+        elementwise("Scale", lambda x, scale=1.0: scale * x),
+        elementwise("Affine", lambda x, alpha=1.0, beta=0.0: alpha * x + beta),
+        elementwise("ScaledTanh", lambda x, alpha=1.0, beta=1.0: alpha * np.tanh(beta * x)),
+        elementwise("ParametricSoftplus", lambda x, alpha=1.0, beta=1.0: alpha * np.logaddexp(0.0, beta * x)),
+        elementwise("Crop", crop),
+    ]
 
 
 class ReferenceSession:

@@ -76,7 +76,7 @@ def _experimental_shapes(model: ir.Model) -> bool:
     learned = False
     for node in model.graph:
         x, out = (node.inputs[0] if node.inputs else None), (node.outputs[0] if node.outputs else None)
-        if node.domain not in ("", "ai.onnx") or x is None or out is None or out.type is not None or x.type is None:
+        if node.domain not in ("", "ai.onnx") or x is None or out is None or out.shape is not None or x.type is None:
             continue
         if node.op_type in _SAME_AS_INPUT:
             out.type, out.shape = x.type, x.shape

@@ -725,3 +725,28 @@ def test_an_exponent_that_moves_off_its_integer_is_a_kink_that_says_why() -> Non
     report = check_model(model, ["y"], ["x", "p"], {"x": np.array([-1.5, 0.5, -2.0], np.float32)})
     assert [(r.x, r.status) for r in report.rows] == [("x", OK), ("p", KINK)] and report.ok
     assert report.next_steps() == [f"p: {report.rows[1].note}"] and "undefined next to x" in report.rows[1].note
+
+
+EXPERIMENTAL_OPS = [("ImageScaler", {"scale": 0.7, "bias": [0.1, -0.2, 0.3]}), ("Scale", {"scale": -1.5}),
+                    ("Affine", {"alpha": 2.5, "beta": -0.4}), ("ScaledTanh", {"alpha": 1.7, "beta": 0.6}),
+                    ("ParametricSoftplus", {"alpha": 0.8, "beta": 1.3}), ("Crop", {"border": [1, 2, 0, 1]}),
+                    ("Crop", {"border": [2, 1, 0, 0], "scale": [3, 2]})]
+
+
+@pytest.mark.parametrize(("op", "attrs"), EXPERIMENTAL_OPS, ids=[f"{o}-{len(a)}" for o, a in EXPERIMENTAL_OPS])
+def test_reference_kernels_of_removed_experimental_ops(op: str, attrs: dict[str, Any]) -> None:
+    """onnx's evaluator has no kernel for the experimental ops ONNX removed, onnxruntime only float32 ones: the
+    kernels given to the evaluator agree with onnxruntime, and a check after a Conv runs in float64."""
+    rng = np.random.default_rng(0)
+    nodes = [oh.make_node("Conv", ["x", "w"], ["h"]), oh.make_node(op, ["h"], ["y"], **attrs)]
+    graph = oh.make_graph(nodes, "g", [oh.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 6, 7])],
+                          [oh.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                          [numpy_helper.from_array(rng.standard_normal((3, 3, 1, 1)).astype(np.float32), "w")])
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 8)], ir_version=3)
+    model.graph.input.append(oh.make_tensor_value_info("w", TensorProto.FLOAT, [3, 3, 1, 1]))
+    x = rng.standard_normal((2, 3, 6, 7)).astype(np.float32)
+    ours, theirs = (runtime.run(model, {"x": x}, provider=p)["y"] for p in ("reference", "cpu"))
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
+    report = check_model(model, ["y"], ["x", "w"], {"x": x})
+    assert report.precision == "float64" and report.ok, [(r.x, r.status) for r in report.rows]
+    assert all(r.status == OK and r.rel_error < 1e-8 for r in report.rows), [(r.x, r.rel_error) for r in report.rows]
