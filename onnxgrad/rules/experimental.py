@@ -1,7 +1,7 @@
 """Gradient rules: the experimental ops ONNX once had and has removed (onnx 1.23 has no schema for them), which
 models of the early model zoo still carry (tiny-YOLOv2's ImageScaler, CoreML and Caffe2 conversions' Scale, Crop,
 Affine...) and onnxruntime still runs: elementwise maps of attributes, Crop a slice, DynamicSlice Slice-10's form.
-ConstantFill and GivenTensorFill make constants. ATen and GRUUnit get no rule."""
+ATen, GRUUnit, ConstantFill and GivenTensorFill get no rule."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import onnx_ir as ir
 
 from onnxgrad.emitter import Emitter, attr, static_dims
-from onnxgrad.registry import register, register_nondifferentiable
+from onnxgrad.registry import register
 from onnxgrad.rules.shape import slice_v10
 
 Grads = Sequence[ir.Value | None]
@@ -72,4 +72,3 @@ def crop(em: Emitter, node: ir.Node, dy: Grads) -> Out:
 
 
 register("DynamicSlice", since=1)(slice_v10)  # data, starts, ends, axes: Slice-10's inputs
-register_nondifferentiable("ConstantFill", "GivenTensorFill", notes="constants (an experimental op ONNX removed)")
