@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
@@ -215,6 +216,35 @@ def make_train_step(
                    clip_grad_norm, accumulate)
 
 
+_EMBEDDING = re.compile(r"aten\.embedding\.default\]?\(args = \(%\w+, %\w+, (\d+)")
+
+
+def padding_rows(p: ir.Value) -> list[int]:
+    """The rows of p that an ``nn.Embedding(padding_idx=...)`` keeps out of training: PyTorch's dynamo exporter
+    writes it as a plain Gather, and only the node's metadata (``pkg.torch.onnx.fx_node``) still names the index
+    (the TorchScript exporter keeps nothing)."""
+    rows = set()
+    for use in p.uses():
+        node = use.node
+        if node.op_type == "Gather" and node.domain in ("", "ai.onnx") and use.idx == 0 \
+                and node.attributes.get_int("axis", 0) == 0:
+            found = _EMBEDDING.search(node.metadata_props.get("pkg.torch.onnx.fx_node", ""))
+            if found is not None:
+                rows.add(int(found.group(1)))
+    return sorted(rows)
+
+
+def _without_padding_rows(em: Emitter, p: ir.Value, g: ir.Value) -> ir.Value:
+    """g with the padding rows of p (``padding_rows``) zeroed, as PyTorch's embedding gradient has them."""
+    rows = padding_rows(p)
+    shape = shape_of(p)
+    if not rows or not shape:
+        return g
+    keep = np.ones([shape[0]] + [1] * (len(shape) - 1), dtype_of(p).numpy())
+    keep[[r for r in rows if r < shape[0]]] = 0
+    return em.Mul(g, em.const(keep, like=g))
+
+
 def _finish(m: ir.Model, source: str | None, opt: Optimizer, pairs: list[tuple[ir.Value, ir.Value]],
             stats: list[tuple[ir.Value, ...]], loss_v: ir.Value, extra: list[ir.Value], seed: ir.Value | None,
             new_inputs: list[ir.Value], initial: dict[str, np.ndarray], clip: float | None, accumulate: bool
@@ -239,7 +269,7 @@ def _finish(m: ir.Model, source: str | None, opt: Optimizer, pairs: list[tuple[i
     apply = fresh("apply", ir.DataType.BOOL, []) if accumulate else None
     scalars = Scalars(em, lr, step)
     state_pairs = [p for s in stats for p in ((s[0], s[2]), (s[1], s[3]))]
-    grads = [g for _, g in pairs]
+    grads = [_without_padding_rows(em, p, g) for p, g in pairs]
     if accumulate:
         count = fresh("accum/count", ir.DataType.FLOAT, [])
         initial[count.name or ""] = np.zeros((), np.float32)

@@ -610,3 +610,42 @@ def test_running_statistics_the_exporter_tied_get_their_own(batchnorm: str) -> N
         for name in ("1.running_mean", "1.running_var"):
             np.testing.assert_allclose(values[step.state[name][0]], ref.state_dict()[name].numpy(), rtol=1e-5,
                                        atol=1e-6)
+
+
+class _Padded(torch.nn.Module):
+    """Token embeddings with a padding row (as BERT's), summed over the sequence, into a Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.lin = torch.nn.Embedding(12, 5, padding_idx=0), torch.nn.Linear(5, 3)
+
+    def forward(self, ids: Any) -> Any:
+        return self.lin(self.emb(ids).sum(1))
+
+
+def test_embedding_padding_row_keeps_no_gradient() -> None:
+    """nn.Embedding(padding_idx=0) exports as a plain Gather; the dynamo exporter's node metadata still names the
+    index, and the train step keeps that row's gradient at zero as PyTorch does: 4 AdamW steps on a padded batch
+    follow torch.optim (the padding row trained before)."""
+    import contextlib
+    import io
+    import warnings
+
+    from onnxgrad.train import padding_rows
+
+    torch.manual_seed(0)
+    module = _Padded()
+    ids, target = torch.tensor([[3, 7, 0, 0], [5, 1, 2, 0]]), torch.randn(2, 3)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        model = torch.onnx.export(module, (ids,), dynamo=True, opset_version=18, optimize=False, input_names=["ids"],
+                                  output_names=["y"]).model_proto
+    step = make_train_step(model, "mse:y:target", optimizer="adamw", lr=0.05)
+    graph = ir.serde.deserialize_model(model).graph
+    assert padding_rows(graph.initializers["emb.weight"]) == [0]
+    assert padding_rows(graph.initializers["lin.weight"]) == []
+    values = _steps_against_torch(step, module, torch.optim.AdamW(module.parameters(), lr=0.05), 0.05, 4,
+                                  {"ids": ids.numpy(), "target": target.numpy()},
+                                  lambda: torch.nn.functional.mse_loss(module(ids), target))
+    start = step.initial[step.params["emb.weight"][0]]
+    np.testing.assert_allclose(values[step.params["emb.weight"][0]][0], start[0] * (1 - 0.05 * 0.01) ** 4, rtol=1e-6)
