@@ -401,13 +401,16 @@ def explain(e: BaseException) -> str:
 
 
 def session(
-    model: onnx.ModelProto | str, provider: str = "cpu", threads: int | None = None
+    model: onnx.ModelProto | str, provider: str = "cpu", threads: int | None = None, exact: bool = False
 ) -> ort.InferenceSession:
-    """An InferenceSession for a ModelProto or a path ('reference': onnx's reference evaluator)."""
+    """An InferenceSession for a ModelProto or a path ('reference': onnx's reference evaluator). ``exact``: each
+    node runs as written (``workarounds.exact_session_options``: no fusions into kernels that compute otherwise)."""
     if provider == REFERENCE:
         return ReferenceSession(onnx.load(model) if isinstance(model, str) else model)  # type: ignore[return-value]
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    if exact:
+        workarounds.exact_session_options(opts)
     if threads is not None:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
@@ -429,10 +432,11 @@ def run(
     feeds: Mapping[str, np.ndarray],
     outputs: Sequence[str] | None = None,
     provider: str = "cpu",
+    exact: bool = False,
 ) -> dict[str, np.ndarray]:
-    """Run and return the named outputs (all outputs by default)."""
+    """Run and return the named outputs (all outputs by default; ``exact``: as ``session``)."""
     live = isinstance(model, ort.InferenceSession | ReferenceSession)
-    sess = model if live else session(model, provider)  # type: ignore[arg-type]
+    sess = model if live else session(model, provider, exact=exact)  # type: ignore[arg-type]
     empty = workarounds.empty_input(feeds) if sess in _EMPTY_HANGS else None
     if empty is not None:
         raise ValueError(workarounds.EMPTY_CONV_MESSAGE.format(name=empty[0], shape=list(empty[1])))

@@ -750,3 +750,44 @@ def test_reference_kernels_of_removed_experimental_ops(op: str, attrs: dict[str,
     report = check_model(model, ["y"], ["x", "w"], {"x": x})
     assert report.precision == "float64" and report.ok, [(r.x, r.status) for r in report.rows]
     assert all(r.status == OK and r.rel_error < 1e-8 for r in report.rows), [(r.x, r.rel_error) for r in report.rows]
+
+
+def test_float64_check_runs_the_nodes_as_written() -> None:
+    """onnxruntime's SimplifiedLayerNormFusion (T5's RMS norm: Cast, Pow, ReduceMean, Add, Sqrt, Div, Mul) moves
+    float64 results by ~1e-6 (a T5 encoder's weights read MISMATCH at 1e-5); a float64 check's sessions now run at
+    the basic optimization level, and agree to 1e-10."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), "w"),
+             numpy_helper.from_array(np.array(2.0, np.float32), "two"),
+             numpy_helper.from_array(np.array(1.0, np.float32), "one"),
+             numpy_helper.from_array(np.array(1e-6, np.float32), "eps"),
+             numpy_helper.from_array((1 + 0.1 * rng.standard_normal(8)).astype(np.float32), "scale")]
+    nodes = [oh.make_node("MatMul", ["x", "w"], ["h0"]), oh.make_node("Cast", ["h0"], ["h"], to=TensorProto.FLOAT),
+             oh.make_node("Pow", ["h", "two"], ["p"]), oh.make_node("ReduceMean", ["p"], ["v"], axes=[-1]),
+             oh.make_node("Add", ["v", "eps"], ["ve"]), oh.make_node("Sqrt", ["ve"], ["s"]),
+             oh.make_node("Div", ["one", "s"], ["r"]), oh.make_node("Mul", ["h", "r"], ["n"]),
+             oh.make_node("Mul", ["scale", "n"], ["y"])]
+    graph = oh.make_graph(nodes, "rms", [oh.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5, 8])],
+                          [oh.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5, 8])], inits)
+    report = check_model(oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)], ir_version=8), ["y"],
+                         ["x", "w", "scale"])
+    assert report.precision == "float64" and "onnxruntime" in report.runner
+    assert all(r.status == OK and r.rel_error < 1e-8 for r in report.rows), [(r.x, r.rel_error) for r in report.rows]
+
+
+def test_a_gradient_too_steep_for_differences_is_a_kink_that_says_so() -> None:
+    """Hugging Face's attention mask, (1 - mask) * finfo(float32).min, with its 1 an initializer (as PyTorch's
+    dynamo exporter stores it, so @weights takes it): d/d 1 is ~1e40, and any step throws the softmax into
+    saturation. It read MISMATCH; it is a kink whose next step says why."""
+    mask = np.array([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]], np.float32)
+    inits = [numpy_helper.from_array(np.array(1.0, np.float32), "one"),
+             numpy_helper.from_array(np.array(np.finfo(np.float32).min, np.float32), "low"),
+             numpy_helper.from_array(mask, "mask")]
+    nodes = [oh.make_node("Sub", ["one", "mask"], ["off"]), oh.make_node("Mul", ["off", "low"], ["bias"]),
+             oh.make_node("Add", ["s", "bias"], ["a"]), oh.make_node("Softmax", ["a"], ["y"], axis=-1)]
+    graph = oh.make_graph(nodes, "g", [oh.make_tensor_value_info("s", TensorProto.FLOAT, [2, 3])],
+                          [oh.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])], inits)
+    report = check_model(oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)], ir_version=8), ["y"],
+                         ["s", "one"])
+    assert report.ok and [(r.x, r.status) for r in report.rows] == [("s", OK), ("one", KINK)]
+    assert "too steep for differences" in report.rows[1].note and report.next_steps()[0].startswith("one: too steep")
