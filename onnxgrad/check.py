@@ -453,14 +453,17 @@ def _keep_fixed_float_inputs(g: onnx.GraphProto, opset: int) -> None:
     converted model must stay valid (tf2onnx stores the scales as an initializer, and a float64 one broke inference
     of every value after the Resize)."""
     nodes: list[onnx.NodeProto] = []
+    cast: dict[str, str] = {}  # one Cast per value, however many nodes read it
     for node in g.node:
         for a in node.attribute:
             for sub in [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs):
                 _keep_fixed_float_inputs(sub, opset)
         for k in _float32_only_inputs(node, opset):
-            cast = f"{node.input[k]}__float32"
-            nodes.append(onnx.helper.make_node("Cast", [node.input[k]], [cast], to=onnx.TensorProto.FLOAT))
-            node.input[k] = cast
+            if node.input[k] not in cast:
+                cast[node.input[k]] = f"{node.input[k]}__float32"
+                nodes.append(onnx.helper.make_node("Cast", [node.input[k]], [cast[node.input[k]]],
+                                                   to=onnx.TensorProto.FLOAT))
+            node.input[k] = cast[node.input[k]]
         nodes.append(node)
     del g.node[:]
     g.node.extend(nodes)

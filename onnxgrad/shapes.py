@@ -185,6 +185,7 @@ def _fold_small_constants(model: ir.Model) -> dict[str, np.ndarray]:
 
 def _fold_nodes(nodes: Iterable[ir.Node], known: dict[str, np.ndarray], folded: dict[str, np.ndarray],
                 opset: int) -> None:
+    """Fold ``nodes`` in order into ``known`` (and the values they compute into ``folded``)."""
     for node in nodes:
         if node.domain:
             continue

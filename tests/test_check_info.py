@@ -791,3 +791,13 @@ def test_a_gradient_too_steep_for_differences_is_a_kink_that_says_so() -> None:
                          ["s", "one"])
     assert report.ok and [(r.x, r.status) for r in report.rows] == [("s", OK), ("one", KINK)]
     assert "too steep for differences" in report.rows[1].note and report.next_steps()[0].startswith("one: too steep")
+
+
+def test_float64_conversion_casts_a_shared_scale_once() -> None:
+    """Two Resizes reading one scales initializer: one Cast back to float32 (two would define one value twice)."""
+    model = _resize_then_slice()
+    model.graph.node.append(oh.make_node("Resize", ["x", "roi", "scales"], ["r2"], mode="nearest"))
+    model.graph.output.append(oh.make_tensor_value_info("r2", TensorProto.FLOAT, ["n", 2, 8, 8]))
+    converted = convert_floats(model)
+    onnx.checker.check_model(converted, full_check=True)
+    assert [n.op_type for n in converted.graph.node].count("Cast") == 1
