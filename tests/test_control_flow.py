@@ -324,6 +324,16 @@ def test_torch_cond_against_autograd(opset: int) -> None:
         _compare(proto, {names["x"]: xv}, expect, u, names)
 
 
+def _export_scripted(module: Any, x: Any, opset: int) -> onnx.ModelProto:
+    """The TorchScript export of ``torch.jit.script(module)`` called as module(x, n): its loop count a graph input."""
+    f = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(torch.jit.script(module), (x, 3), f, dynamo=False, opset_version=opset,
+                          input_names=["x", "n"], output_names=["y"])
+    return onnx.load_from_string(f.getvalue())
+
+
 @pytest.mark.parametrize("opset", [11, 14, 17])
 @pytest.mark.parametrize("trips", [0, 1, 4])
 def test_scripted_loop_against_autograd(opset: int, trips: int) -> None:
@@ -331,12 +341,7 @@ def test_scripted_loop_against_autograd(opset: int, trips: int) -> None:
     torch.manual_seed(1)
     module = _Loop()
     x = torch.randn(2, 3, dtype=torch.float64)
-    f = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(torch.jit.script(module), (x, 3), f, dynamo=False, opset_version=opset,
-                          input_names=["x", "n"], output_names=["y"])
-    proto = onnx.load_from_string(f.getvalue())
+    proto = _export_scripted(module, x, opset)
     assert "Loop" in [n.op_type for n in proto.graph.node]
     names = {"x": "x", **_param_names(proto, module)}
     u = np.random.default_rng(0).standard_normal((2, 3))
@@ -369,12 +374,7 @@ def test_scripted_loop_appending_to_a_list_against_autograd(opset: int, trips: i
     torch.manual_seed(2)
     module = _ListLoop()
     x = torch.randn(2, 3, dtype=torch.float64)
-    f = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(torch.jit.script(module), (x, 3), f, dynamo=False, opset_version=opset,
-                          input_names=["x", "n"], output_names=["y"])
-    proto = onnx.load_from_string(f.getvalue())
+    proto = _export_scripted(module, x, opset)
     ops = {n.op_type for n in proto.graph.node} | {b.op_type for n in proto.graph.node for a in n.attribute
                                                    if a.type == onnx.AttributeProto.GRAPH for b in a.g.node}
     assert {"Loop", "SequenceInsert", "ConcatFromSequence"} <= ops
@@ -388,12 +388,7 @@ def test_second_derivative_through_a_loop_appending_to_a_list() -> None:
     gradient (order 2, by central differences) treats that sequence as the constant it is (an invalid model
     before: Shape of a sequence)."""
     torch.manual_seed(2)
-    f = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(torch.jit.script(_ListLoop().float()), (torch.randn(2, 3), 3), f, dynamo=False,
-                          opset_version=17, input_names=["x", "n"], output_names=["y"])
-    proto = onnx.load_from_string(f.getvalue())
+    proto = _export_scripted(_ListLoop().float(), torch.randn(2, 3), 17)
     weights = [t.name for t in proto.graph.initializer if t.data_type == TP.FLOAT]
     aug = add_gradients(proto, ["y"], ["x"])
     x = np.random.default_rng(1).standard_normal((2, 3)).astype(np.float32)
