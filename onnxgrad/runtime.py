@@ -404,17 +404,18 @@ def session(
     model: onnx.ModelProto | str, provider: str = "cpu", threads: int | None = None, exact: bool = False
 ) -> ort.InferenceSession:
     """An InferenceSession for a ModelProto or a path ('reference': onnx's reference evaluator). ``exact``: each
-    node runs as written (``workarounds.exact_session_options``: no fusions into kernels that compute otherwise)."""
+    node runs as written (``workarounds.exact_session_options``: no fusions into kernels that compute otherwise),
+    as a model with float64 inputs or outputs always does: who computes in float64 wants float64's precision."""
     if provider == REFERENCE:
         return ReferenceSession(onnx.load(model) if isinstance(model, str) else model)  # type: ignore[return-value]
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    if exact:
+    head = onnx.load(model, load_external_data=False) if isinstance(model, str) else model
+    if exact or workarounds.computes_in_float64(head):
         workarounds.exact_session_options(opts)
     if threads is not None:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
-    head = onnx.load(model, load_external_data=False) if isinstance(model, str) else model
     if workarounds.has_remat(head):  # recomputed segments: an order and a planner that let them free memory
         workarounds.remat_session_options(opts)
     source = model if isinstance(model, str) else model.SerializeToString()
