@@ -18,7 +18,7 @@ import onnx_ir as ir
 
 import onnxgrad.rules  # noqa: F401  (registers every rule)
 from onnxgrad.backprop import Request, UndefinedGradient, backprop, gc_paused, node_label
-from onnxgrad.emitter import FLOAT_TYPES, Emitter, implicit_inputs
+from onnxgrad.emitter import FLOAT_TYPES, SHAPE_ONLY, Emitter, implicit_inputs
 from onnxgrad.registry import UNDEFINED, Undefined, opset_of
 from onnxgrad.remat import Budget
 from onnxgrad.remat import apply as remat_apply
@@ -287,9 +287,6 @@ def _note_tied_statistics(graph: ir.Graph, xs: Sequence[ir.Value]) -> None:
                 "export with distinct statistics (a trained model has them) if that is not meant"), stacklevel=4)
 
 
-_SHAPE_ONLY = frozenset({"Shape", "Size", "EyeLike", "RandomUniformLike", "RandomNormalLike"})
-
-
 def _note_integer_crossings(graph: ir.Graph, xs: Sequence[ir.Value], ys: Sequence[ir.Value], stop: set[ir.Value],
                             unconnected: UnconnectedGradients, straight_through: bool) -> None:
     """A note for each float x without a gradient that a y still depends on through values that are not float,
@@ -304,7 +301,7 @@ def _note_integer_crossings(graph: ir.Graph, xs: Sequence[ir.Value], ys: Sequenc
     reach: dict[ir.Value, int] = dict(bits)  # value -> the xs it depends on, as a bitmask
     crossings: list[tuple[ir.Node, int]] = []
     for node in graph:
-        if node.op_type in _SHAPE_ONLY and node.domain in ("", "ai.onnx"):
+        if node.op_type in SHAPE_ONLY and node.domain in ("", "ai.onnx"):
             continue  # no dependence on the values
         ins = [v for v in (*node.inputs, *implicit_inputs(node)) if v is not None]
         mask = 0

@@ -27,6 +27,8 @@ from onnxgrad.registry import normalize_domain
 FLOAT_TYPES = frozenset(
     {ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.FLOAT, ir.DataType.DOUBLE}
 )
+# ops whose outputs depend on their input's shape alone, not its values
+SHAPE_ONLY = frozenset({"Shape", "Size", "EyeLike", "RandomUniformLike", "RandomNormalLike"})
 
 _INT64_OUT = frozenset({"Shape", "Size", "NonZero", "ArgMax", "ArgMin"})
 _BOOL_OUT = frozenset(

@@ -18,7 +18,7 @@ import onnx_ir.passes.common
 
 import onnxgrad.rules  # noqa: F401  (registers every rule: the report looks each op up)
 from onnxgrad import registry
-from onnxgrad.emitter import FLOAT_TYPES, implicit_inputs, subgraphs
+from onnxgrad.emitter import FLOAT_TYPES, SHAPE_ONLY, implicit_inputs, subgraphs
 from onnxgrad.io import load_lazy
 from onnxgrad.shorthands import INPUTS, WEIGHTS, ModelLike, dtype_of, select_weights
 
@@ -154,12 +154,19 @@ def differentiability(model: ir.Model) -> dict[str, Any]:
     for out in graph.outputs:
         row: dict[str, Any] = {"name": out.name, "float": dtype_of(out) in FLOAT_TYPES or dtype_of(out) is None}
         if not row["float"]:
-            row.update(inputs=[], weights=0, missing_rules=[])
+            row.update(inputs=[], weights=0, missing_rules=[], through_integers=[], quantized=False)
             outputs.append(row)
             continue
-        between = reach & _backward([out])
-        row["inputs"] = [v.name for v in inputs if v in between]
-        row["weights"] = sum(1 for v in weights if v in between)
+        back = _backward([out])
+        between = reach & back
+        fed = {v for node in nodes if any(o in between for o in node.outputs) for v in _reads(node)}
+        row["inputs"] = [v.name for v in inputs if v in between and v in fed]  # a float path to the output
+        row["weights"] = sum(1 for v in weights if v in between and v in fed)
+        read = {v for node in nodes if node.op_type not in SHAPE_ONLY and any(o in back for o in node.outputs)
+                for v in _reads(node)}  # a value read for its shape alone is no dependence
+        row["through_integers"] = [v.name for v in leaves if v in read and v not in fed]
+        row["quantized"] = bool(row["through_integers"]) and any(
+            n.op_type == "QuantizeLinear" and n.inputs and n.inputs[0] in reach for n in nodes)
         blocked: list[str] = []
         for node in nodes:
             if not any(o in between for o in node.outputs) or not any(v in between for v in _reads(node)):
@@ -292,6 +299,11 @@ def format_description(info: dict[str, Any], path: str | os.PathLike[str] | None
         what = ", ".join(deps) if deps else "nothing (constant)"
         status = f"; blocked: no rule for {', '.join(o['missing_rules'])}" if o["missing_rules"] else ""
         lines.append(f"  {o['name']}: depends on {what}{status}")
+        if o["through_integers"]:
+            names = ", ".join(o["through_integers"][:3]) + (" ..." if len(o["through_integers"]) > 3 else "")
+            lines.append(f"    and on {names} only through values that are not float: no gradient"
+                         + (" (grad --straight-through passes one through fake quantisation)" if o["quantized"]
+                            else ""))
     for m in d["missing_rules"]:
         nodes = ", ".join(repr(n) for n in m["nodes"][:3]) + (" ..." if len(m["nodes"]) > 3 else "")
         lines.append(f"  no gradient rule: {m['op_type']} ({m['domain']}, opset {m['opset']}) at {nodes}")

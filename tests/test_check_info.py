@@ -809,3 +809,22 @@ def test_float64_conversion_casts_a_shared_scale_once() -> None:
     converted = convert_floats(model)
     onnx.checker.check_model(converted, full_check=True)
     assert [n.op_type for n in converted.graph.node].count("Cast") == 1
+
+
+def test_info_says_which_inputs_reach_an_output_through_integers_only(cli: Cli, tmp_path: Path) -> None:
+    """A quantized input (QuantizeLinear -> DequantizeLinear) is no float dependence: ``info`` said "y: depends on x"
+    where ``grad`` gives x no gradient; now it says why, points to --straight-through, and suggests no @inputs."""
+    inits = [numpy_helper.from_array(np.array(0.05, np.float32), "s"), numpy_helper.from_array(np.array(0, np.int8),
+             "zp"), numpy_helper.from_array(np.ones((4, 3), np.float32), "W")]
+    nodes = [oh.make_node("QuantizeLinear", ["x", "s", "zp"], ["q"]), oh.make_node("DequantizeLinear", ["q", "s", "zp"],
+             ["dq"]), oh.make_node("MatMul", ["dq", "W"], ["y"])]
+    graph = oh.make_graph(nodes, "g", [oh.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+                          [oh.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])], inits)
+    model = save(oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)], ir_version=8), tmp_path / "qdq.onnx")
+    r = cli("info", model)
+    assert r.code == 0, r.err
+    assert "y: depends on 1 weights\n    and on x only through values that are not float: no gradient (grad " \
+           "--straight-through passes one through fake quantisation)" in r.out
+    assert f"--ys y --xs {WEIGHTS}\n" in r.out + "\n" and INPUTS not in r.out.split("try:")[1]
+    (row,) = describe(model)["differentiable"]["outputs"]
+    assert row["through_integers"] == ["x"] and row["quantized"] and row["inputs"] == []
