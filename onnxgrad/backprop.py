@@ -11,13 +11,12 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-import onnx
 import onnx_ir as ir
 
 from onnxgrad import plans, registry
 from onnxgrad.emitter import Emitter, implicit_inputs, is_float, subgraphs
 from onnxgrad.registry import UNDEFINED, Undefined, opset_of
-from onnxgrad.rules.experimental import EXPERIMENTAL
+from onnxgrad.schemas import unknown_op
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -164,11 +163,8 @@ def node_label(node: ir.Node) -> str:
 
 def no_rule_error(node: ir.Node, opset: int, where: str = "") -> LookupError:
     domain = node.domain or "ai.onnx"
-    unknown = ""
-    if domain == "ai.onnx" and node.op_type in EXPERIMENTAL:
-        unknown = f"; '{node.op_type}' is an experimental op ONNX has removed (onnxruntime still runs some)"
-    elif domain == "ai.onnx" and not onnx.defs.has(node.op_type):  # tf2onnx writes an Erfc that no runtime runs
-        unknown = f"; '{node.op_type}' is no operator of ONNX at any opset: no runtime runs this model as it is"
+    why = unknown_op(node.domain, node.op_type)  # tf2onnx writes an Erfc; the early zoo an ImageScaler
+    unknown = "" if why is None else f"; {why}"
     return LookupError(
         f"no gradient rule for node {node_label(node)}{where} (op_type '{node.op_type}', domain '{domain}', "
         f"opset {opset}): register one with "

@@ -106,7 +106,7 @@ def _values(
         for n in rest:
             if n not in have:
                 m.graph.outputs.append(table[n])
-        out |= run(ir.serde.serialize_model(m), feeds, rest, provider, exact=True)
+        out |= run(ir.serde.serialize_model(m), feeds, rest, provider)
     return out
 
 
@@ -176,7 +176,7 @@ def check_gradients(
         s: np.asarray(u_rng.standard_normal(np.shape(base[y])), dtype=base[y].dtype)
         for s, y in zip(seed_names, ys, strict=True)
     }
-    grads = run(aug_model, {**feeds, **us}, provider=provider, exact=True)
+    grads = run(aug_model, {**feeds, **us}, provider=provider)
     u_list = [us[s] for s in seed_names]
     # the round-off scale of the loss: sum_i |u_i| . |y_i|, in the outputs' own precision
     magnitude = float(sum(np.sum(np.abs(u.astype(np.float64) * base[y].astype(np.float64)))
@@ -188,7 +188,7 @@ def check_gradients(
         key = "" if x in leaves else x
         if key not in sessions:
             cut = [n for n in xs if n in leaves and x_vals[n].size] if key == "" else [x]
-            sess = session(cut_at(model, [*cut, *stops]), provider, exact=True)
+            sess = session(cut_at(model, [*cut, *stops]), provider)
             sessions[key] = (sess, {i.name for i in sess.get_inputs()})
         sess, names = sessions[key]
         f = {k: np.asarray(v) for k, v in {**feeds, **x_vals, **point}.items() if k in names}
@@ -341,9 +341,10 @@ def draw_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     """The top-level nodes whose outputs change from run to run: the random generators, and each Dropout whose
     training_mode input is not a constant false (a model exported for training). Central differences of such a
     model compare noise: every run draws new masks."""
-    consts = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
-    for n in model.graph.node:
-        if n.op_type == "Constant" and n.domain in ("", "ai.onnx"):
+    modes = {n.input[2] for n in model.graph.node if n.op_type == "Dropout" and len(n.input) > 2 and n.input[2]}
+    consts = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer if t.name in modes}
+    for n in model.graph.node:  # only the training_mode values are read: a large model's weights stay as they are
+        if n.op_type == "Constant" and n.domain in ("", "ai.onnx") and n.output[0] in modes:
             value = next((a.t for a in n.attribute if a.name == "value"), None)
             if value is not None:
                 consts[n.output[0]] = onnx.numpy_helper.to_array(value)
@@ -371,13 +372,14 @@ def record_draws(model: onnx.ModelProto, drawing: Sequence[onnx.NodeProto], feed
     m = onnx.ModelProto()
     m.CopyFrom(model)
     names: list[str] = []
+    held = {n.output[0] for n in drawing}
     masks = {n.output[0]: _mask_name(n) for n in drawing if n.op_type == "Dropout"}
     for n in m.graph.node:
         if n.op_type == "Dropout" and n.output[0] in masks:
             del n.output[1:]
             n.output.append(masks[n.output[0]])
             names += [n.output[0], n.output[1], *(i for i in n.input[1:3] if i)]
-        elif n.op_type in DRAWS and any(o == d.output[0] for d in drawing for o in n.output[:1]):
+        elif n.op_type in DRAWS and n.output and n.output[0] in held:
             names += [o for o in n.output if o]
     return _values(m, feeds, names, provider)
 

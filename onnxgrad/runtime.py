@@ -317,7 +317,7 @@ def _experimental_ops() -> list[type]:
     in float32 alone), so an old zoo model (tiny-YOLOv2's ImageScaler) checks in float64."""
     from onnx.reference.op_run import OpRun
 
-    def elementwise(name: str, fn: Callable[..., np.ndarray]) -> type:
+    def kernel(name: str, fn: Callable[..., np.ndarray]) -> type:
         def _run(self: OpRun, x: np.ndarray, **attrs: Any) -> tuple[np.ndarray]:
             return (np.asarray(fn(x, **attrs)).astype(x.dtype),)
         return type(name, (OpRun,), {"op_domain": "", "_run": _run})
@@ -332,12 +332,12 @@ def _experimental_ops() -> list[type]:
         return x[:, :, top:top + h, left:left + w]
 
     return [
-        elementwise("ImageScaler", image_scaler),
-        elementwise("Scale", lambda x, scale=1.0: scale * x),
-        elementwise("Affine", lambda x, alpha=1.0, beta=0.0: alpha * x + beta),
-        elementwise("ScaledTanh", lambda x, alpha=1.0, beta=1.0: alpha * np.tanh(beta * x)),
-        elementwise("ParametricSoftplus", lambda x, alpha=1.0, beta=1.0: alpha * np.logaddexp(0.0, beta * x)),
-        elementwise("Crop", crop),
+        kernel("ImageScaler", image_scaler),
+        kernel("Scale", lambda x, scale=1.0: scale * x),
+        kernel("Affine", lambda x, alpha=1.0, beta=0.0: alpha * x + beta),
+        kernel("ScaledTanh", lambda x, alpha=1.0, beta=1.0: alpha * np.tanh(beta * x)),
+        kernel("ParametricSoftplus", lambda x, alpha=1.0, beta=1.0: alpha * np.logaddexp(0.0, beta * x)),
+        kernel("Crop", crop),
     ]
 
 
@@ -401,17 +401,17 @@ def explain(e: BaseException) -> str:
 
 
 def session(
-    model: onnx.ModelProto | str, provider: str = "cpu", threads: int | None = None, exact: bool = False
+    model: onnx.ModelProto | str, provider: str = "cpu", threads: int | None = None
 ) -> ort.InferenceSession:
-    """An InferenceSession for a ModelProto or a path ('reference': onnx's reference evaluator). ``exact``: each
-    node runs as written (``workarounds.exact_session_options``: no fusions into kernels that compute otherwise),
-    as a model with float64 inputs or outputs always does: who computes in float64 wants float64's precision."""
+    """An InferenceSession for a ModelProto or a path ('reference': onnx's reference evaluator). A model with
+    float64 inputs or outputs runs each node as written (``workarounds.exact_session_options``: no fusions into
+    kernels that compute otherwise): who computes in float64, a float64 check first, wants float64's precision."""
     if provider == REFERENCE:
         return ReferenceSession(onnx.load(model) if isinstance(model, str) else model)  # type: ignore[return-value]
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     head = onnx.load(model, load_external_data=False) if isinstance(model, str) else model
-    if exact or workarounds.computes_in_float64(head):
+    if workarounds.computes_in_float64(head):
         workarounds.exact_session_options(opts)
     if threads is not None:
         opts.intra_op_num_threads = threads
@@ -433,11 +433,10 @@ def run(
     feeds: Mapping[str, np.ndarray],
     outputs: Sequence[str] | None = None,
     provider: str = "cpu",
-    exact: bool = False,
 ) -> dict[str, np.ndarray]:
-    """Run and return the named outputs (all outputs by default; ``exact``: as ``session``)."""
+    """Run and return the named outputs (all outputs by default)."""
     live = isinstance(model, ort.InferenceSession | ReferenceSession)
-    sess = model if live else session(model, provider, exact=exact)  # type: ignore[arg-type]
+    sess = model if live else session(model, provider)  # type: ignore[arg-type]
     empty = workarounds.empty_input(feeds) if sess in _EMPTY_HANGS else None
     if empty is not None:
         raise ValueError(workarounds.EMPTY_CONV_MESSAGE.format(name=empty[0], shape=list(empty[1])))

@@ -20,6 +20,21 @@ def schema(domain: str, op_type: str, opset: int) -> onnx.defs.OpSchema | None:
         return None
 
 
+# the experimental ops ONNX removed (onnx 1.23 has no schema for them) that onnx's checker still names, and
+# onnxruntime still runs in part: the early model zoo carries them (rules/experimental.py)
+REMOVED_EXPERIMENTAL = frozenset({"ATen", "Affine", "ConstantFill", "Crop", "DynamicSlice", "GRUUnit",
+                                  "GivenTensorFill", "ImageScaler", "ParametricSoftplus", "Scale", "ScaledTanh"})
+
+
+def unknown_op(domain: str, op_type: str) -> str | None:
+    """Why an ai.onnx op has no schema at any opset (a removed experimental op, or no ONNX op at all), or None."""
+    if normalize_domain(domain) != "" or onnx.defs.has(op_type):
+        return None
+    if op_type in REMOVED_EXPERIMENTAL:
+        return f"'{op_type}' is an experimental op ONNX has removed (onnxruntime still runs some)"
+    return f"'{op_type}' is no operator of ONNX at any opset: no runtime runs this model as it is"
+
+
 def _newest(versions: list[int], opset: int) -> int:
     """The newest of ``versions`` in force at ``opset``."""
     return max(v for v in versions if v <= opset)

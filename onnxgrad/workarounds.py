@@ -131,9 +131,9 @@ def has_remat(model: object) -> bool:
 # kernels whose float64 forms do not compute as the nodes they replace: SimplifiedLayerNormFusion (T5's RMS norm,
 # Pow -> ReduceMean -> Add -> Sqrt -> Div -> Mul) moves a T5 encoder's float64 output by 6e-6 relative, and
 # ``check`` in float64 read MISMATCH (1e-5) on its weights though onnxgrad agreed with the reference evaluator to
-# 3e-9. A float64 check runs its sessions at the basic level (``exact_session_options``), and so does every
-# session ``onnxgrad.runtime`` opens for a model with float64 inputs or outputs (``computes_in_float64``): forces and
-# Hessian-vector products in float64 kept 6 digits otherwise.
+# 3e-9. Every session ``onnxgrad.runtime`` opens for a model with float64 inputs or outputs (``computes_in_float64``)
+# runs at the basic level (``exact_session_options``): a float64 check's, and forces and Hessian-vector products in
+# float64, which kept 6 digits otherwise.
 
 
 def computes_in_float64(model: object) -> bool:

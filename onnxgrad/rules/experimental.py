@@ -1,7 +1,7 @@
-"""Gradient rules: the experimental ops ONNX once had and has removed (onnx 1.23 has no schema for them), which
-models of the early model zoo still carry (tiny-YOLOv2's ImageScaler, CoreML and Caffe2 conversions' Scale, Crop,
-Affine...) and onnxruntime still runs: elementwise maps of attributes, Crop a slice, DynamicSlice Slice-10's form.
-ATen, GRUUnit, ConstantFill and GivenTensorFill get no rule."""
+"""Gradient rules: the experimental ops ONNX once had and has removed (onnx 1.23 has no schema for them;
+``schemas.REMOVED_EXPERIMENTAL``), which models of the early model zoo still carry (tiny-YOLOv2's ImageScaler,
+CoreML and Caffe2 conversions' Scale, Crop, Affine...) and onnxruntime still runs: elementwise maps of attributes,
+Crop a slice, DynamicSlice Slice-10's form. ATen, GRUUnit, ConstantFill and GivenTensorFill get no rule."""
 
 from __future__ import annotations
 
@@ -16,26 +16,27 @@ from onnxgrad.rules.shape import slice_v10
 Grads = Sequence[ir.Value | None]
 Out = list[ir.Value | None]
 
-EXPERIMENTAL = frozenset({"ATen", "Affine", "ConstantFill", "Crop", "DynamicSlice", "GRUUnit", "GivenTensorFill",
-                          "ImageScaler", "ParametricSoftplus", "Scale", "ScaledTanh"})  # onnx.checker's list
+def _times(em: Emitter, node: ir.Node, dy: Grads, factor: str) -> Out:
+    """dy times the node's float attribute ``factor`` (1 when absent)."""
+    return [em.Mul(dy[0], em.const(attr(node, factor, 1.0), like=node.inputs[0]))]
 
 
 @register("ImageScaler", since=1)
 def image_scaler(em: Emitter, node: ir.Node, dy: Grads) -> Out:
     """y = scale * x + bias[c]: dx = scale * dy"""
-    return [em.Mul(dy[0], em.const(attr(node, "scale", 1.0), like=node.inputs[0]))]
+    return _times(em, node, dy, "scale")
 
 
 @register("Scale", since=1)
 def scale(em: Emitter, node: ir.Node, dy: Grads) -> Out:
     """y = scale * x: dx = scale * dy"""
-    return [em.Mul(dy[0], em.const(attr(node, "scale", 1.0), like=node.inputs[0]))]
+    return _times(em, node, dy, "scale")
 
 
 @register("Affine", since=1)
 def affine(em: Emitter, node: ir.Node, dy: Grads) -> Out:
     """y = alpha * x + beta: dx = alpha * dy"""
-    return [em.Mul(dy[0], em.const(attr(node, "alpha", 1.0), like=node.inputs[0]))]
+    return _times(em, node, dy, "alpha")
 
 
 @register("ScaledTanh", since=1)
