@@ -65,8 +65,13 @@ class CheckRow:
     flat: bool = False  # the gradient and the difference quotient are both zero within round-off
 
 
-def cut_at(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
-    """A copy whose values ``names`` are graph inputs (initializers and intermediates cut loose)."""
+def cut_at(
+    model: onnx.ModelProto, names: Sequence[str], dtypes: Mapping[str, np.dtype] | None = None,
+    outputs: Sequence[str] = (),
+) -> onnx.ModelProto:
+    """A copy whose values ``names`` are graph inputs (initializers and intermediates cut loose) and whose values
+    ``outputs`` are graph outputs; ``dtypes`` types an intermediate the model declares no type for (an exporter
+    writes no value_info: a graph input needs one)."""
     m = ir.serde.deserialize_model(model)
     g = m.graph
     inputs = {v.name for v in g.inputs}
@@ -82,10 +87,15 @@ def cut_at(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
         if name in inputs:
             continue
         assert v is not None
-        fresh = ir.Value(name=name, type=v.type, shape=v.shape)
+        known = v.type if v.type is not None or dtypes is None or name not in dtypes else ir.TensorType(
+            ir.DataType.from_numpy(dtypes[name]))
+        fresh = ir.Value(name=name, type=known, shape=v.shape)
         v.replace_all_uses_with(fresh, replace_graph_outputs=True)
         v.name = f"{name}__cut"
         g.inputs.append(fresh)
+    have = {v.name for v in g.outputs}
+    table = {v.name: v for n in g for v in n.outputs}
+    g.outputs.extend(table[n] for n in dict.fromkeys(outputs) if n not in have and n in table)
     ir.passes.common.RemoveUnusedNodesPass()(m)
     return ir.serde.serialize_model(m)
 
@@ -188,7 +198,7 @@ def check_gradients(
         key = "" if x in leaves else x
         if key not in sessions:
             cut = [n for n in xs if n in leaves and x_vals[n].size] if key == "" else [x]
-            sess = session(cut_at(model, [*cut, *stops]), provider)
+            sess = session(cut_at(model, [*cut, *stops], {n: v.dtype for n, v in x_vals.items()}, ys), provider)
             sessions[key] = (sess, {i.name for i in sess.get_inputs()})
         sess, names = sessions[key]
         f = {k: np.asarray(v) for k, v in {**feeds, **x_vals, **point}.items() if k in names}

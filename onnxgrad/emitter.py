@@ -585,7 +585,7 @@ class Emitter:
             return self.ScatterND(zeros, self.unsqueeze(index, [1]), updates, reduction="add")
         hot = self._one_hot(index, 1, rows, updates)
         out = self.MatMul(self.Transpose(hot, perm=[1, 0]), self.Reshape(updates, self.ints([0, -1])))
-        return self.Reshape(out, self.cat_ints([-1], row_dims))
+        return self.Reshape(out, self.cat_ints(self._as_vector(rows), row_dims))  # no -1: updates may be empty
 
     def gather_elements(self, data: ir.Value, indices: ir.Value, axis: int) -> ir.Value:
         """GatherElements(data, indices, axis) (opset 11); before, a one-hot product."""

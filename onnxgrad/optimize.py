@@ -12,6 +12,8 @@ nodes no gradient needs dropped at commit), that covers the usual clean-up passe
 * shape no-ops: ``Reshape`` to a value's own static shape, ``Reshape`` of a ``Reshape``, ``Transpose``
   by the identity or of a ``Transpose``, ``Squeeze`` of an ``Unsqueeze`` on the same axes (and back),
   ``Cast`` to a value's own dtype, ``Neg`` of a ``Neg``;
+* a ``Reshape`` target's -1 written out where x's dims fix it, and ``[0, -1]`` as ``Flatten(x, 1)`` where they
+  do not: beside a run-time size 0 (a detector's empty batch of boxes) a -1 is ambiguous, and onnxruntime refuses;
 * ``Squeeze(ReduceSum(x, axes, keepdims=1), axes)`` is one ``ReduceSum(x, axes, keepdims=0)``;
 * ``Transpose`` of a ``Concat`` (or of a ``Reshape`` splitting a Concat's first axis) whose pieces it moves only
   along size-1 axes is a ``Concat`` of the reshaped pieces along the moved axis: one copy instead of two;
@@ -548,7 +550,30 @@ def _reshape(em: Emitter, inputs: Inputs, attrs: dict[str, Any]) -> ir.Value | N
             if out is not None and tuple(out) == source_dims:
                 return source
         return em.Reshape(source, target, allowzero=attrs.get("allowzero"))
+    explicit = None if allowzero else _explicit_target(_dims(x), shape.tolist())
+    if explicit is not None:
+        return em.Reshape(x, em.ints(explicit))
+    if shape.tolist() == [0, -1] and not allowzero:  # the same rows, also where there are none
+        return em.Flatten(x, axis=1)
     return None
+
+
+def _explicit_target(xdims: Sequence[Any] | None, target: list[int]) -> list[int] | None:
+    """target with its -1 written out where x's dims fix it (the dims a 0 copies cancel, the rest are ints), else
+    None: a -1 beside a run-time size 0 ([0, -1] of x (0, 256, 7, 7), an empty batch of boxes) is ambiguous, and
+    onnxruntime refuses it."""
+    if xdims is None or target.count(-1) != 1 or len(target) < 2:
+        return None
+    copied = [i for i, d in enumerate(target) if d == 0]
+    if copied and copied[-1] >= len(xdims):
+        return None
+    rest = [d for i, d in enumerate(xdims) if i not in copied]
+    if not all(type(d) is int for d in rest):
+        return None
+    have, known = int(np.prod(rest)), int(np.prod([d for d in target if d > 0]))
+    if have == 0 or have % known:
+        return None
+    return [have // known if d == -1 else d for d in target]
 
 
 def _reshape_to_known_dims(em: Emitter, x: ir.Value, target: ir.Value, allowzero: bool) -> ir.Value | None:

@@ -307,9 +307,29 @@ def _faithful_ops() -> list[type]:
             d = x - x.mean(axis=over, keepdims=True)
             return ((d / (np.sqrt((d * d).mean(axis=over, keepdims=True)) + 1e-9)).astype(x.dtype),)
 
+    class Flatten(OpRun):
+        op_domain = ""
+
+        def _run(self, x: np.ndarray, axis: int | None = None) -> tuple[np.ndarray]:  # type: ignore[override]
+            cut = (1 if axis is None else int(axis)) % (x.ndim + 1) if x.ndim else 0
+            # both sizes written out: numpy cannot infer a -1 beside a 0 (an empty batch of boxes)
+            return (x.reshape(int(np.prod(x.shape[:cut])), int(np.prod(x.shape[cut:]))),)
+
+    from onnx.reference.ops.op_roi_align import RoiAlign as _RoiAlign
+
+    class RoiAlign(_RoiAlign):
+        op_domain = ""
+
+        def _run(self, x: np.ndarray, rois: np.ndarray, batch: np.ndarray,  # type: ignore[override]
+                 coordinate_transformation_mode: str | None = None, **attrs: Any) -> tuple[np.ndarray]:
+            # before opset 16 there is no such attribute and no half-pixel shift (onnx's kernel fills in the
+            # latest schema's default, half_pixel)
+            mode = "output_half_pixel" if _model_opset(self, 16) < 16 else coordinate_transformation_mode
+            return super()._run(x, rois, batch, coordinate_transformation_mode=mode, **attrs)
+
     softmaxes = [_softmax_kind(k) for k in ("Softmax", "LogSoftmax", "Hardmax")]
     return [Erf, Gelu, Conv, ConvTranspose, BatchNormalization, Dropout, LRN, Pad, GroupNormalization,
-            MeanVarianceNormalization, *softmaxes, *_experimental_ops()]
+            MeanVarianceNormalization, Flatten, RoiAlign, *softmaxes, *_experimental_ops()]
 
 
 def _experimental_ops() -> list[type]:

@@ -15,7 +15,7 @@ import pytest
 from onnx import TensorProto, numpy_helper
 from onnx import helper as oh
 
-from onnxgrad import registry, runtime
+from onnxgrad import add_gradients, registry, runtime
 from onnxgrad.api import GradientNote
 from onnxgrad.check import KINK, MISMATCH, OK, check_gradients, check_model, convert_floats
 from onnxgrad.info import describe
@@ -828,3 +828,71 @@ def test_info_says_which_inputs_reach_an_output_through_integers_only(cli: Cli, 
     assert f"--ys y --xs {WEIGHTS}\n" in r.out + "\n" and INPUTS not in r.out.split("try:")[1]
     (row,) = describe(model)["differentiable"]["outputs"]
     assert row["through_integers"] == ["x"] and row["quantized"] and row["inputs"] == []
+
+
+def _box_head(opset: int) -> onnx.ModelProto:
+    """x -> scaled per channel -> RoiAlign over run-time boxes (a detector's box head, sampling ratio 2, scale 1/2)
+    -> Flatten -> Gemm -> y: R boxes in, R rows out, R = 0 where an image has no proposal on this level."""
+    rng = np.random.default_rng(3)
+    nodes = [oh.make_node("Mul", ["x", "w"], ["f"]),
+             oh.make_node("RoiAlign", ["f", "boxes", "batch"], ["pooled"], output_height=3, output_width=2,
+                          sampling_ratio=2, spatial_scale=0.5),
+             oh.make_node("Flatten", ["pooled"], ["flat"]),
+             oh.make_node("Gemm", ["flat", "fc"], ["y"], transB=1)]
+    graph = oh.make_graph(nodes, "g", [oh.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 8, 9]),
+                                       oh.make_tensor_value_info("boxes", TensorProto.FLOAT, ["r", 4]),
+                                       oh.make_tensor_value_info("batch", TensorProto.INT64, ["r"])],
+                          [oh.make_tensor_value_info("y", TensorProto.FLOAT, ["r", 5])],
+                          [numpy_helper.from_array(rng.standard_normal((3, 1, 1)).astype(np.float32), "w"),
+                           numpy_helper.from_array(rng.standard_normal((5, 18)).astype(np.float32), "fc")])
+    return oh.make_model(graph, opset_imports=[oh.make_opsetid("", opset)], ir_version=8)
+
+
+@pytest.mark.parametrize("opset", [11, 16])
+def test_box_head_gradients_with_and_without_boxes(opset: int) -> None:
+    """A box head's gradient runs when no box reaches it (a -1 beside a run-time 0 is ambiguous: the one-hot
+    scatter of opsets before 16 reshaped to [0, -1] and [-1, 0]) and, with boxes, matches central differences in
+    float64 for the image, the weights and the boxes themselves (RoiAlign's samples move with each box's edges)."""
+    model = _box_head(opset)
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((2, 3, 8, 9)).astype(np.float32)
+    empty = {"x": x, "boxes": np.zeros((0, 4), np.float32), "batch": np.zeros(0, np.int64)}
+    aug = add_gradients(model, ["y"], ["x", "w", "boxes"])
+    out = runtime.run(aug.model, empty)
+    dx, dw, dboxes = (out[aug.gradients[n]] for n in ("x", "w", "boxes"))  # type: ignore[index]
+    assert (dx.shape, dw.shape, dboxes.shape) == ((2, 3, 8, 9), (3, 1, 1), (0, 4))
+    assert not np.any(dx) and not np.any(dw)
+    boxes = np.array([[1.3, 0.7, 13.1, 9.6], [4.2, 5.1, 9.9, 15.3], [-2.6, 3.3, 6.1, 8.2]], np.float32)
+    report = check_model(model, ["y"], ["x", "w", "boxes"], {**empty, "boxes": boxes, "batch": np.array([0, 1, 1])})
+    assert report.precision == "float64" and report.ok, [(r.x, r.status, r.rel_error) for r in report.rows]
+
+
+def test_reference_roi_align_before_opset_16_has_no_half_pixel_shift() -> None:
+    """onnx's evaluator runs every RoiAlign with the latest schema's half-pixel default; before opset 16 the op has
+    no shift (onnxruntime agrees), so a float64 check of an older detector (torchvision's at opset 11) differenced
+    another function than its gradient's."""
+    model = _box_head(11)
+    rng = np.random.default_rng(5)
+    feeds = {"x": rng.standard_normal((2, 3, 8, 9)), "boxes": rng.uniform(0, 16, (6, 4)).astype(np.float64),
+             "batch": np.array([0, 1, 0, 1, 1, 0])}
+    feeds["boxes"] = np.concatenate([np.minimum(feeds["boxes"][:, :2], feeds["boxes"][:, 2:]),
+                                     np.maximum(feeds["boxes"][:, :2], feeds["boxes"][:, 2:])], axis=1)
+    wide = convert_floats(model)
+    ours, theirs = (runtime.run(wide, feeds, provider=p)["y"] for p in ("reference", "cpu"))
+    np.testing.assert_allclose(ours, theirs, rtol=1e-10, atol=1e-12)
+
+
+def test_check_between_intermediate_values_of_an_untyped_export() -> None:
+    """An exporter writes no value_info: checking from an intermediate x (cut loose as a graph input, which needs a
+    type) to an intermediate y (which the differenced model must output) works all the same: Mask R-CNN's
+    boxes checked from its region proposals stopped there."""
+    rng = np.random.default_rng(6)
+    nodes = [oh.make_node("MatMul", ["x", "w"], ["h"]), oh.make_node("Tanh", ["h"], ["t"]),
+             oh.make_node("Mul", ["t", "t"], ["s"]), oh.make_node("ReduceSum", ["s"], ["y"], keepdims=0)]
+    graph = oh.make_graph(nodes, "g", [oh.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+                          [oh.make_tensor_value_info("y", TensorProto.FLOAT, [])],
+                          [numpy_helper.from_array(rng.standard_normal((3, 4)).astype(np.float32), "w")])
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 13)], ir_version=8)
+    report = check_model(model, ["s"], ["h", "w"], {"x": rng.standard_normal((2, 3)).astype(np.float32)},
+                         precision="float32")  # onnxruntime alone (the reference evaluator outputs any value)
+    assert report.ok and [r.x for r in report.rows] == ["h", "w"], [(r.x, r.status) for r in report.rows]

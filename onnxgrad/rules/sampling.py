@@ -533,12 +533,14 @@ class _Samples:
     """RoiAlign's sample points along one spatial axis, for every roi and output bin."""
 
     def __init__(self, pos: ir.Value, inside: ir.Value, exists: ir.Value | None, inv_count: ir.Value,
-                 size: int | ir.Value) -> None:
+                 size: int | ir.Value, frac: ir.Value, stretch: ir.Value | None) -> None:
         self.pos = pos  # (R, out, S): S is the largest number of samples any roi takes
         self.inside = inside  # (R, out, S) bool: the point lies in [-1, size] (else it samples zeros)
         self.exists = exists  # (R, 1, S) bool: the roi takes that many samples (None: every roi does)
         self.inv_count = inv_count  # (R, 1, 1): 1 / samples per bin
         self.size = size
+        self.frac = frac  # (R, out, S): pos = start + frac * length
+        self.stretch = stretch  # (R, 1, 1): d length / d (end - start), 0 where forced to 1 (None: always 1)
 
 
 def _roi_align_axis(em: Emitter, node: ir.Node, x: ir.Value, rois: ir.Value, axis: int, out: int,
@@ -550,7 +552,9 @@ def _roi_align_axis(em: Emitter, node: ir.Node, x: ir.Value, rois: ir.Value, axi
     if half_pixel:
         start, end = (em.Sub(v, em.const(0.5, like=x)) for v in (start, end))
     length = em.Sub(end, start)
+    stretch = None
     if not half_pixel:  # malformed rois are forced to 1 x 1
+        stretch = em.indicator(em.Greater(length, em.const(1.0, like=x)), x)
         length = em.Max(length, em.const(1.0, like=x))
     bins = em.const(float(out), like=x)
     step = em.Div(length, bins)
@@ -566,7 +570,8 @@ def _roi_align_axis(em: Emitter, node: ir.Node, x: ir.Value, rois: ir.Value, axi
     pos = em.Add(em.Add(start, em.Mul(_positions(em, out, x, [1, -1, 1]), step)), em.Div(em.Mul(s, step), count))
     n = em.dim(x, 2 + axis)
     inside = em.Not(em.Or(em.Less(pos, em.const(-1.0, like=x)), em.Greater(pos, _fdim(em, n, x))))
-    return _Samples(pos, inside, exists, em.Reciprocal(count), n)
+    frac = em.Div(em.Add(_positions(em, out, x, [1, -1, 1]), em.Div(s, count)), bins)
+    return _Samples(pos, inside, exists, em.Reciprocal(count), n, frac, stretch)
 
 
 def _clip_to(em: Emitter, pos: ir.Value, n: int | ir.Value, like: ir.Value) -> ir.Value:
@@ -592,7 +597,42 @@ def _roi_align(em: Emitter, node: ir.Node, dy: Grads, default_mode: str) -> Out:
         mats.append(em.Mul(em.reduce_sum(weighted, [2], keepdims=False), ax.inv_count))  # (R, out, size)
     rows = em.unsqueeze(em.Transpose(mats[0], perm=[0, 2, 1]), [1])
     per_roi = em.MatMul(em.MatMul(rows, g), em.unsqueeze(mats[1], [1]))
-    return [_to_batch(em, node, x, per_roi, batch), None, None]
+    return [_to_batch(em, node, x, per_roi, batch), _roi_align_boxes(em, node, x, batch, g, axes, mats), None]
+
+
+def _roi_align_boxes(em: Emitter, node: ir.Node, x: ir.Value, batch: ir.Value, g: ir.Value, axes: list[_Samples],
+                     mats: list[ir.Value]) -> ir.Value:
+    """d rois of avg mode: Y[r,c] = A_r X[b_r,c] B_r^T, so dA_r = sum_c dY[r,c] B_r X^T, dB_r = sum_c dY^T A_r X;
+    each sample's tent weight moves with its position (slope -sign(pos - h) within 1 of pixel h, 0 where pos is
+    clipped to the border), and pos = start + frac * (end - start) moves with the roi's two edges."""
+    images = em.Gather(x, batch, axis=0)  # (R, C, H, W)
+    first, second = (em.unsqueeze(m, [1]) for m in mats)  # (R, 1, OH, H), (R, 1, OW, W)
+    d_first = em.MatMul(em.MatMul(g, second), em.Transpose(images, perm=[0, 1, 3, 2]))  # (R, C, OH, H)
+    d_second = em.MatMul(em.Transpose(g, perm=[0, 1, 3, 2]), em.MatMul(first, images))  # (R, C, OW, W)
+    one, zero = em.const(1.0, like=x), em.const(0.0, like=x)
+    edges = []
+    for ax, dm in zip(axes, (d_first, d_second), strict=True):
+        dm = em.reduce_sum(dm, [1], keepdims=False)  # (R, out, size)
+        at = _clip_to(em, ax.pos, ax.size, x)
+        offset = em.Sub(_positions(em, ax.size, x, [1, 1, 1, -1]), em.unsqueeze(at, [3]))  # h - pos
+        slope = em.Mul(em.sign(offset), em.indicator(em.Less(em.Abs(offset), one), x))
+        free = em.And(em.Greater(ax.pos, zero), em.Less(ax.pos, em.Sub(_fdim(em, ax.size, x), one)))
+        ok = em.And(em.And(ax.inside, free), ax.exists) if ax.exists is not None else em.And(ax.inside, free)
+        d_pos = em.Mul(em.Mul(em.reduce_sum(em.Mul(slope, em.unsqueeze(dm, [2])), [3], keepdims=False),
+                              em.indicator(ok, x)), ax.inv_count)  # (R, out, S)
+        moved = ax.frac if ax.stretch is None else em.Mul(ax.frac, ax.stretch)
+        d_end = em.reduce_sum(em.Mul(d_pos, moved), [1, 2], keepdims=False)
+        d_start = em.Sub(em.reduce_sum(d_pos, [1, 2], keepdims=False), d_end)
+        edges.append((d_start, d_end))
+    scale = em.const(float(attr(node, "spatial_scale", 1.0)), like=x)
+    (y1, y2), (x1, x2) = edges
+    return em.Mul(em.Concat(*(em.unsqueeze(v, [1]) for v in (x1, y1, x2, y2)), axis=1), scale)
+
+
+_ROI_ALIGN_NOTES = (
+    "gradient w.r.t. X (avg and max modes) and, in avg mode, w.r.t. rois (each sample point moves with the box's "
+    "edges; undefined where a point crosses a pixel centre or the adaptive sample count changes); batch_indices get "
+    "none, nor do rois in max mode")
 
 
 def _roi_align_max(em: Emitter, x: ir.Value, batch: ir.Value, g: ir.Value, axes: list[_Samples],
@@ -640,13 +680,13 @@ def _roi_align_max(em: Emitter, x: ir.Value, batch: ir.Value, g: ir.Value, axes:
     return em.reduce_sum(em.Mul(hit, share), [2, 3], keepdims=False)
 
 
-@register("RoiAlign", since=10, notes="gradient w.r.t. X (avg and max modes); rois and batch_indices get none")
+@register("RoiAlign", since=10, notes=_ROI_ALIGN_NOTES)
 def roi_align_10(em: Emitter, node: ir.Node, dy: Grads) -> Out:
     """avg: Y[r,c] = A_r X[b_r,c] B_r^T (bilinear sample weights): dX[b_r,c] += A_r^T dY[r,c] B_r"""
     return _roi_align(em, node, dy, "output_half_pixel")
 
 
-@register("RoiAlign", since=16, notes="gradient w.r.t. X (avg and max modes); rois and batch_indices get none")
+@register("RoiAlign", since=16, notes=_ROI_ALIGN_NOTES)
 def roi_align_16(em: Emitter, node: ir.Node, dy: Grads) -> Out:
     """avg: Y[r,c] = A_r X[b_r,c] B_r^T (bilinear sample weights): dX[b_r,c] += A_r^T dY[r,c] B_r"""
     return _roi_align(em, node, dy, "half_pixel")

@@ -195,6 +195,19 @@ CASES += [
     _ra(16, "max-adaptive", mode="max", spatial_scale=1.3),
     _ra(16, "max-half-pixel", mode="max", sampling_ratio=3, output_height=3, output_width=2),
 ]
+# the boxes differentiated too (avg mode): inside, crossing the border, smaller than a pixel (forced to 1 x 1 before
+# half_pixel); no sample point on a pixel centre, no box whose adaptive sample count is about to change
+MOVING = np.array([[0.6, 0.3, 5.2, 4.9], [1.3, 2.2, 3.1, 3.6], [-1.7, -2.4, 2.9, 6.85], [2.3, 1.45, 2.75, 1.85]])
+CASES += [
+    Case("RoiAlign", [RX, MOVING, _i(0, 1, 1, 0)], {"output_height": 2, "output_width": 3, **attrs}, opset=opset,
+         id=f"{case_id}-boxes")
+    for opset, case_id, attrs in (
+        (10, "avg", {"sampling_ratio": 2}),
+        (10, "avg-adaptive", {"spatial_scale": 0.8}),
+        (16, "avg-half-pixel", {}),
+        (16, "avg-output-half-pixel", {"coordinate_transformation_mode": "output_half_pixel", "sampling_ratio": 1}),
+    )
+]
 
 POOL_BOXES = Const(np.array([[0, 0.6, 0.3, 5.2, 4.9], [1, 1.3, 2.2, 3.1, 3.6], [1, -1.7, -2.4, 2.9, 6.8]], dtype=F32))
 CASES += [
