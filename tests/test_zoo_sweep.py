@@ -614,6 +614,57 @@ def test_torchvision_dynamo_export_matches_torch(name: str) -> None:
     check_torch(f"torchvision.{name}-dynamo", 18)
 
 
+DETECTORS = {  # torchvision.models.detection constructor -> arguments (few proposals, small images)
+    "maskrcnn_resnet50_fpn": {"num_classes": 5, "box_score_thresh": 0.0, "rpn_pre_nms_top_n_test": 50,
+                              "rpn_post_nms_top_n_test": 20, "box_detections_per_img": 10, "min_size": 128,
+                              "max_size": 160},
+    "retinanet_resnet50_fpn": {"num_classes": 5, "score_thresh": 0.0, "detections_per_img": 10,
+                               "topk_candidates": 20, "min_size": 128, "max_size": 160},
+}
+DETECTOR_CASES = [(n, o) for n in DETECTORS for o in (11, 17)]
+
+
+@long_only
+@pytest.mark.parametrize(("name", "opset"), DETECTOR_CASES, ids=[_id(*c) for c in DETECTOR_CASES])
+def test_torchvision_detector_matches_torch(name: str, opset: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A detector's image gradient of u . scores + v . boxes (through the resize of its transform, the FPN, the
+    region proposals, NMS, RoiAlign and the box decoding) against torch autograd. Its weights are drawn wide, so
+    that scores differ (ties would let NMS and TopK order them differently). torch detaches the proposals' box
+    deltas, which the ONNX graph cannot say: the gradient is stopped there."""
+    from tests.torchvision_ops import differentiable_roi_align, install
+
+    detection = torchvision_models().detection
+    install()
+    torch.manual_seed(0)
+    model = getattr(detection, name)(weights=None, weights_backbone=None, **DETECTORS[name]).eval()
+    draw = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=draw) * ((2.0 / p[0].numel()) ** 0.5 if p.dim() > 1 else 0.1))
+    image = torch.rand(3, 160, 144, generator=draw)
+    with torch.no_grad():
+        names = list(model([image])[0])
+    buffer = io.BytesIO()
+    with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, ([image],), buffer, opset_version=opset, dynamo=False, input_names=["image"],
+                          output_names=names)
+    proto = onnx.load_from_string(buffer.getvalue())
+    stops = [n.output[0] for n in proto.graph.node if n.op_type == "Conv" and "/rpn/head/bbox_pred" in n.name]
+    aug = add_gradients(proto, ["scores", "boxes"], ["image"], [NEW_INPUT, NEW_INPUT], stop_gradients=stops)
+
+    monkeypatch.setattr(sys.modules["torchvision.ops.poolers"], "roi_align", differentiable_roi_align)
+    x = image.clone().requires_grad_(True)
+    out = model([x])[0]
+    rng = np.random.default_rng(2)
+    u, v = (rng.standard_normal(out[k].shape).astype(np.float32) for k in ("scores", "boxes"))
+    ((out["scores"] * torch.from_numpy(u)).sum() + (out["boxes"] * torch.from_numpy(v)).sum()).backward()
+    got = run(aug.model, {"image": image.numpy(), **dict(zip(aug.new_inputs, (u, v), strict=True))})
+    np.testing.assert_allclose(got["boxes"], out["boxes"].detach().numpy(), atol=1e-3)  # the same detections
+    want, have = x.grad.numpy(), got[aug.gradients["image"]]  # type: ignore[index, union-attr]
+    assert np.linalg.norm(have - want) <= 1e-3 * np.linalg.norm(want), (np.abs(have - want).max(), np.abs(want).max())
+
+
 # ---------------------------------------------------------------------------------------------- Keras
 def keras_case(name: str) -> tuple[Any, list[tuple[int, ...]]]:
     import tensorflow as tf
