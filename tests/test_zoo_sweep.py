@@ -627,8 +627,9 @@ DETECTOR_CASES = [(n, o) for n in DETECTORS for o in (11, 17)]
 @long_only
 @pytest.mark.parametrize(("name", "opset"), DETECTOR_CASES, ids=[_id(*c) for c in DETECTOR_CASES])
 def test_torchvision_detector_matches_torch(name: str, opset: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A detector's image gradient of u . scores + v . boxes (through the resize of its transform, the FPN, the
-    region proposals, NMS, RoiAlign and the box decoding) against torch autograd. Its weights are drawn wide, so
+    """A detector's image gradient of u . scores + v . boxes (+ w . masks: a Loop pastes them into the image) through
+    the resize of its transform, the FPN, the region proposals, NMS, RoiAlign and the box decoding, against torch
+    autograd. Its weights are drawn wide, so
     that scores differ (ties would let NMS and TopK order them differently). torch detaches the proposals' box
     deltas, which the ONNX graph cannot say: the gradient is stopped there."""
     from tests.torchvision_ops import differentiable_roi_align, install
@@ -651,18 +652,20 @@ def test_torchvision_detector_matches_torch(name: str, opset: int, monkeypatch: 
                           output_names=names)
     proto = onnx.load_from_string(buffer.getvalue())
     stops = [n.output[0] for n in proto.graph.node if n.op_type == "Conv" and "/rpn/head/bbox_pred" in n.name]
-    aug = add_gradients(proto, ["scores", "boxes"], ["image"], [NEW_INPUT, NEW_INPUT], stop_gradients=stops)
+    ys = [k for k in ("scores", "boxes", "masks") if k in names]
+    aug = add_gradients(proto, ys, ["image"], [NEW_INPUT] * len(ys), stop_gradients=stops)
 
     monkeypatch.setattr(sys.modules["torchvision.ops.poolers"], "roi_align", differentiable_roi_align)
     x = image.clone().requires_grad_(True)
     out = model([x])[0]
     rng = np.random.default_rng(2)
-    u, v = (rng.standard_normal(out[k].shape).astype(np.float32) for k in ("scores", "boxes"))
-    ((out["scores"] * torch.from_numpy(u)).sum() + (out["boxes"] * torch.from_numpy(v)).sum()).backward()
-    got = run(aug.model, {"image": image.numpy(), **dict(zip(aug.new_inputs, (u, v), strict=True))})
+    seeds = [rng.standard_normal(out[k].shape).astype(np.float32) for k in ys]
+    sum((out[k] * torch.from_numpy(u)).sum() for k, u in zip(ys, seeds, strict=True)).backward()
+    got = run(aug.model, {"image": image.numpy(), **dict(zip(aug.new_inputs, seeds, strict=True))})
     np.testing.assert_allclose(got["boxes"], out["boxes"].detach().numpy(), atol=1e-3)  # the same detections
     want, have = x.grad.numpy(), got[aug.gradients["image"]]  # type: ignore[index, union-attr]
-    assert np.linalg.norm(have - want) <= 1e-3 * np.linalg.norm(want), (np.abs(have - want).max(), np.abs(want).max())
+    # float32 round-off: 0.3% for Mask R-CNN (torch's own float32 gradient of its masks is 0.6% off its float64 one)
+    assert np.linalg.norm(have - want) <= 1e-2 * np.linalg.norm(want), (np.abs(have - want).max(), np.abs(want).max())
 
 
 # ---------------------------------------------------------------------------------------------- Keras

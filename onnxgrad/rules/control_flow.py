@@ -325,11 +325,28 @@ def _appended(node: ir.Node, body: ir.Graph, k: int) -> ir.Node | None:
     return ins
 
 
+def _concatenated(node: ir.Node, body: ir.Graph, k: int) -> tuple[ir.Node, int] | None:
+    """(the Concat, its axis) that grows loop-carried tensor k, when k starts empty along that axis and the body
+    reads it only to concatenate one piece after it, which is all its next value is (torchvision's pasted masks:
+    ``res = torch.cat((res, mask))`` in a scripted loop)."""
+    init, carry = node.inputs[2 + k], body.inputs[2 + k]
+    uses = list(carry.uses())
+    cat = uses[0].node if len(uses) == 1 else None
+    if init is None or init.shape is None or cat is None or cat.op_type != "Concat" \
+            or cat.domain not in ("", "ai.onnx") or uses[0].idx != 0 or len(cat.inputs) != 2 \
+            or cat.outputs[0] is not body.outputs[1 + k] or list(cat.outputs[0].uses()):
+        return None
+    axis = int(cat.attributes["axis"].as_int())
+    axis = axis + init.shape.rank() if axis < 0 else axis
+    return (cat, axis) if 0 <= axis < init.shape.rank() and init.shape[axis] == 0 else None
+
+
 @register("Loop", since=1, captures=True,
           notes="a saving Loop (iteration count and loop-carried values), then a reverse Loop over that count "
                 "recomputing each body; captured weights' gradients accumulate in the carry; a carried sequence "
                 "must start empty and only grow at its end (a list appended to), its element t then seeds "
-                "iteration t")
+                "iteration t; so may a carried tensor that starts empty along an axis and only grows by one "
+                "Concat at its end (from opset 10), its slice for piece t seeding iteration t")
 def loop_grad(em: Emitter, node: ir.Node, grads: Sequence[ir.Value | None]) -> list[Grad]:
     """d(v_initial), d(captured) = reverse Loop of walk(body) over the iterations the forward ran"""
     body = node.attributes["body"].as_graph()
@@ -339,7 +356,9 @@ def loop_grad(em: Emitter, node: ir.Node, grads: Sequence[ir.Value | None]) -> l
     _outer_shapes([*caps, *node.inputs[2:]])
     finals = list(node.outputs[:n_state])
     appends = {k: ins for k in range(n_state) if (ins := _appended(node, body, k)) is not None}
-    carried = [k for k in range(n_state) if is_float(finals[k]) and k not in appends]
+    grown = {k: cat[1] for k in range(n_state) if k not in appends and (cat := _concatenated(node, body, k))
+             and em.opset >= 10}  # (Slice with run-time bounds)
+    carried = [k for k in range(n_state) if is_float(finals[k]) and k not in appends and k not in grown]
     cap_x = _float_captures(caps)
     if not carried and not cap_x:
         return [*([None] * len(node.inputs)), *(_cap_grad({}, c) for c in caps)]
@@ -350,7 +369,7 @@ def loop_grad(em: Emitter, node: ir.Node, grads: Sequence[ir.Value | None]) -> l
                          "which the saving Loop cannot stack for the backward pass (a sequence that starts empty "
                          "and only grows by one SequenceInsert at its end per iteration is taken); list the Loop's "
                          "outputs in stop_gradients, or carry tensors")
-    count, stacks = _saving_loop(em, node, body, n_state, appends)
+    count, stacks = _saving_loop(em, node, body, n_state, {*appends, *grown})
 
     tag = em.fresh_name("Loop_grad")
     g = _copy(body, tag, em.opset)
@@ -362,27 +381,40 @@ def loop_grad(em: Emitter, node: ir.Node, grads: Sequence[ir.Value | None]) -> l
     go_on = _scalar(f"{tag}/cond", BOOL)
     dv_in = [_value(f"{tag}/d_{k}", like=old[2 + k]) for k in carried]
     dc_in = [_value(f"{tag}/dc_{j}", like=c) for j, c in enumerate(cap_x)]
+    ends_in = {k: _value(f"{tag}/end_{k}", dtype=INT64, shape=ir.Shape([1])) for k in grown if grads[k] is not None}
     one = emb.const(np.array(1), dtype=INT64)
     t = emb.Sub(emb.Sub(count, one), step)  # the forward iteration this one undoes
     t.type, t.shape = ir.TensorType(INT64), ir.Shape([])
     # an appended-to sequence is not saved: its element t is read from its gradient, the body appends to nothing
     pushed = {k: ins.inputs[1] for k in appends if (ins := _appended(node, g, k)) is not None}
-    at_t = [emb.Gather(s, t, axis=0) if s is not None else emb.op("SequenceEmpty", dtype=like.dtype)
-            for s, like in zip(stacks, old[2:], strict=True)]
-    for v, like in zip(at_t, old[2:], strict=True):
-        v.type, v.shape = like.type, like.shape
+    # a concatenated-onto tensor neither: its piece t is the slice of its gradient before what later pieces took
+    pieces = {k: cat[0].inputs[1] for k in ends_in if (cat := _concatenated(node, g, k)) is not None}
+    at_t = [emb.Gather(s, t, axis=0) if s is not None else node.inputs[2 + k] if k in grown
+            else emb.op("SequenceEmpty", dtype=like.dtype) for k, (s, like) in enumerate(zip(stacks, old[2:],
+                                                                                             strict=True))]
+    for k, (v, like) in enumerate(zip(at_t, old[2:], strict=True)):
+        if k not in grown:  # (that one is the forward's empty start itself)
+            v.type, v.shape = like.type, like.shape
     old[0].replace_all_uses_with(t, replace_graph_outputs=True)
     old[1].replace_all_uses_with(emb.const(np.array(True), dtype=BOOL), replace_graph_outputs=True)
     for v, new in zip(old[2:], at_t, strict=True):
         v.replace_all_uses_with(new, replace_graph_outputs=True)
     g.inputs.clear()
-    g.inputs.extend([step, go_on, *dv_in, *dc_in])
+    g.inputs.extend([step, go_on, *dv_in, *dc_in, *ends_in.values()])
     ys = [g.outputs[1 + k] for k in carried]
     seeds: list[ir.Value | None] = list(dv_in)
     for k, pushed_value in pushed.items():
         if grads[k] is not None and pushed_value is not None and is_float(pushed_value):
             ys.append(pushed_value)
             seeds.append(_typed(emb.SequenceAt(grads[k], t), pushed_value))
+    ends_out = []
+    for k, end in ends_in.items():
+        piece = pieces.get(k)
+        start = end if piece is None else emb.Sub(end, emb.Gather(emb.Shape(piece), emb.ints([grown[k]])))
+        ends_out.append(start)
+        if piece is not None and is_float(piece):
+            ys.append(piece)
+            seeds.append(_typed(emb.Slice(grads[k], start, end, emb.ints([grown[k]])), piece))
     for s in range(n_scan):
         y = g.outputs[1 + n_state + s]
         gs = grads[n_state + s]
@@ -404,16 +436,19 @@ def loop_grad(em: Emitter, node: ir.Node, grads: Sequence[ir.Value | None]) -> l
         d = emb.add_all(*(by_read[r] for r in rs if isinstance(by_read[r], ir.Value)))  # type: ignore[arg-type]
         ds_out.append(emb.zeros_like(rs[0]) if d is None else d)
     true = emb.const(np.array(True), dtype=BOOL)
-    _close(emb, g, [true, *dv_out, *dc_out, *ds_out], [go_on, *dv_in, *dc_in, *(rs[0] for rs in sliced.values())])
+    _close(emb, g, [true, *dv_out, *dc_out, *ends_out, *ds_out],
+           [go_on, *dv_in, *dc_in, *ends_in.values(), *(rs[0] for rs in sliced.values())])
 
     seeds_in = [em.zeros_like(finals[k]) if grads[k] is None else grads[k] for k in carried]
-    n_made = n_c + len(sliced)
-    made = em.op("Loop", count, None, *seeds_in, *(em.zeros_like(c) for c in cap_x), _outputs=n_made, body=g)
+    lengths = [em.dims(finals[k], [grown[k]]) for k in ends_in]
+    n_made = n_c + len(ends_in) + len(sliced)
+    made = em.op("Loop", count, None, *seeds_in, *(em.zeros_like(c) for c in cap_x),
+                 *(em.cat_ints(n) for n in lengths), _outputs=n_made, body=g)
     made = (made,) if n_made == 1 else made
     _fix_outputs(made[:n_c], [*(node.inputs[2 + k] for k in carried), *cap_x])  # type: ignore[misc]
     by_state = dict(zip(carried, made[:len(carried)], strict=True))
     by_cap: dict[ir.Value, Grad] = dict(zip(cap_x, made[len(carried):n_c], strict=True))
-    for c, stacked in zip(sliced, made[n_c:], strict=True):
+    for c, stacked in zip(sliced, made[n_c + len(ends_in):], strict=True):
         by_cap[c] = _unstack(em, stacked, c, count)
     return [None, None, *(by_state.get(k) for k in range(n_state)), *(_cap_grad(by_cap, c) for c in caps)]
 
