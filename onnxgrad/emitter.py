@@ -535,6 +535,11 @@ class Emitter:
         """Whether Slice takes steps (opset >= 10)."""
         return self.opset >= 10
 
+    @property
+    def runtime_slices(self) -> bool:
+        """Whether Slice takes its bounds as run-time inputs (opset >= 10, with steps)."""
+        return self.opset >= 10
+
     def can_scatter(self, reduction: str | None = None) -> bool:
         """Whether ScatterElements is available with this ``reduction`` (``scatter_elements`` also emits the
         older Scatter at opsets 9-10, which onnx's reference evaluator cannot run)."""

@@ -54,6 +54,12 @@ def infer_missing_types(model: ir.Model) -> None:
         if not (_lacks_shapes(model) and _ranks_from_shape_operands(model, folded)):
             break
         _merge(model, _infer(model, data_prop, lambda proto: _as_initializers(proto, folded)))
+    if _lacks_shapes(model) and any([outputs_from_bodies(n) for n in model.graph if _lacks_shape(n)]):
+        _merge(model, _infer(model, data_prop, lambda proto: _as_initializers(proto, folded)))
+
+
+def _lacks_shape(n: ir.Node) -> bool:
+    return any(o.shape is None for o in n.outputs)
 
 
 def _taken_nodes(nodes: Iterable[ir.Node], folded: dict[str, np.ndarray]) -> Iterable[ir.Node]:
@@ -114,21 +120,29 @@ def _ranks_from_shape_operands(model: ir.Model, folded: dict[str, np.ndarray]) -
                 if o.shape is None and b.shape is not None:
                     o.shape, learned = b.shape, True
             continue
-        target = {"Reshape": 1, "Expand": 1, "ConstantOfShape": 0}.get(node.op_type)
-        if target is None or len(node.inputs) <= target or node.inputs[target] is None:
-            continue
-        tshape = node.inputs[target].shape
-        if tshape is None or tshape.rank() != 1 or not isinstance(tshape[0], int):
-            continue
-        rank = tshape[0]
-        if node.op_type == "Expand":
-            src = node.inputs[0].shape if node.inputs[0] is not None else None
-            if src is None:
-                continue
-            rank = max(rank, src.rank())
-        out.shape = ir.Shape([None] * rank)
-        learned = True
+        learned = rank_from_shape_operand(node) or learned
     return learned
+
+
+def rank_from_shape_operand(node: ir.Node) -> bool:
+    """Give a rank to the output of a Reshape/Expand/ConstantOfShape whose target is a run-time tensor of known
+    length (onnx's inference gives it no shape at all); True when it did."""
+    out = node.outputs[0] if node.outputs else None
+    target = {"Reshape": 1, "Expand": 1, "ConstantOfShape": 0}.get(node.op_type)
+    if out is None or out.shape is not None or node.domain or target is None or len(node.inputs) <= target \
+            or node.inputs[target] is None:
+        return False
+    tshape = node.inputs[target].shape  # type: ignore[union-attr]
+    if tshape is None or tshape.rank() != 1 or not isinstance(tshape[0], int):
+        return False
+    rank = tshape[0]
+    if node.op_type == "Expand":
+        src = node.inputs[0].shape if node.inputs[0] is not None else None
+        if src is None:
+            return False
+        rank = max(rank, src.rank())
+    out.shape = ir.Shape([None] * rank)
+    return True
 
 
 def _infer(model: ir.Model, data_prop: bool, edit: Callable[[onnx.ModelProto], None]) -> ir.Model | None:
@@ -354,3 +368,46 @@ def _collect_shapes(graph: onnx.GraphProto, out: dict[str, ir.Shape]) -> None:
                 _collect_shapes(a.g, out)
             for g in a.graphs:
                 _collect_shapes(g, out)
+
+
+def _merged(a: ir.Shape | None, b: ir.Shape | None) -> ir.Shape | None:
+    """The dims two shapes agree on (None elsewhere), or None when the ranks differ or one is unknown."""
+    if a is None or b is None or a.rank() != b.rank():
+        return None
+    return ir.Shape([d if isinstance(d, int) and d == e else None for d, e in zip(a, b, strict=True)])
+
+
+def outputs_from_bodies(n: ir.Node) -> bool:
+    """Fill in missing dtypes and shapes of an If, Loop or Scan node's outputs from its bodies' outputs (onnx's
+    inference gives none when the bodies read outer values it was not shown, or a carried value changes size);
+    True when it filled any."""
+    if n.domain or n.op_type not in ("If", "Loop", "Scan"):
+        return False
+    body = [a.as_graph() for a in n.attributes.values() if a.type == ir.AttributeType.GRAPH]
+    if n.op_type == "If":
+        found = [(t.dtype, _merged(t.shape, e.shape)) for t, e in zip(*(b.outputs for b in body), strict=False)]
+    elif n.op_type == "Loop":
+        n_state = len(n.inputs) - 2
+        outs = list(body[0].outputs)[1:]
+        found = [(o.dtype, _merged(o.shape, n.inputs[2 + k].shape) if k < n_state else  # type: ignore[union-attr]
+                  None if o.shape is None else ir.Shape([None, *o.shape])) for k, o in enumerate(outs)]
+    else:
+        n_state = len(n.inputs) - n.attributes["num_scan_inputs"].as_int()
+        outs = list(body[0].outputs)
+        given = n.attributes.get("scan_output_axes")
+        axes = list(given.as_ints()) if given is not None else [0] * (len(outs) - n_state)
+        found = []
+        for k, o in enumerate(outs):
+            shape = o.shape
+            if k >= n_state and shape is not None:
+                dims = list(shape)
+                dims.insert(int(axes[k - n_state]) % (len(dims) + 1), None)
+                shape = ir.Shape(dims)
+            found.append((o.dtype, shape))
+    filled = False
+    for o, (dtype, shape) in zip(n.outputs, found, strict=False):
+        if o.dtype is None and dtype is not None:
+            o.dtype, filled = dtype, True
+        if o.shape is None and shape is not None:
+            o.shape, filled = shape, True
+    return filled

@@ -384,15 +384,16 @@ def test_scripted_loop_appending_to_a_list_against_autograd(opset: int, trips: i
 
 
 class _CatLoop(torch.nn.Module):
-    """A scripted loop that grows a tensor by concatenation from an empty start (torchvision's pasted masks): a
-    carried tensor whose size changes each iteration, which the saving Loop cannot stack."""
+    """A scripted loop that grows a tensor by concatenation (torchvision's pasted masks from an empty start; here
+    also from x): a carried tensor whose size changes each iteration, which the saving Loop cannot stack."""
 
-    def __init__(self) -> None:
+    def __init__(self, empty: bool) -> None:
         super().__init__()
         self.lin = torch.nn.Linear(3, 3).double()
+        self.empty = empty
 
     def forward(self, x: torch.Tensor, n: int) -> torch.Tensor:
-        res = torch.zeros(0, 3, dtype=x.dtype)
+        res = torch.zeros(0, 3, dtype=x.dtype) if self.empty else torch.sin(x)
         h = x
         for _ in range(n):
             h = torch.tanh(self.lin(h))
@@ -402,21 +403,23 @@ class _CatLoop(torch.nn.Module):
 
 @pytest.mark.parametrize("opset", [11, 17])
 @pytest.mark.parametrize("trips", [1, 4])
-def test_scripted_loop_concatenating_onto_a_tensor_against_autograd(opset: int, trips: int) -> None:
-    """A loop-carried tensor that starts empty along an axis and only grows by a Concat at its end: its piece t gets
-    the slice of the gradient before the later pieces' (onnxruntime refused the saving Loop before: its scan output
-    changed shape from one iteration to the next)."""
+@pytest.mark.parametrize("start", ["empty", "sin(x)"])
+def test_scripted_loop_concatenating_onto_a_tensor_against_autograd(opset: int, trips: int, start: str) -> None:
+    """A loop-carried tensor that only grows by a Concat at its end: its piece t gets the slice of the gradient before
+    the later pieces', its start what is left (onnxruntime refused the saving Loop before: its scan output changed
+    shape from one iteration to the next)."""
     torch.manual_seed(3)
-    module = _CatLoop()
+    module = _CatLoop(start == "empty")
     x = torch.randn(2, 3, dtype=torch.float64)
     proto = _export_scripted(module, x, opset)
     body = next(a.g for n in proto.graph.node if n.op_type == "Loop" for a in n.attribute if a.name == "body")
     assert "Concat" in {n.op_type for n in body.node}
     names = {"x": "x", **_param_names(proto, module)}
-    u = np.random.default_rng(0).standard_normal((2 * trips, 3))
+    u = np.random.default_rng(0).standard_normal((2 * trips + 2 * (start != "empty"), 3))
     _compare(proto, {"x": x.numpy(), "n": np.array(trips)}, _torch_grads(module, (x, trips), u), u, names)
-    aug = add_gradients(proto, ["y"], ["x"])  # no trip: nothing reaches x
-    assert not np.any(run(aug.model, {"x": x.numpy(), "n": np.array(0)})[aug.gradients["x"]])
+    aug = add_gradients(proto, ["y"], ["x"])  # no trip: the start alone reaches x
+    want = np.zeros((2, 3)) if start == "empty" else np.cos(x.numpy())
+    np.testing.assert_allclose(run(aug.model, {"x": x.numpy(), "n": np.array(0)})[aug.gradients["x"]], want)
 
 
 def test_second_derivative_through_a_loop_appending_to_a_list() -> None:

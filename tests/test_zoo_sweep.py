@@ -618,6 +618,9 @@ DETECTORS = {  # torchvision.models.detection constructor -> arguments (few prop
     "maskrcnn_resnet50_fpn": {"num_classes": 5, "box_score_thresh": 0.0, "rpn_pre_nms_top_n_test": 50,
                               "rpn_post_nms_top_n_test": 20, "box_detections_per_img": 10, "min_size": 128,
                               "max_size": 160},
+    "keypointrcnn_resnet50_fpn": {"num_classes": 2, "num_keypoints": 3, "box_score_thresh": 0.0,
+                                  "rpn_pre_nms_top_n_test": 50, "rpn_post_nms_top_n_test": 20,
+                                  "box_detections_per_img": 10, "min_size": 128, "max_size": 160},
     "retinanet_resnet50_fpn": {"num_classes": 5, "score_thresh": 0.0, "detections_per_img": 10,
                                "topk_candidates": 20, "min_size": 128, "max_size": 160},
 }
@@ -627,11 +630,12 @@ DETECTOR_CASES = [(n, o) for n in DETECTORS for o in (11, 17)]
 @long_only
 @pytest.mark.parametrize(("name", "opset"), DETECTOR_CASES, ids=[_id(*c) for c in DETECTOR_CASES])
 def test_torchvision_detector_matches_torch(name: str, opset: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A detector's image gradient of u . scores + v . boxes (+ w . masks: a Loop pastes them into the image) through
-    the resize of its transform, the FPN, the region proposals, NMS, RoiAlign and the box decoding, against torch
-    autograd. Its weights are drawn wide, so
-    that scores differ (ties would let NMS and TopK order them differently). torch detaches the proposals' box
-    deltas, which the ONNX graph cannot say: the gradient is stopped there."""
+    """A detector's image gradient of u . scores + v . boxes (+ w . masks, which a Loop pastes into the image, or the
+    keypoints, which a Loop reads off heatmaps) through the resize of its transform, the FPN, the region proposals,
+    NMS, RoiAlign (boxes included: the reference's RoiAlign differentiates them as the ONNX graph's derivative does,
+    where torchvision's own backward leaves them out) and the box decoding, against torch autograd. Its weights are
+    drawn wide, so that scores differ (ties would let NMS and TopK order them differently). torch detaches the
+    proposals' box deltas, which the ONNX graph cannot say: the gradient is stopped there."""
     from tests.torchvision_ops import differentiable_roi_align, install
 
     detection = torchvision_models().detection
@@ -652,7 +656,7 @@ def test_torchvision_detector_matches_torch(name: str, opset: int, monkeypatch: 
                           output_names=names)
     proto = onnx.load_from_string(buffer.getvalue())
     stops = [n.output[0] for n in proto.graph.node if n.op_type == "Conv" and "/rpn/head/bbox_pred" in n.name]
-    ys = [k for k in ("scores", "boxes", "masks") if k in names]
+    ys = [k for k in ("scores", "boxes", "masks", "keypoints") if k in names]
     aug = add_gradients(proto, ys, ["image"], [NEW_INPUT] * len(ys), stop_gradients=stops)
 
     monkeypatch.setattr(sys.modules["torchvision.ops.poolers"], "roi_align", differentiable_roi_align)

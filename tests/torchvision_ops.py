@@ -35,19 +35,21 @@ def _nms(boxes: torch.Tensor, scores: torch.Tensor, threshold: float) -> torch.T
 
 def differentiable_roi_align(x: torch.Tensor, rois: torch.Tensor, output_size: Any, spatial_scale: float = 1.0,
                              sampling_ratio: int = -1, aligned: bool = False) -> torch.Tensor:
-    """RoIAlign (average of bilinear samples per bin, rois (R, 5) = batch index, x1, y1, x2, y2), sample by sample."""
+    """RoIAlign (average of bilinear samples per bin, rois (R, 5) = batch index, x1, y1, x2, y2), sample by sample,
+    in tensor operations that autograd follows to the features and to the boxes (torchvision's own backward
+    leaves the boxes out; the ONNX graph's derivative has them)."""
     ph, pw = (output_size, output_size) if isinstance(output_size, int) else output_size
     height, width = x.shape[2], x.shape[3]
     shift = 0.5 if aligned else 0.0
     out = []
-    for roi in rois.detach().tolist():
-        b = int(roi[0])
-        x1, y1, x2, y2 = (v * spatial_scale - shift for v in roi[1:])
+    for r in range(rois.shape[0]):
+        b = int(rois[r, 0])
+        x1, y1, x2, y2 = (v * spatial_scale - shift for v in rois[r, 1:])
         rh, rw = y2 - y1, x2 - x1
         if not aligned:
-            rh, rw = max(rh, 1.0), max(rw, 1.0)
-        gh = sampling_ratio if sampling_ratio > 0 else max(int(-(-rh // ph)), 1)
-        gw = sampling_ratio if sampling_ratio > 0 else max(int(-(-rw // pw)), 1)
+            rh, rw = torch.clamp(rh, min=1.0), torch.clamp(rw, min=1.0)
+        gh = sampling_ratio if sampling_ratio > 0 else max(int(-(-float(rh) // ph)), 1)
+        gw = sampling_ratio if sampling_ratio > 0 else max(int(-(-float(rw) // pw)), 1)
         bins = []
         for i in range(ph):
             for j in range(pw):
@@ -58,23 +60,23 @@ def differentiable_roi_align(x: torch.Tensor, rois: torch.Tensor, output_size: A
                         xx = x1 + (j + (ix + 0.5) / gw) * rw / pw
                         if yy < -1 or yy > height or xx < -1 or xx > width:
                             continue
-                        acc = acc + _bilinear(x[b], max(yy, 0.0), max(xx, 0.0))
+                        acc = acc + _bilinear(x[b], torch.clamp(yy, min=0.0), torch.clamp(xx, min=0.0))
                 bins.append(acc / (gh * gw))
         out.append(torch.stack(bins, 1).reshape(x.shape[1], ph, pw))
     return torch.stack(out) if out else x.new_zeros(0, x.shape[1], ph, pw)
 
 
-def _bilinear(image: torch.Tensor, y: float, x: float) -> torch.Tensor:
+def _bilinear(image: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     h, w = image.shape[1], image.shape[2]
     y0, x0 = int(y), int(x)
     if y0 >= h - 1:
         y0 = y1 = h - 1
-        y = float(y0)
+        y = y.detach() * 0 + y0
     else:
         y1 = y0 + 1
     if x0 >= w - 1:
         x0 = x1 = w - 1
-        x = float(x0)
+        x = x.detach() * 0 + x0
     else:
         x1 = x0 + 1
     ly, lx = y - y0, x - x0

@@ -35,7 +35,7 @@ from onnx_ir import _cloner
 from onnxgrad.backprop import Request, backprop, node_label
 from onnxgrad.emitter import Emitter, attr, implicit_inputs, is_float, rank, static_dims, subgraphs
 from onnxgrad.registry import UNDEFINED, Undefined, register
-from onnxgrad.shapes import infer_node
+from onnxgrad.shapes import infer_node, outputs_from_bodies, rank_from_shape_operand
 
 Grad = ir.Value | Undefined | None
 
@@ -90,46 +90,8 @@ def _infer(g: ir.Graph, opset: int) -> None:
         if all(o.dtype is not None and o.shape is not None for o in n.outputs):
             continue
         infer_node(n, opset)
-        _from_bodies(n)
-
-
-def _merged(a: ir.Shape | None, b: ir.Shape | None) -> ir.Shape | None:
-    """The dims two shapes agree on (None elsewhere), or None when the ranks differ or one is unknown."""
-    if a is None or b is None or a.rank() != b.rank():
-        return None
-    return ir.Shape([d if isinstance(d, int) and d == e else None for d, e in zip(a, b, strict=True)])
-
-
-def _from_bodies(n: ir.Node) -> None:
-    """Fill in missing dtypes and shapes of an If, Loop or Scan node's outputs from its bodies' outputs
-    (onnx's inference gives none when the bodies read outer values it was not shown)."""
-    if n.domain or n.op_type not in ("If", "Loop", "Scan"):
-        return
-    body = subgraphs(n)
-    if n.op_type == "If":
-        found = [(t.dtype, _merged(t.shape, e.shape)) for t, e in zip(*(b.outputs for b in body), strict=False)]
-    elif n.op_type == "Loop":
-        n_state = len(n.inputs) - 2
-        outs = list(body[0].outputs)[1:]
-        found = [(o.dtype, _merged(o.shape, n.inputs[2 + k].shape) if k < n_state else
-                  None if o.shape is None else ir.Shape([None, *o.shape])) for k, o in enumerate(outs)]
-    else:
-        n_state = len(n.inputs) - int(attr(n, "num_scan_inputs"))
-        outs = list(body[0].outputs)
-        axes = attr(n, "scan_output_axes") or [0] * (len(outs) - n_state)
-        found = []
-        for k, o in enumerate(outs):
-            shape = o.shape
-            if k >= n_state and shape is not None:
-                dims = list(shape)
-                dims.insert(int(axes[k - n_state]) % (len(dims) + 1), None)
-                shape = ir.Shape(dims)
-            found.append((o.dtype, shape))
-    for o, (dtype, shape) in zip(n.outputs, found, strict=False):
-        if o.dtype is None and dtype is not None:
-            o.dtype = dtype
-        if o.shape is None and shape is not None:
-            o.shape = shape
+        outputs_from_bodies(n)
+        rank_from_shape_operand(n)
 
 
 def _outer_shapes(caps: Sequence[ir.Value]) -> None:
@@ -137,7 +99,7 @@ def _outer_shapes(caps: Sequence[ir.Value]) -> None:
     for c in caps:
         p = c.producer()
         if c.shape is None and p is not None:
-            _from_bodies(p)
+            outputs_from_bodies(p)
 
 
 def _typed(v: ir.Value, like: ir.Value) -> ir.Value:
@@ -326,27 +288,36 @@ def _appended(node: ir.Node, body: ir.Graph, k: int) -> ir.Node | None:
 
 
 def _concatenated(node: ir.Node, body: ir.Graph, k: int) -> tuple[ir.Node, int] | None:
-    """(the Concat, its axis) that grows loop-carried tensor k, when k starts empty along that axis and the body
-    reads it only to concatenate one piece after it, which is all its next value is (torchvision's pasted masks:
-    ``res = torch.cat((res, mask))`` in a scripted loop)."""
-    init, carry = node.inputs[2 + k], body.inputs[2 + k]
-    uses = list(carry.uses())
-    cat = uses[0].node if len(uses) == 1 else None
-    if init is None or init.shape is None or cat is None or cat.op_type != "Concat" \
-            or cat.domain not in ("", "ai.onnx") or uses[0].idx != 0 or len(cat.inputs) != 2 \
-            or cat.outputs[0] is not body.outputs[1 + k] or list(cat.outputs[0].uses()):
+    """(the Concat, its axis) that grows loop-carried tensor k, when the body reads k only to concatenate one piece
+    after it (through a Cast to its own type, at most), which is all its next value is: torchvision's pasted masks
+    and keypoints, ``res = torch.cat((res, piece))`` in a scripted loop."""
+    carry = body.inputs[2 + k]
+    read = _only_reader(carry)
+    if read is not None and read.op_type == "Cast" and not read.domain and carry.dtype is not None \
+            and attr(read, "to", None) == int(carry.dtype):
+        read = _only_reader(read.outputs[0])
+    if read is None or read.op_type != "Concat" or read.domain not in ("", "ai.onnx") or len(read.inputs) != 2 \
+            or read.outputs[0] is not body.outputs[1 + k] or list(read.outputs[0].uses()):
         return None
-    axis = int(cat.attributes["axis"].as_int())
-    axis = axis + init.shape.rank() if axis < 0 else axis
-    return (cat, axis) if 0 <= axis < init.shape.rank() and init.shape[axis] == 0 else None
+    rank = next((v.shape.rank() for v in (carry, node.inputs[2 + k], read.outputs[0])
+                 if v is not None and v.shape is not None), None)
+    axis = int(attr(read, "axis", 0))
+    axis = axis + rank if rank is not None and axis < 0 else axis
+    return (read, axis) if rank is not None and 0 <= axis < rank else None
+
+
+def _only_reader(v: ir.Value) -> ir.Node | None:
+    """The node that reads v, when exactly one does, as its first input."""
+    uses = list(v.uses())
+    return uses[0].node if len(uses) == 1 and uses[0].idx == 0 else None
 
 
 @register("Loop", since=1, captures=True,
           notes="a saving Loop (iteration count and loop-carried values), then a reverse Loop over that count "
                 "recomputing each body; captured weights' gradients accumulate in the carry; a carried sequence "
                 "must start empty and only grow at its end (a list appended to), its element t then seeds "
-                "iteration t; so may a carried tensor that starts empty along an axis and only grows by one "
-                "Concat at its end (from opset 10), its slice for piece t seeding iteration t")
+                "iteration t; so may a carried tensor that only grows by one Concat at its end (from opset 10): "
+                "its slice for piece t seeds iteration t, what is left is its start's")
 def loop_grad(em: Emitter, node: ir.Node, grads: Sequence[ir.Value | None]) -> list[Grad]:
     """d(v_initial), d(captured) = reverse Loop of walk(body) over the iterations the forward ran"""
     body = node.attributes["body"].as_graph()
@@ -357,10 +328,10 @@ def loop_grad(em: Emitter, node: ir.Node, grads: Sequence[ir.Value | None]) -> l
     finals = list(node.outputs[:n_state])
     appends = {k: ins for k in range(n_state) if (ins := _appended(node, body, k)) is not None}
     grown = {k: cat[1] for k in range(n_state) if k not in appends and (cat := _concatenated(node, body, k))
-             and em.opset >= 10}  # (Slice with run-time bounds)
+             and em.runtime_slices}
     carried = [k for k in range(n_state) if is_float(finals[k]) and k not in appends and k not in grown]
     cap_x = _float_captures(caps)
-    if not carried and not cap_x:
+    if not carried and not cap_x and not any(grads[k] is not None and is_float(finals[k]) for k in grown):
         return [*([None] * len(node.inputs)), *(_cap_grad({}, c) for c in caps)]
     odd = [v.name for k, v in enumerate(node.inputs[2:]) if v is not None and v.type is not None
            and not isinstance(v.type, ir.TensorType) and k not in appends]
@@ -387,13 +358,14 @@ def loop_grad(em: Emitter, node: ir.Node, grads: Sequence[ir.Value | None]) -> l
     t.type, t.shape = ir.TensorType(INT64), ir.Shape([])
     # an appended-to sequence is not saved: its element t is read from its gradient, the body appends to nothing
     pushed = {k: ins.inputs[1] for k in appends if (ins := _appended(node, g, k)) is not None}
-    # a concatenated-onto tensor neither: its piece t is the slice of its gradient before what later pieces took
+    # a concatenated-onto tensor neither: its piece t is the slice of its gradient before what later pieces took, and
+    # the body concatenates onto the start
     pieces = {k: cat[0].inputs[1] for k in ends_in if (cat := _concatenated(node, g, k)) is not None}
     at_t = [emb.Gather(s, t, axis=0) if s is not None else node.inputs[2 + k] if k in grown
             else emb.op("SequenceEmpty", dtype=like.dtype) for k, (s, like) in enumerate(zip(stacks, old[2:],
                                                                                              strict=True))]
     for k, (v, like) in enumerate(zip(at_t, old[2:], strict=True)):
-        if k not in grown:  # (that one is the forward's empty start itself)
+        if k not in grown:  # (that one is the forward's start itself)
             v.type, v.shape = like.type, like.shape
     old[0].replace_all_uses_with(t, replace_graph_outputs=True)
     old[1].replace_all_uses_with(emb.const(np.array(True), dtype=BOOL), replace_graph_outputs=True)
@@ -450,6 +422,9 @@ def loop_grad(em: Emitter, node: ir.Node, grads: Sequence[ir.Value | None]) -> l
     by_cap: dict[ir.Value, Grad] = dict(zip(cap_x, made[len(carried):n_c], strict=True))
     for c, stacked in zip(sliced, made[n_c + len(ends_in):], strict=True):
         by_cap[c] = _unstack(em, stacked, c, count)
+    for k, end in zip(ends_in, made[n_c:n_c + len(ends_in)], strict=True):  # what no piece took: the start's
+        if is_float(node.inputs[2 + k]):
+            by_state[k] = em.Slice(grads[k], em.ints([0]), end, em.ints([grown[k]]))
     return [None, None, *(by_state.get(k) for k in range(n_state)), *(_cap_grad(by_cap, c) for c in caps)]
 
 
