@@ -327,9 +327,18 @@ def _faithful_ops() -> list[type]:
             mode = "output_half_pixel" if _model_opset(self, 16) < 16 else coordinate_transformation_mode
             return super()._run(x, rois, batch, coordinate_transformation_mode=mode, **attrs)
 
+    from onnx.reference.ops.op_loop import Loop as _Loop
+
+    class Loop(_Loop):
+        op_domain = ""
+
+        def _run(self, trips: Any, cond: Any, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+            # no condition given: the loop runs its trip count (onnx's kernel ran no iteration at all)
+            return super()._run(trips, np.array(True) if cond is None else cond, *args, **kwargs)
+
     softmaxes = [_softmax_kind(k) for k in ("Softmax", "LogSoftmax", "Hardmax")]
     return [Erf, Gelu, Conv, ConvTranspose, BatchNormalization, Dropout, LRN, Pad, GroupNormalization,
-            MeanVarianceNormalization, Flatten, RoiAlign, *softmaxes, *_experimental_ops()]
+            MeanVarianceNormalization, Flatten, RoiAlign, Loop, *softmaxes, *_experimental_ops()]
 
 
 def _experimental_ops() -> list[type]:

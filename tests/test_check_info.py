@@ -896,3 +896,25 @@ def test_check_between_intermediate_values_of_an_untyped_export() -> None:
     report = check_model(model, ["s"], ["h", "w"], {"x": rng.standard_normal((2, 3)).astype(np.float32)},
                          precision="float32")  # onnxruntime alone (the reference evaluator outputs any value)
     assert report.ok and [r.x for r in report.rows] == ["h", "w"], [(r.x, r.status) for r in report.rows]
+
+
+def test_reference_loop_without_a_condition_runs_its_trip_count() -> None:
+    """A Loop whose condition input is left out runs its trip count (onnxruntime does; onnx's evaluator ran no
+    iteration at all, so a float64 check of a gradient's reverse Loop, or of tf2onnx's crop_and_resize, read 0)."""
+    body = oh.make_graph([oh.make_node("Identity", ["c_in"], ["c_out"]), oh.make_node("Mul", ["h", "h"], ["h2"]),
+                          oh.make_node("Add", ["h2", "one"], ["h_out"])], "body",
+                         [oh.make_tensor_value_info("i", TensorProto.INT64, []),
+                          oh.make_tensor_value_info("c_in", TensorProto.BOOL, []),
+                          oh.make_tensor_value_info("h", TensorProto.DOUBLE, [2])],
+                         [oh.make_tensor_value_info("c_out", TensorProto.BOOL, []),
+                          oh.make_tensor_value_info("h_out", TensorProto.DOUBLE, [2])],
+                         [numpy_helper.from_array(np.ones(2), "one")])
+    graph = oh.make_graph([oh.make_node("Loop", ["n", "", "x"], ["y"], body=body)], "g",
+                          [oh.make_tensor_value_info("n", TensorProto.INT64, []),
+                           oh.make_tensor_value_info("x", TensorProto.DOUBLE, [2])],
+                          [oh.make_tensor_value_info("y", TensorProto.DOUBLE, [2])])
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 13)], ir_version=8)
+    feeds = {"n": np.array(3), "x": np.array([0.5, -0.2])}
+    ours, theirs = (runtime.run(model, feeds, provider=p)["y"] for p in ("reference", "cpu"))
+    np.testing.assert_allclose(ours, theirs)
+    assert not np.allclose(ours, feeds["x"])

@@ -477,6 +477,37 @@ def _tf_model(fn: Callable[..., Any], spec: tuple[Any, ...], opset: int) -> onnx
     return model
 
 
+@pytest.mark.parametrize("opset", [11, 13, 17])
+def test_tf_crop_and_resize_against_tensorflow(opset: int) -> None:
+    """tf.image.crop_and_resize through tf2onnx: a Loop over the boxes whose body reads its iteration number as a
+    [1] tensor (a Slice bound: the reverse Loop fed it a scalar, which onnxruntime refused) and crops with a Resize
+    in tf_crop_and_resize mode, each box its run-time roi. The images' and the boxes' gradients (TensorFlow
+    differentiates the boxes: the samples move with them) against tf.GradientTape."""
+    tf = pytest.importorskip("tensorflow")
+
+    def crop(images: Any, boxes: Any, index: Any) -> Any:
+        return tf.image.crop_and_resize(images, boxes, index, (3, 4))
+
+    spec = (tf.TensorSpec([2, 6, 7, 2], tf.float32, name="images"), tf.TensorSpec([None, 4], tf.float32, name="boxes"),
+            tf.TensorSpec([None], tf.int32, name="index"))
+    proto = _tf_model(tf.function(crop, input_signature=spec), spec, opset)
+    assert "Loop" in {n.op_type for n in proto.graph.node}
+    rng = np.random.default_rng(4)
+    images = rng.standard_normal((2, 6, 7, 2)).astype(np.float32)
+    boxes = np.array([[0.1, 0.2, 0.8, 0.7], [0.3, 0.05, 0.9, 0.55], [0.02, 0.3, 0.45, 0.93]], np.float32)
+    index = np.array([1, 0, 1], np.int32)
+    u = rng.standard_normal((3, 3, 4, 2)).astype(np.float32)
+    a, b = tf.constant(images), tf.constant(boxes)
+    with tf.GradientTape() as tape:
+        tape.watch([a, b])
+        loss = tf.reduce_sum(crop(a, b, tf.constant(index)) * u)
+    want = [g.numpy() for g in tape.gradient(loss, [a, b])]
+    aug = add_gradients(proto, [proto.graph.output[0].name], ["images", "boxes"], grad_ys=[u])
+    got = run(aug.model, {"images": images, "boxes": boxes, "index": index})
+    for name, expect in zip(["images", "boxes"], want, strict=True):
+        np.testing.assert_allclose(got[aug.gradients[name]], expect, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("opset", [13, 17])
 def test_tf_cond_while_loop_and_scan_against_tensorflow(opset: int) -> None:
     """tf.cond, tf.while_loop with a run-time trip count and tf.scan, converted by tf2onnx, against tf.GradientTape."""

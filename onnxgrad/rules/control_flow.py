@@ -287,6 +287,15 @@ def _appended(node: ir.Node, body: ir.Graph, k: int) -> ir.Node | None:
     return ins
 
 
+def _as_declared(em: Emitter, scalar: ir.Value, declared: ir.Value) -> ir.Value:
+    """``scalar`` reshaped to the one-element shape a body declares for its input ``declared`` ([1], say)."""
+    if declared.shape is None or declared.shape.rank() == 0:
+        return scalar
+    out = em.Reshape(scalar, em.ints([1] * declared.shape.rank()))
+    out.type, out.shape = scalar.type, ir.Shape([1] * declared.shape.rank())
+    return out
+
+
 def _concatenated(node: ir.Node, body: ir.Graph, k: int) -> tuple[ir.Node, int] | None:
     """(the Concat, its axis) that grows loop-carried tensor k, when the body reads k only to concatenate one piece
     after it (through a Cast to its own type, at most), which is all its next value is: torchvision's pasted masks
@@ -367,8 +376,10 @@ def loop_grad(em: Emitter, node: ir.Node, grads: Sequence[ir.Value | None]) -> l
     for k, (v, like) in enumerate(zip(at_t, old[2:], strict=True)):
         if k not in grown:  # (that one is the forward's start itself)
             v.type, v.shape = like.type, like.shape
-    old[0].replace_all_uses_with(t, replace_graph_outputs=True)
-    old[1].replace_all_uses_with(emb.const(np.array(True), dtype=BOOL), replace_graph_outputs=True)
+    # the body reads the iteration number and condition in the shapes it declares them (tf2onnx: [1], a Slice bound)
+    old[0].replace_all_uses_with(_as_declared(emb, t, old[0]), replace_graph_outputs=True)
+    old[1].replace_all_uses_with(_as_declared(emb, emb.const(np.array(True), dtype=BOOL), old[1]),
+                                 replace_graph_outputs=True)
     for v, new in zip(old[2:], at_t, strict=True):
         v.replace_all_uses_with(new, replace_graph_outputs=True)
     g.inputs.clear()
@@ -414,7 +425,7 @@ def loop_grad(em: Emitter, node: ir.Node, grads: Sequence[ir.Value | None]) -> l
     seeds_in = [em.zeros_like(finals[k]) if grads[k] is None else grads[k] for k in carried]
     lengths = [em.dims(finals[k], [grown[k]]) for k in ends_in]
     n_made = n_c + len(ends_in) + len(sliced)
-    made = em.op("Loop", count, None, *seeds_in, *(em.zeros_like(c) for c in cap_x),
+    made = em.op("Loop", count, em.const(np.array(True), dtype=BOOL), *seeds_in, *(em.zeros_like(c) for c in cap_x),
                  *(em.cat_ints(n) for n in lengths), _outputs=n_made, body=g)
     made = (made,) if n_made == 1 else made
     _fix_outputs(made[:n_c], [*(node.inputs[2 + k] for k in carried), *cap_x])  # type: ignore[misc]

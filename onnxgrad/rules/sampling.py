@@ -26,10 +26,11 @@ from onnxgrad.emitter import (
     static_dims,
     static_value,
 )
-from onnxgrad.registry import register
+from onnxgrad.registry import UNDEFINED, Undefined, register
 
 Grads = Sequence[ir.Value | None]
 Out = list[ir.Value | None]
+Grad = ir.Value | Undefined | None
 F32 = ir.DataType.FLOAT
 I64 = ir.DataType.INT64
 
@@ -139,8 +140,10 @@ def _scales_form(em: Emitter, node: ir.Node, dy: Grads, op: str) -> ir.Value:
 
 _RESIZE_ATTRS = ("mode", "coordinate_transformation_mode", "cubic_coeff_a", "exclude_outside", "nearest_mode",
                  "antialias")
-_RESIZE_NOTES = ("gradient w.r.t. X only; roi, scales and sizes get none; each resized axis contracts with its "
-                 "interpolation matrix, the op applied to an identity at run time (memory O(in x out) per axis)")
+_RESIZE_NOTES = ("gradient w.r.t. X, and w.r.t. a run-time roi under tf_crop_and_resize (linear: the samples move "
+                 "with the box; nearest: zero; cubic: undefined); scales and sizes get none; each resized axis "
+                 "contracts with its interpolation matrix, the op applied to an identity at run time (memory "
+                 "O(in x out) per axis)")
 _ASPECT_NOTES = ("; keep_aspect_ratio_policy other than 'stretch' with run-time sizes or lengths: each axis's map "
                  "comes from a Resize of an (n, 1, n, n_j) block (memory O(n^2 n_j))")
 
@@ -186,7 +189,58 @@ def resize(em: Emitter, node: ir.Node, dy: Grads) -> Out:
         box, p = per_axis[k]
         return em.Resize(e, box, empty, p, **attrs) if use_sizes else em.Resize(e, box, p, **attrs)
 
-    return _x_only(node, _separable_grad(em, node, dy[0], resized, matrix))
+    dx = _separable_grad(em, node, dy[0], resized, matrix)
+    roi = node.inputs[1]
+    if not crop or roi is None or em.constant_value(roi) is not None:
+        return _x_only(node, dx)
+    return [dx, _crop_roi_grad(em, node, dy[0], axes, resized, matrix), *([None] * (len(node.inputs) - 2))]  # type: ignore[list-item]
+
+
+def _crop_roi_grad(em: Emitter, node: ir.Node, g: ir.Value, axes: Sequence[int], resized: Sequence[int],
+                   matrix: MatrixFn) -> Grad:
+    """tf_crop_and_resize's d roi. Along axis k (n long, m out) output o samples pos = (s + f_o (e - s)) (n - 1),
+    f_o = o / (m - 1) (1/2 when m = 1), and 0 outside [0, n - 1]; a linear weight moves with pos by -sign(pos - i)
+    within 1 of pixel i, so dL/dpos_o = sum_i slope[i, o] U[i, o], U[i, o] = sum of X[.., i, ..] times dY
+    contracted along the other axes [.., o, ..]; ds = sum_o dL/dpos_o (1 - f_o) (n - 1), de = ... f_o (n - 1)."""
+    x, roi = node.inputs[0], node.inputs[1]
+    assert x is not None and roi is not None
+    mode = attr(node, "mode", "nearest")
+    if mode == "nearest":  # piecewise constant in the roi
+        return em.zeros_like(roi)
+    if mode != "linear" or attr(node, "antialias", 0):
+        return UNDEFINED
+    r, dtype = rank(x, node), x.dtype
+    zero = em.const(np.zeros(1), like=x)
+    one, half = em.const(1.0, like=x), em.const(0.5, like=x)
+    starts, ends = [zero] * len(axes), [zero] * len(axes)
+    for i, k in enumerate(axes):
+        if k not in resized:
+            continue
+        t = g
+        for j in resized:
+            if j != k:
+                t = _contract(em, t, matrix(j, _eye(em, node, x, j)), j, r)
+        perm = [a for a in range(r) if a != k] + [k]
+        n, m = em.dim(x, k), em.dim(g, k)
+        rows = em.Reshape(em.Transpose(x, perm=perm), em.cat_ints([-1], _int(em, n, 1)))  # (R, n)
+        cols = em.Reshape(em.Transpose(t, perm=perm), em.cat_ints([-1], _int(em, m, 1)))  # (R, m)
+        u = em.MatMul(em.Transpose(rows, perm=[1, 0]), cols)  # (n, m)
+        start, end = (_entry(em, roi, c, roi.dtype or F32)[1] for c in (i, i + len(axes)))
+        if roi.dtype != dtype:
+            start, end = em.Cast(start, to=dtype), em.Cast(end, to=dtype)
+        last = em.Sub(_fdim(em, n, x), one)
+        steps = em.Sub(_fdim(em, m, x), one)
+        frac = em.where(em.Equal(steps, em.const(0.0, like=x)), half,
+                        em.Div(_positions(em, m, x, [1, -1]), em.Max(steps, one)))  # (1, m)
+        pos = em.Mul(em.Add(start, em.Mul(frac, em.Sub(end, start))), last)
+        inside = em.And(em.Not(em.Less(pos, em.const(0.0, like=x))), em.Not(em.Greater(pos, last)))
+        offset = em.Sub(_positions(em, n, x, [-1, 1]), pos)  # (n, m): i - pos
+        slope = em.Mul(em.sign(offset), em.indicator(em.And(em.Less(em.Abs(offset), one), inside), x))
+        d_pos = em.Mul(em.reduce_sum(em.Mul(slope, u), [0], keepdims=True), last)  # (1, m)
+        ends[i] = em.reduce_sum(em.Mul(d_pos, frac), [1], keepdims=False)
+        starts[i] = em.Sub(em.reduce_sum(d_pos, [1], keepdims=False), ends[i])
+    out = em.Concat(*starts, *ends, axis=0)
+    return out if roi.dtype == dtype else em.Cast(out, to=roi.dtype)
 
 
 def _kept(node: ir.Node, k: int, i: int) -> bool:

@@ -52,6 +52,10 @@ CASES: list[Case] = [
     Case("Resize", [X4, _f(0, 0, 0.1, 0.2, 1, 1, 0.9, 0.7), _f(), _i(2, 2, 4, 5)],
          {"mode": "linear", "coordinate_transformation_mode": "tf_crop_and_resize", "extrapolation_value": 2.0},
          opset=11, id="crop-sizes"),
+    # the crop box differentiated too (Resize-18's axes: a box for H and W alone), its samples off pixel centres
+    *(Case("Resize", [X4, np.array([0.13, 0.21, 0.88, 0.74], dtype=F32), None, _i(4, 5)],
+           {"mode": "linear", "coordinate_transformation_mode": "tf_crop_and_resize", "axes": [2, 3],
+            "extrapolation_value": 2.0}, opset=o, id="crop-box") for o in (18, 19)),
     # Resize-13: roi and scales optional
     Case("Resize", [X4, None, _f(1, 1, 2.5, 0.5)],
          {"mode": "nearest", "coordinate_transformation_mode": "half_pixel", "nearest_mode": "round_prefer_ceil"},
