@@ -190,6 +190,9 @@ class Emitter:
         does not exist at the emitter's opset raises a ValueError."""
         if op_type not in self._valid_ops and _domain in ("", "ai.onnx"):
             self._check_op(op_type)
+        if op_type == "Cast" and "to" in attrs and attrs["to"] is None:  # a rule read the dtype of an untyped value
+            raise ValueError(f"a Cast of '{inputs[0].name if inputs and inputs[0] is not None else ''}' to the type "
+                             "of a value that type inference did not type")
         while inputs and inputs[-1] is None:
             inputs = inputs[:-1]
         key = _cse_key(op_type, _domain, inputs, _outputs, attrs)

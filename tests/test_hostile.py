@@ -184,6 +184,12 @@ HOSTILE = [
     Hostile("op-that-onnx-does-not-have-on-path", proto(model([node("Erfc", ["x"], ["y"], "erfc")], [f32("x")],
                                                               [f32("y")])), X_Y, 1,
             "'Erfc' is no operator of ONNX at any opset: no runtime runs this model as it is"),
+    # tf2onnx's ComplexAbs before a Pow: the Pow's rule needs its base's type, which nothing could infer
+    Hostile("op-that-onnx-does-not-have-before-a-typed-rule",
+            proto(model([node("ComplexAbs", ["x"], ["a"], "abs"), node("Pow", ["a", "two"], ["y"], "pow")],
+                        [f32("x")], [f32("y")], inits=[onnx.numpy_helper.from_array(np.array(2.0, np.float32),
+                                                                                    "two")])), X_Y, 1,
+            "no gradient rule for node 'abs' (op_type 'ComplexAbs'"),
     Hostile("removed-experimental-op-on-path", proto(model([node("ATen", ["x"], ["y"], "aten")], [f32("x")],
                                                            [f32("y")], opset=8)), X_Y, 1,
             "'ATen' is an experimental op ONNX has removed (onnxruntime still runs some)"),
