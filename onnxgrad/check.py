@@ -460,21 +460,27 @@ def convert_floats(model: onnx.ModelProto, to: int = onnx.TensorProto.DOUBLE) ->
     return m
 
 
-def _keep_fixed_float_inputs(g: onnx.GraphProto, opset: int) -> None:
+def _keep_fixed_float_inputs(g: onnx.GraphProto, opset: int, empty: frozenset[str] = frozenset()) -> None:
     """Cast back to float32 what an input that only takes float32 reads (Resize's and Upsample's scales): a
     converted model must stay valid (tf2onnx stores the scales as an initializer, and a float64 one broke inference
-    of every value after the Resize)."""
+    of every value after the Resize). An empty one (Resize's scales beside its sizes) becomes an empty float32
+    constant, which inference still sees is empty."""
+    empty = empty | {t.name for t in g.initializer if 0 in t.dims} | {
+        n.output[0] for n in g.node if n.op_type == "Constant" and n.attribute and n.attribute[0].type ==
+        onnx.AttributeProto.TENSOR and 0 in n.attribute[0].t.dims}
     nodes: list[onnx.NodeProto] = []
     cast: dict[str, str] = {}  # one Cast per value, however many nodes read it
     for node in g.node:
         for a in node.attribute:
             for sub in [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs):
-                _keep_fixed_float_inputs(sub, opset)
+                _keep_fixed_float_inputs(sub, opset, empty)
         for k in _float32_only_inputs(node, opset):
             if node.input[k] not in cast:
                 cast[node.input[k]] = f"{node.input[k]}__float32"
-                nodes.append(onnx.helper.make_node("Cast", [node.input[k]], [cast[node.input[k]]],
-                                                   to=onnx.TensorProto.FLOAT))
+                nodes.append(onnx.helper.make_node("Constant", [], [cast[node.input[k]]], value=onnx.numpy_helper
+                                                   .from_array(np.zeros(0, np.float32))) if node.input[k] in empty
+                             else onnx.helper.make_node("Cast", [node.input[k]], [cast[node.input[k]]],
+                                                        to=onnx.TensorProto.FLOAT))
             node.input[k] = cast[node.input[k]]
         nodes.append(node)
     del g.node[:]

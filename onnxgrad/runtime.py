@@ -330,11 +330,26 @@ def _faithful_ops() -> list[type]:
     from onnx.reference.ops.op_loop import Loop as _Loop
 
     class Loop(_Loop):
+        """The spec's Loop, where onnx's kernel differs: no condition given runs the trip count (it ran no
+        iteration), scan outputs are stacked along a new axis (it concatenated those of rank 2 and more)."""
+
         op_domain = ""
 
-        def _run(self, trips: Any, cond: Any, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
-            # no condition given: the loop runs its trip count (onnx's kernel ran no iteration at all)
-            return super()._run(trips, np.array(True) if cond is None else cond, *args, **kwargs)
+        def _run(self, trips: Any, cond: Any, *carried: Any, context: Any = None,  # type: ignore[override]
+                 attributes: Any = None, bindings: Any = None, **_: Any) -> Any:
+            names = self.body.input_names
+            state, scans = list(carried), [[] for _ in range(self.K)]
+            going, step = True if cond is None else bool(cond), 0
+            while going and (trips is None or step < int(trips)):
+                feed = {**(context or {}), names[0]: np.array(step, dtype=np.int64), names[1]: np.array(going)}
+                feed.update(zip(names[2:], state, strict=True))
+                outs = self._run_body(feed, attributes=attributes, bindings=bindings)
+                going, state = bool(outs[0]), list(outs[1:1 + self.N])
+                for k in range(self.K):
+                    scans[k].append(outs[1 + self.N + k])
+                step += 1
+            stacked = [np.stack(s) if s else np.empty((0,), dtype=np.float32) for s in scans]
+            return self._check_and_fix_outputs(tuple(state + stacked))
 
     softmaxes = [_softmax_kind(k) for k in ("Softmax", "LogSoftmax", "Hardmax")]
     return [Erf, Gelu, Conv, ConvTranspose, BatchNormalization, Dropout, LRN, Pad, GroupNormalization,

@@ -898,23 +898,44 @@ def test_check_between_intermediate_values_of_an_untyped_export() -> None:
     assert report.ok and [r.x for r in report.rows] == ["h", "w"], [(r.x, r.status) for r in report.rows]
 
 
-def test_reference_loop_without_a_condition_runs_its_trip_count() -> None:
-    """A Loop whose condition input is left out runs its trip count (onnxruntime does; onnx's evaluator ran no
-    iteration at all, so a float64 check of a gradient's reverse Loop, or of tf2onnx's crop_and_resize, read 0)."""
+def test_reference_loop_runs_as_onnxruntime_does() -> None:
+    """A Loop whose condition input is left out runs its trip count, and its scan outputs of rank 2 stack along a
+    new axis, as onnxruntime does (onnx's evaluator ran no iteration at all, so a float64 check of a gradient's
+    reverse Loop read 0, and it concatenated tf2onnx's crops of crop_and_resize instead of stacking them)."""
     body = oh.make_graph([oh.make_node("Identity", ["c_in"], ["c_out"]), oh.make_node("Mul", ["h", "h"], ["h2"]),
-                          oh.make_node("Add", ["h2", "one"], ["h_out"])], "body",
+                          oh.make_node("Add", ["h2", "one"], ["h_out"]), oh.make_node("Mul", ["h_out", "grid"], ["s"])],
+                         "body",
                          [oh.make_tensor_value_info("i", TensorProto.INT64, []),
                           oh.make_tensor_value_info("c_in", TensorProto.BOOL, []),
                           oh.make_tensor_value_info("h", TensorProto.DOUBLE, [2])],
                          [oh.make_tensor_value_info("c_out", TensorProto.BOOL, []),
-                          oh.make_tensor_value_info("h_out", TensorProto.DOUBLE, [2])],
-                         [numpy_helper.from_array(np.ones(2), "one")])
-    graph = oh.make_graph([oh.make_node("Loop", ["n", "", "x"], ["y"], body=body)], "g",
+                          oh.make_tensor_value_info("h_out", TensorProto.DOUBLE, [2]),
+                          oh.make_tensor_value_info("s", TensorProto.DOUBLE, [3, 2])],
+                         [numpy_helper.from_array(np.ones(2), "one"),
+                          numpy_helper.from_array(np.arange(6.0).reshape(3, 2), "grid")])
+    graph = oh.make_graph([oh.make_node("Loop", ["n", "", "x"], ["y", "scans"], body=body)], "g",
                           [oh.make_tensor_value_info("n", TensorProto.INT64, []),
                            oh.make_tensor_value_info("x", TensorProto.DOUBLE, [2])],
-                          [oh.make_tensor_value_info("y", TensorProto.DOUBLE, [2])])
+                          [oh.make_tensor_value_info("y", TensorProto.DOUBLE, [2]),
+                           oh.make_tensor_value_info("scans", TensorProto.DOUBLE, [None, 3, 2])])
     model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 13)], ir_version=8)
     feeds = {"n": np.array(3), "x": np.array([0.5, -0.2])}
-    ours, theirs = (runtime.run(model, feeds, provider=p)["y"] for p in ("reference", "cpu"))
-    np.testing.assert_allclose(ours, theirs)
-    assert not np.allclose(ours, feeds["x"])
+    ours, theirs = (runtime.run(model, feeds, provider=p) for p in ("reference", "cpu"))
+    assert ours["scans"].shape == theirs["scans"].shape == (3, 3, 2)
+    for name in ("y", "scans"):
+        np.testing.assert_allclose(ours[name], theirs[name])
+    assert not np.allclose(ours["y"], feeds["x"])
+
+
+def test_float64_conversion_keeps_an_empty_scales_empty() -> None:
+    """Resize with sizes and an empty scales initializer (tf2onnx's): the float64 copy gives Resize an empty float32
+    constant, which inference still sees is empty (a Cast of it read as a second target: 'Either sizes or scales
+    must be provided, but not both', and the whole float64 check fell back to float32)."""
+    nodes = [oh.make_node("Resize", ["x", "", "scales", "sizes"], ["y"], mode="linear")]
+    graph = oh.make_graph(nodes, "g", [oh.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 3, 4])],
+                          [oh.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                          [numpy_helper.from_array(np.zeros(0, np.float32), "scales"),
+                           numpy_helper.from_array(np.array([1, 1, 5, 6], np.int64), "sizes")])
+    wide = convert_floats(oh.make_model(graph, opset_imports=[oh.make_opsetid("", 13)], ir_version=8))
+    inferred = onnx.shape_inference.infer_shapes(wide, strict_mode=True)
+    assert [d.dim_value for d in inferred.graph.output[0].type.tensor_type.shape.dim] == [1, 1, 5, 6]
