@@ -327,6 +327,27 @@ def _faithful_ops() -> list[type]:
             mode = "output_half_pixel" if _model_opset(self, 16) < 16 else coordinate_transformation_mode
             return super()._run(x, rois, batch, coordinate_transformation_mode=mode, **attrs)
 
+    from onnx.reference.ops.op_grid_sample import GridSample as _GridSample
+
+    class GridSample(_GridSample):
+        op_domain = ""
+
+        def _run(self, x: np.ndarray, grid: np.ndarray, mode: Any = None,  # type: ignore[override]
+                 **attrs: Any) -> Any:
+            # opset 16's names of the modes; onnx's kernel knows opset 20's alone
+            mode = mode or self.mode
+            mode = {"bilinear": "linear", "bicubic": "cubic"}.get(mode, mode)
+            return super()._run(x, grid, mode=mode, **attrs)
+
+    class GatherElements(OpRun):
+        op_domain = ""
+
+        def _run(self, data: np.ndarray, indices: np.ndarray,  # type: ignore[override]
+                 axis: int | None = None) -> tuple[np.ndarray]:
+            # (onnx's kernel uses np.choose: at most 64 entries along the axis)
+            a = int(axis or 0) % data.ndim
+            return (np.take_along_axis(data, np.where(indices < 0, indices + data.shape[a], indices), axis=a),)
+
     from onnx.reference.ops.op_loop import Loop as _Loop
 
     class Loop(_Loop):
@@ -353,7 +374,8 @@ def _faithful_ops() -> list[type]:
 
     softmaxes = [_softmax_kind(k) for k in ("Softmax", "LogSoftmax", "Hardmax")]
     return [Erf, Gelu, Conv, ConvTranspose, BatchNormalization, Dropout, LRN, Pad, GroupNormalization,
-            MeanVarianceNormalization, Flatten, RoiAlign, Loop, *softmaxes, *_experimental_ops()]
+            MeanVarianceNormalization, Flatten, RoiAlign, Loop, GridSample, GatherElements,
+            *softmaxes, *_experimental_ops()]
 
 
 def _experimental_ops() -> list[type]:

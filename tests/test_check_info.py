@@ -939,3 +939,24 @@ def test_float64_conversion_keeps_an_empty_scales_empty() -> None:
     wide = convert_floats(oh.make_model(graph, opset_imports=[oh.make_opsetid("", 13)], ir_version=8))
     inferred = onnx.shape_inference.infer_shapes(wide, strict_mode=True)
     assert [d.dim_value for d in inferred.graph.output[0].type.tensor_type.shape.dim] == [1, 1, 5, 6]
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "bicubic", "nearest"])
+def test_reference_grid_sample_and_gather_elements_agree_with_onnxruntime(mode: str) -> None:
+    """onnx's evaluator knows GridSample's modes by opset 20's names alone (RAFT exports opset 16's 'bilinear'),
+    and its GatherElements takes at most 64 entries along the axis (a gradient's gathers take more): float64
+    checks of such models fell back to float32."""
+    rng = np.random.default_rng(7)
+    nodes = [oh.make_node("GridSample", ["x", "grid"], ["s"], mode=mode, align_corners=1),
+             oh.make_node("Flatten", ["s"], ["f"]),
+             oh.make_node("GatherElements", ["f", "i"], ["y"], axis=1)]
+    graph = oh.make_graph(nodes, "g", [oh.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 9, 10]),
+                                       oh.make_tensor_value_info("grid", TensorProto.FLOAT, [1, 8, 9, 2]),
+                                       oh.make_tensor_value_info("i", TensorProto.INT64, [1, 100])],
+                          [oh.make_tensor_value_info("y", TensorProto.FLOAT, [1, 100])])
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 16)], ir_version=8)
+    feeds = {"x": rng.standard_normal((1, 2, 9, 10)).astype(np.float32),
+             "grid": rng.uniform(-1.1, 1.1, (1, 8, 9, 2)).astype(np.float32),
+             "i": rng.integers(-144, 144, (1, 100))}
+    ours, theirs = (runtime.run(model, feeds, provider=p)["y"] for p in ("reference", "cpu"))
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
