@@ -27,8 +27,9 @@ UNARY = ["Tanh", "Sigmoid", "Neg", "Relu", "Abs", "Sin", "Cos", "Identity", "Exp
 BINARY = ["Add", "Sub", "Mul", "Max", "Min", "DivP", "WhereGt"]
 OTHER = ["MatMul", "ReduceSum", "ReduceMean", "Softmax", "Transpose", "Reshape", "Concat"]
 # If: sin(a * b) or tanh(a) + b; Loop: k trips of tanh(h * b); LoopList: the same, each h appended to a sequence
-# (SequenceEmpty, SequenceInsert; opset 13+), stacked and summed after; Scan over axis 0
-CONTROL = ["If", "Loop", "LoopList", "Scan"]
+# (SequenceEmpty, SequenceInsert; opset 13+), stacked and summed after; LoopCat: the same, each h concatenated onto a
+# tensor that starts as a (a carry that grows: torch.cat in a scripted loop), summed after; Scan over axis 0
+CONTROL = ["If", "Loop", "LoopList", "LoopCat", "Scan"]
 OPSETS = [11, 13, 17, 18]
 KINKS = {"Relu", "Abs", "Max", "Min", "WhereGt", "IntPath"}
 
@@ -96,7 +97,7 @@ def graph_specs(draw: st.DrawFn, max_nodes: int = 8) -> GraphSpec:
             partners = [i for i, s in enumerate(shapes) if broadcast(sa, s) == sa]  # b read inside the body
             b = draw(st.sampled_from(partners))
             attrs: dict[str, Any] = {"shape": list(sa)}
-            if op == "Loop":
+            if op in ("Loop", "LoopCat"):
                 attrs["trips"] = draw(st.integers(0, 3))
             elif op == "LoopList":  # at least one element: ConcatFromSequence refuses an empty sequence
                 attrs["trips"] = draw(st.integers(1, 3))
@@ -246,19 +247,21 @@ def to_onnx(spec: GraphSpec) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
         [oh.make_value_info(value_name(y), onnx.TypeProto()) if y not in control else
          oh.make_tensor_value_info(value_name(y), TP.DOUBLE, control[y]) for y in spec.ys], inits,
         value_info=[oh.make_tensor_value_info(value_name(v), TP.DOUBLE, d) for v, d in control.items()
-                    if v not in spec.ys] + [vi for i, (op, _, attrs) in enumerate(spec.nodes) if op == "LoopList"
-                                            for vi in _list_loop_types(value_name(k + i), attrs)])
+                    if v not in spec.ys] + [vi for i, (op, _, attrs) in enumerate(spec.nodes)
+                                            if op in ("LoopList", "LoopCat")
+                                            for vi in _list_loop_types(value_name(k + i), attrs, op)])
     model = onnx.shape_inference.infer_shapes(
         oh.make_model(graph, opset_imports=[oh.make_opsetid("", spec.opset)], ir_version=8), strict_mode=True)
     feeds = {value_name(i): rng.standard_normal(s) for i, s in enumerate(spec.inputs)}
     return model, feeds
 
 
-def _list_loop_types(out: str, attrs: dict[str, Any]) -> list[onnx.ValueInfoProto]:
-    """The types of a LoopList's inner values, which onnx's inference leaves without one."""
+def _list_loop_types(out: str, attrs: dict[str, Any], op: str) -> list[onnx.ValueInfoProto]:
+    """The types of a LoopList's or LoopCat's inner values, which onnx's inference leaves without one."""
     shape, p = list(attrs["shape"]), f"{out}_"
+    stacked = p + ("st" if op == "LoopList" else "rT")
     return [oh.make_tensor_value_info(p + "hT", TP.DOUBLE, shape),
-            oh.make_tensor_value_info(p + "st", TP.DOUBLE, [attrs["trips"], *shape])]
+            oh.make_tensor_value_info(stacked, TP.DOUBLE, [attrs["trips"] + (op == "LoopCat"), *shape])]
 
 
 def _control_nodes(op: str, ins: list[str], out: str, attrs: dict[str, Any], const: Any) -> list[onnx.NodeProto]:
@@ -298,6 +301,25 @@ def _control_nodes(op: str, ins: list[str], out: str, attrs: dict[str, Any], con
                 oh.make_node("Loop", [const(attrs["trips"], np.int64), "", ins[0], p + "s0"], [p + "hT", p + "sT"],
                              body=body),
                 oh.make_node("ConcatFromSequence", [p + "sT"], [p + "st"], axis=0, new_axis=1), summed]
+    if op == "LoopCat":
+        def unsqueezed(x: str, y: str) -> onnx.NodeProto:
+            if attrs["opset"] >= 13:
+                return oh.make_node("Unsqueeze", [x, const([0], np.int64)], [y])
+            return oh.make_node("Unsqueeze", [x], [y], axes=[0])
+        body = oh.make_graph([oh.make_node("Mul", [p + "h", ins[1]], [p + "m"]),
+                              oh.make_node("Tanh", [p + "m"], [p + "hn"]), unsqueezed(p + "hn", p + "u"),
+                              oh.make_node("Concat", [p + "r", p + "u"], [p + "rn"], axis=0),
+                              oh.make_node("Identity", [p + "c"], [p + "co"])], p + "body",
+                             [oh.make_tensor_value_info(p + "i", TP.INT64, []),
+                              oh.make_tensor_value_info(p + "c", TP.BOOL, []), typed(p + "h", shape),
+                              typed(p + "r", [None, *shape])],
+                             [oh.make_tensor_value_info(p + "co", TP.BOOL, []), typed(p + "hn", shape),
+                              typed(p + "rn", [None, *shape])])
+        summed = oh.make_node("ReduceSum", [p + "rT", const([0], np.int64)], [out], keepdims=0) \
+            if attrs["opset"] >= 13 else oh.make_node("ReduceSum", [p + "rT"], [out], axes=[0], keepdims=0)
+        return [unsqueezed(ins[0], p + "r0"),
+                oh.make_node("Loop", [const(attrs["trips"], np.int64), "", ins[0], p + "r0"], [p + "hT", p + "rT"],
+                             body=body), summed]
     body = oh.make_graph([oh.make_node("Mul", [p + "s", p + "x"], [p + "m"]), oh.make_node("Add", [p + "m", p + "x"],
                           [p + "a"]), oh.make_node("Tanh", [p + "a"], [p + "sn"]),
                           oh.make_node("Identity", [p + "sn"], [p + "y"])], p + "body",
@@ -321,6 +343,12 @@ def _torch_control(op: str, xs: list[torch.Tensor], attrs: dict[str, Any]) -> to
             h = torch.tanh(h * xs[1])
             outs.append(h)
         return torch.stack(outs).sum(0)
+    if op == "LoopCat":
+        h, grown = xs[0], xs[0][None]
+        for _ in range(attrs["trips"]):
+            h = torch.tanh(h * xs[1])
+            grown = torch.cat((grown, h[None]), 0)
+        return grown.sum(0)
     s = torch.ones(xs[0].shape[1:], dtype=xs[0].dtype)
     steps = range(xs[0].shape[0] - 1, -1, -1) if attrs["reverse"] else range(xs[0].shape[0])
     outs = []

@@ -23,6 +23,11 @@ REGRESSIONS: list[GraphSpec] = [
     # EliminateIdentity + DivMulFusion built an invalid graph until the emitter read the Identity's output
     GraphSpec(opset=11, inputs=[(), (), ()], nodes=[("DivP", (1, 0), {}), ("Identity", (3,), {}), ("Tanh", (0,), {}),
               ("Tanh", (0,), {})], ys=[4], xs=[0], stop=[], seed=0),
+    # a Loop carry that grows by Concat (onnxruntime refused the saving Loop's scan output of changing shape), read
+    # after the Loop and, through its start, before it; 0 and 3 trips, Unsqueeze's two forms
+    *(GraphSpec(opset=o, inputs=[(2, 3), (3,)], nodes=[("LoopCat", (0, 1), {"shape": [2, 3], "trips": k}),
+                                                       ("Mul", (2, 0), {})], ys=[3], xs=[0, 1], stop=[], seed=1)
+      for o, k in ((11, 3), (13, 0), (17, 3))),
 ]
 
 
