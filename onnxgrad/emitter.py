@@ -534,13 +534,8 @@ class Emitter:
         return self.Clip(x, min=lo, max=hi)
 
     @property
-    def slice_steps(self) -> bool:
-        """Whether Slice takes steps (opset >= 10)."""
-        return self.opset >= 10
-
-    @property
-    def runtime_slices(self) -> bool:
-        """Whether Slice takes its bounds as run-time inputs (opset >= 10, with steps)."""
+    def slice_inputs(self) -> bool:
+        """Whether Slice takes its starts, ends, axes and steps as inputs (opset >= 10): steps, run-time bounds."""
         return self.opset >= 10
 
     def can_scatter(self, reduction: str | None = None) -> bool:

@@ -54,7 +54,7 @@ def infer_missing_types(model: ir.Model) -> None:
         if not (_lacks_shapes(model) and _ranks_from_shape_operands(model, folded)):
             break
         _merge(model, _infer(model, data_prop, lambda proto: _as_initializers(proto, folded)))
-    if _lacks_shapes(model) and any([outputs_from_bodies(n) for n in model.graph if _lacks_shape(n)]):
+    if _lacks_shapes(model) and any([outputs_from_bodies(n) for n in model.graph if _lacks_shape(n)]):  # (all)
         _merge(model, _infer(model, data_prop, lambda proto: _as_initializers(proto, folded)))
 
 

@@ -130,7 +130,7 @@ def _sample_cost(em: Emitter, win: Window) -> int:
     """One sample's share of im2col's cost against the interleaved plan's, out * phases (static output sizes):
     im2col copies ~2 * C * taps * N * out values, 4x slower when strided taps need phase slices (opset < 10);
     the interleaved plan's dW transpose costs ~2 * M * C * taps more than the Gemm plan's reshape."""
-    phases = 4 if not em.slice_steps and any(s != 1 for s in win.strides) else 1
+    phases = 4 if not em.slice_inputs and any(s != 1 for s in win.strides) else 1
     return math.prod(win.size_out) * phases  # type: ignore[arg-type]
 
 
@@ -192,9 +192,9 @@ def weight_grad_gemm(em: Emitter, x: ir.Value, g: ir.Value, win: Window, group: 
         return NotApplicable(f"grouped conv (group {group})")
     if wd is None or x.shape is None or g.shape is None:
         return NotApplicable("W's shape or the rank of X or dY is not known")
-    if any(s != 1 for s in win.strides) and not em.slice_steps and win.rank != 2:
+    if any(s != 1 for s in win.strides) and not em.slice_inputs and win.rank != 2:
         return NotApplicable("strided taps without Slice steps are cut in 2-D only")
-    if not win.static and not em.slice_steps and any(s != 1 for s in win.strides):
+    if not win.static and not em.slice_inputs and any(s != 1 for s in win.strides):
         return NotApplicable("strided taps over run-time sizes need Slice steps (opset 10)")
     m, c = wd[0], wd[1]
     taps = _taps(em, _channels_first(em, x), win)
@@ -249,7 +249,7 @@ def _taps(em: Emitter, xt: ir.Value, win: Window) -> list[ir.Value]:
     n = win.rank
     size_out = [int(m) for m in win.size_out]  # type: ignore[arg-type]
     strided = any(s != 1 for s in win.strides)
-    phases = strided and not em.slice_steps
+    phases = strided and not em.slice_inputs
     reach = [(k - 1) * d + (s * m if phases else s * (m - 1) + 1)
              for k, d, s, m in zip(win.kernel, win.dilations, win.strides, size_out, strict=True)]
     end = [max(0, r - (size + b)) for r, size, b in zip(reach, win.size_in, win.begin, strict=True)]  # type: ignore[operator]

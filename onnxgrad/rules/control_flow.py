@@ -337,7 +337,7 @@ def loop_grad(em: Emitter, node: ir.Node, grads: Sequence[ir.Value | None]) -> l
     finals = list(node.outputs[:n_state])
     appends = {k: ins for k in range(n_state) if (ins := _appended(node, body, k)) is not None}
     grown = {k: cat[1] for k in range(n_state) if k not in appends and (cat := _concatenated(node, body, k))
-             and em.runtime_slices}
+             and em.slice_inputs}
     carried = [k for k in range(n_state) if is_float(finals[k]) and k not in appends and k not in grown]
     cap_x = _float_captures(caps)
     if not carried and not cap_x and not any(grads[k] is not None and is_float(finals[k]) for k in grown):

@@ -193,7 +193,14 @@ def resize(em: Emitter, node: ir.Node, dy: Grads) -> Out:
     roi = node.inputs[1]
     if not crop or roi is None or em.constant_value(roi) is not None:
         return _x_only(node, dx)
-    return [dx, _crop_roi_grad(em, node, dy[0], axes, resized, matrix), *([None] * (len(node.inputs) - 2))]  # type: ignore[list-item]
+    droi = _crop_roi_grad(em, node, dy[0], axes, resized, matrix)
+    return [dx, droi, *([None] * (len(node.inputs) - 2))]  # type: ignore[list-item]
+
+
+def _tent_slope(em: Emitter, offset: ir.Value) -> ir.Value:
+    """d/d pos of the linear weight max(0, 1 - |i - pos|) of pixel i, given offset = i - pos: sign(offset) within 1
+    of the pixel, 0 beyond (and at the pixel itself, a kink)."""
+    return em.Mul(em.sign(offset), em.indicator(em.Less(em.Abs(offset), em.const(1.0, like=offset)), offset))
 
 
 def _crop_roi_grad(em: Emitter, node: ir.Node, g: ir.Value, axes: Sequence[int], resized: Sequence[int],
@@ -234,8 +241,7 @@ def _crop_roi_grad(em: Emitter, node: ir.Node, g: ir.Value, axes: Sequence[int],
                         em.Div(_positions(em, m, x, [1, -1]), em.Max(steps, one)))  # (1, m)
         pos = em.Mul(em.Add(start, em.Mul(frac, em.Sub(end, start))), last)
         inside = em.And(em.Not(em.Less(pos, em.const(0.0, like=x))), em.Not(em.Greater(pos, last)))
-        offset = em.Sub(_positions(em, n, x, [-1, 1]), pos)  # (n, m): i - pos
-        slope = em.Mul(em.sign(offset), em.indicator(em.And(em.Less(em.Abs(offset), one), inside), x))
+        slope = em.Mul(_tent_slope(em, em.Sub(_positions(em, n, x, [-1, 1]), pos)), em.indicator(inside, x))  # (n, m)
         d_pos = em.Mul(em.reduce_sum(em.Mul(slope, u), [0], keepdims=True), last)  # (1, m)
         ends[i] = em.reduce_sum(em.Mul(d_pos, frac), [1], keepdims=False)
         starts[i] = em.Sub(em.reduce_sum(d_pos, [1], keepdims=False), ends[i])
@@ -668,8 +674,7 @@ def _roi_align_boxes(em: Emitter, node: ir.Node, x: ir.Value, batch: ir.Value, g
     for ax, dm in zip(axes, (d_first, d_second), strict=True):
         dm = em.reduce_sum(dm, [1], keepdims=False)  # (R, out, size)
         at = _clip_to(em, ax.pos, ax.size, x)
-        offset = em.Sub(_positions(em, ax.size, x, [1, 1, 1, -1]), em.unsqueeze(at, [3]))  # h - pos
-        slope = em.Mul(em.sign(offset), em.indicator(em.Less(em.Abs(offset), one), x))
+        slope = _tent_slope(em, em.Sub(_positions(em, ax.size, x, [1, 1, 1, -1]), em.unsqueeze(at, [3])))
         free = em.And(em.Greater(ax.pos, zero), em.Less(ax.pos, em.Sub(_fdim(em, ax.size, x), one)))
         ok = em.And(em.And(ax.inside, free), ax.exists) if ax.exists is not None else em.And(ax.inside, free)
         d_pos = em.Mul(em.Mul(em.reduce_sum(em.Mul(slope, em.unsqueeze(dm, [2])), [3], keepdims=False),
