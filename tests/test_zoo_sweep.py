@@ -14,7 +14,8 @@ Keras CNN with SAME-padded strided convs and pools at run-time H and W) and the 
 GRU/LSTM at opset 11 whose zero initial state comes from ``ConstantOfShape``; bicubic ``align_corners`` resizing to
 a fixed size (sizes: a ``Concat`` with a ``Constant``); EmbeddingBag's Loop, which carries no state.
 ``ONNXGRAD_LONG=1`` adds every case at every opset, a DenseNet block, torchvision's models (where its model
-definitions import) and Keras applications.
+definitions import), Keras applications and, where the ``transformers`` package is installed (not a dependency),
+small random Hugging Face models through both exporters.
 
 PyTorch's default exporter (``dynamo=True``: torch.export, then onnxscript's optimizer) gets its own cases at opsets
 18 and 20, torchvision's included in the long run. It folds each eval-mode BatchNorm into its conv (the reference
@@ -810,3 +811,129 @@ def test_dynamo_export_checks_with_every_float_initializer(name: str, fast: bool
                                                  if t.data_type == onnx.TensorProto.FLOAT]
     report = check_model(model, ["y"], xs)
     assert report.ok, [(r.x, r.status, r.rel_error) for r in report.rows if r.status != "ok"]
+
+
+# ---------------------------------------------------------------------------------------------- Hugging Face
+def transformers_library() -> Any:
+    """The transformers package, or a skip (not a dependency; its image utilities import torchvision, which
+    ``torchvision_models`` makes importable where the wheel's compiled operators do not load)."""
+    pytest.importorskip("transformers")
+    with contextlib.suppress(pytest.skip.Exception):
+        torchvision_models()
+    import transformers
+
+    return transformers
+
+
+class Hf(nn.Module):
+    """A transformers model called with one float tensor (``inputs_embeds``, ``pixel_values``, ...; an encoder-decoder
+    also gets half of it as the decoder's embeddings), returning one output tensor."""
+
+    def __init__(self, model: Any, key: str, out: str = "last_hidden_state", decoder: bool = False) -> None:
+        super().__init__()
+        self.m, self.key, self.out, self.decoder = model, key, out, decoder
+
+    def forward(self, x: Any) -> Any:
+        extra = {"decoder_inputs_embeds": 0.5 * x[:, :5]} if self.decoder else {}
+        return getattr(self.m(**{self.key: x}, **extra), self.out)
+
+
+TEXT = {0: "b", 1: "t"}
+SMALL = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64}
+SEQ = [(2, 7, 32), (3, 11, 32)]  # (batch, length, features): the export size, then another
+HF: dict[str, tuple[str, str, dict[str, Any], list[tuple[int, ...]], dict[int, str]]] = {
+    # name: (model class, config class, config, sizes (the first exported), dynamic axes); small random models
+    "bert": ("BertModel", "BertConfig", SMALL, SEQ, TEXT),
+    "gpt2": ("GPT2Model", "GPT2Config", {**SMALL, "n_embd": 32, "n_layer": 2, "n_head": 4}, SEQ, TEXT),
+    # RMSNorm, rotary embeddings, SiLU gating, grouped key/value heads
+    "llama": ("LlamaModel", "LlamaConfig", {**SMALL, "num_key_value_heads": 2}, SEQ, TEXT),
+    "t5": ("T5Model", "T5Config", {"d_model": 32, "d_kv": 8, "num_heads": 4, "d_ff": 64, "num_layers": 1,
+                                   "num_decoder_layers": 1}, SEQ, TEXT),
+    "deberta-v2": ("DebertaV2Model", "DebertaV2Config", SMALL, SEQ, TEXT),
+    "bloom": ("BloomModel", "BloomConfig", {**SMALL, "n_layer": 2, "n_head": 4}, SEQ, TEXT),  # ALiBi
+    "convbert": ("ConvBertModel", "ConvBertConfig", {**SMALL, "embedding_size": 32}, SEQ, TEXT),
+    "swin": ("SwinModel", "SwinConfig", {"image_size": 32, "patch_size": 4, "embed_dim": 16, "depths": [2, 2],
+                                         "num_heads": [2, 4], "window_size": 4}, [(2, 3, 32, 32)], {}),
+    "segformer": ("SegformerForSemanticSegmentation", "SegformerConfig",
+                  {"num_encoder_blocks": 2, "depths": [1, 1], "sr_ratios": [2, 1], "hidden_sizes": [8, 16],
+                   "num_attention_heads": [1, 2], "decoder_hidden_size": 16, "num_labels": 3},
+                  [(2, 3, 32, 32), (3, 3, 40, 36)], NCHW),
+    # a strided conv feature extractor with GroupNorm, a weight-normed grouped positional conv
+    "wav2vec2": ("Wav2Vec2Model", "Wav2Vec2Config",
+                 {**SMALL, "conv_dim": (8, 8), "conv_stride": (5, 2), "conv_kernel": (10, 3),
+                  "num_feat_extract_layers": 2, "num_conv_pos_embeddings": 8, "num_conv_pos_embedding_groups": 4},
+                 [(2, 400), (3, 560)], TEXT),
+    # a selective state-space scan, unrolled over the length (which the export therefore fixes; TorchScript's
+    # export of it does not run: a Tile's repeats are not int64)
+    "mamba": ("MambaModel", "MambaConfig", {"hidden_size": 16, "state_size": 4, "num_hidden_layers": 2,
+                                            "conv_kernel": 3}, [(2, 7, 16), (3, 7, 16)], {0: "b"}),
+}
+HF_KEYS = {"Wav2Vec2Model": "input_values", "SwinModel": "pixel_values"}
+HF_CASES = [(n, e) for n in HF for e in ("torchscript", "dynamo") if (n, e) != ("mamba", "torchscript")]
+
+
+def hf_module(name: str) -> Any:
+    transformers = transformers_library()
+    model_class, config_class, config, _, _ = HF[name]
+    cfg = getattr(transformers, config_class)(**config)
+    cfg._attn_implementation = "eager"  # TorchScript cannot export grouped-query SDPA
+    key = HF_KEYS.get(model_class, "pixel_values" if "Segformer" in model_class else "inputs_embeds")
+    return Hf(getattr(transformers, model_class)(cfg), key, "logits" if "Segmentation" in model_class else
+              "last_hidden_state", decoder=model_class == "T5Model")
+
+
+def trainable_grads(module: Any, x: np.ndarray, u: np.ndarray, double: bool) -> tuple[np.ndarray, dict[str, Any]]:
+    """torch.autograd's gradients of <u, module(x)> for x and every parameter that requires one (zeros where the
+    output does not depend on it)."""
+    m = copy.deepcopy(module).double() if double else module
+    xt = torch.tensor(x, dtype=torch.float64 if double else torch.float32, requires_grad=True)
+    y = m(xt)
+    params = {n: p for n, p in m.named_parameters() if p.requires_grad}
+    grads = torch.autograd.grad(y, [xt, *params.values()], torch.tensor(u, dtype=y.dtype), allow_unused=True)
+    named = {n: np.zeros(p.shape) if g is None else g.detach().numpy()
+             for (n, p), g in zip(params.items(), grads[1:], strict=True)}
+    return grads[0].detach().numpy(), {**named, "@y": y.detach().numpy()}
+
+
+@long_only
+@pytest.mark.parametrize(("name", "exporter"), HF_CASES, ids=[f"{n}-{e}" for n, e in HF_CASES])
+def test_transformers_model_matches_torch(name: str, exporter: str) -> None:
+    """Hugging Face models as their users export them (TorchScript at opset 17 with run-time batch and length or
+    size, or the dynamo exporter at opset 18), random weights: the gradients of the input and of every
+    initializer that holds a trainable parameter (by value, or transposed) against torch.autograd in float64, at
+    every size from one gradient file. Parameters the graph does not read (a pooler, the token embeddings beside
+    ``inputs_embeds``) have no initializer; at least ten must be found."""
+    module = seeded(hf_module(name))
+    _, _, _, sizes, dynamic = HF[name]
+    if exporter == "dynamo":
+        model = export_dynamo(module, sizes[0], 18, dynamic)
+    else:
+        model = export(module, sizes[0], 17, dynamic, {})
+    aug = add_gradients(model, ["y"], ["@inputs", "@weights"], [NEW_INPUT])
+    (seed,) = aug.new_inputs
+    params = {n: p.detach().numpy() for n, p in module.named_parameters() if p.requires_grad}
+    weights: dict[str, Layout] = {}
+    for t in model.graph.initializer:
+        a = onnx.numpy_helper.to_array(t)
+        if t.name not in aug.gradients or not a.size:
+            continue
+        for n, v in params.items():
+            if _same(v, a, True):
+                weights[t.name] = lambda p, n=n: p[n]
+            elif v.ndim == 2 and v.T.shape == a.shape and np.allclose(v.T, a, rtol=1e-5, atol=1e-7):
+                weights[t.name] = lambda p, n=n: p[n].T
+            if t.name in weights:
+                break
+    assert len(weights) >= 10, sorted(weights)
+    rng = np.random.default_rng(0)
+    for shape in sizes:
+        label = f"{name} ({exporter}) at {shape}"
+        x = rng.standard_normal(shape).astype(np.float32)
+        u = rng.standard_normal(module(torch.tensor(x)).shape).astype(np.float32)
+        dx64, p64 = trainable_grads(module, x, u, True)
+        dx32, p32 = trainable_grads(module, x, u, False)
+        got = run(aug.model, {"x": x, seed: u})
+        assert relative(got["y"], p64["@y"], 0.0) <= 1e-5, label
+        compare(label, {"x": got[aug.gradients["x"]], **{k: got[aug.gradients[k]] for k in weights}},
+                {"x": dx64, **{k: layout(p64) for k, layout in weights.items()}},
+                {"x": dx32, **{k: layout(p32) for k, layout in weights.items()}})
