@@ -10,7 +10,10 @@ Each model is exported with PyTorch's TorchScript exporter at opset 17 (``dynamo
 seed; onnxruntime CPU and PyTorch eager run with 2 threads in interleaved rounds (``bench/run.py``'s sessions).
 torchvision's models have random weights (the ViT's classification head, which torchvision starts at zero, is
 drawn too). Models: a BERT-style encoder (``nn.TransformerEncoder``, GELU, pre-norm),
-a small ViT, MobileNetV2/V3, EfficientNet-B0 and ConvNeXt-T (depthwise convolutions, exported GELU).
+a small ViT, MobileNetV2/V3, EfficientNet-B0 and ConvNeXt-T (depthwise convolutions, exported GELU); on request
+(``--model hf_bert hf_gpt2 hf_llama``, with the ``transformers`` package installed) Hugging Face's BERT, GPT-2
+and Llama at the same size (4 layers, width 256, 8 x 128 tokens fed as ``inputs_embeds``; Llama: RMSNorm, rotary
+positions, SiLU gating, two key/value heads).
 ``--exporter dynamo``: exported instead by PyTorch's default exporter (torch.export, then onnxscript's optimizer, at
 its own default opset; eval BatchNorm folded into the convs), as ``torch.onnx.export(module, (x,))`` writes it.
 """
@@ -79,11 +82,48 @@ def _vision(name: str) -> Callable[[], tuple[Any, Any]]:
     return make
 
 
+def _last_hidden(model: Any) -> Any:
+    """A transformers model as a torch module of one tensor: ``inputs_embeds`` in, ``last_hidden_state`` out."""
+    import torch
+
+    class LastHidden(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.m = model
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.m(inputs_embeds=x).last_hidden_state
+
+    return LastHidden()
+
+
+def _hf(model_class: str, config_class: str, **config: Any) -> Callable[[], tuple[Any, Any]]:
+    """A Hugging Face model of BERT's benchmark size (random weights; transformers is not a dependency)."""
+    def make() -> tuple[Any, Any]:
+        import torch
+
+        _torchvision()  # transformers' image utilities import torchvision
+        import transformers
+
+        cfg = getattr(transformers, config_class)(**config)
+        cfg._attn_implementation = "eager"  # as TorchScript can export every attention (grouped-query SDPA: not)
+        return _last_hidden(getattr(transformers, model_class)(cfg)), torch.randn(8, 128, 256)
+
+    return make
+
+
 MODELS: dict[str, Callable[[], tuple[Any, Any]]] = {
     "bert": _bert, "vit": _vit, "mobilenet_v2": _vision("mobilenet_v2"),
     "mobilenet_v3_small": _vision("mobilenet_v3_small"), "efficientnet_b0": _vision("efficientnet_b0"),
     "convnext_tiny": _vision("convnext_tiny"),
+    # Hugging Face's own exports (``--model hf_bert hf_gpt2 hf_llama``; not in the default list)
+    "hf_bert": _hf("BertModel", "BertConfig", hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+                   intermediate_size=1024),
+    "hf_gpt2": _hf("GPT2Model", "GPT2Config", n_embd=256, n_layer=4, n_head=4),
+    "hf_llama": _hf("LlamaModel", "LlamaConfig", hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+                    num_key_value_heads=2, intermediate_size=704),
 }
+DEFAULT = [name for name in MODELS if not name.startswith("hf_")]
 
 
 def export(module: Any, x: Any, exporter: str) -> onnx.ModelProto:
@@ -145,7 +185,7 @@ def measure(name: str, budget_s: float, exporter: str = "torchscript") -> dict[s
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--model", nargs="+", default=DEFAULT, choices=list(MODELS))
     parser.add_argument("--budget", type=float, default=15.0, help="seconds of timed rounds per model")
     parser.add_argument("--exporter", default="torchscript", choices=["torchscript", "dynamo"])
     args = parser.parse_args()
