@@ -1,7 +1,7 @@
 """The GELU that exporters write out op by op (plans/activation_fusions.py), differentiated as one function of x:
 where the fusion applies, against torch.autograd in float64 and against the node-by-node rules; the gradient reads
-x alone, so onnxruntime fuses the forward pattern into its Gelu kernel; where it does not apply, it says why and the
-node-by-node gradient is the same."""
+x alone, so onnxruntime fuses the forward pattern into its Gelu (erf) or FastGelu (tanh) kernel; where it does not
+apply, it says why and the node-by-node gradient is the same."""
 
 from __future__ import annotations
 
@@ -47,6 +47,7 @@ class Row:
     nodes: Sequence[N]
     why: str | None  # None: the fusion applies; else a phrase of its reason not to
     outputs: tuple[str, ...] = ("y",)
+    tanh: bool = False  # the tanh approximation (else erf)
 
 
 CONSTS = {"one": np.array(1.0, F32), "half": np.array(0.5, F32), "c": SQRT2, "r": np.array(1 / np.sqrt(2.0), F32),
@@ -59,9 +60,19 @@ ROWS = [
     Row("other-divisor", _gelu(N("t", "Div", "h", "three")), "not a GELU onnxruntime fuses"),
     Row("x-times-half-first", [N("h", "MatMul", "x", "w"), N("t", "Div", "h", "c"), N("e", "Erf", "t"),
                                N("s", "Add", "e", "one"), N("q", "Mul", "h", "half"), N("y", "Mul", "s", "q")], None),
+    # the tanh approximation: onnxruntime fuses Hugging Face's gelu_new form alone (x^3 a Pow, x * 0.5 first)
+    Row("tanh-hf-pow", _gelu_tanh([N("h3", "Pow", "h", "three")], half_inside=True), None, tanh=True),
+    Row("tanh-hf-other-orders", [N("h", "MatMul", "x", "w"), N("h3", "Pow", "h", "three"), N("a", "Mul", "h3", "A"),
+                                 N("b", "Add", "a", "h"), N("kb", "Mul", "b", "K"), N("t", "Tanh", "kb"),
+                                 N("s", "Add", "t", "one"), N("q", "Mul", "h", "half"), N("y", "Mul", "s", "q")],
+        None, tanh=True),
     Row("tanh-pytorch", _gelu_tanh([N("h2", "Mul", "h", "h"), N("h3", "Mul", "h", "h2")]),
         "not a GELU onnxruntime fuses"),
-    Row("tanh-hf-pow", _gelu_tanh([N("h3", "Pow", "h", "three")], half_inside=True), "not a GELU onnxruntime fuses"),
+    Row("tanh-pow-half-last", _gelu_tanh([N("h3", "Pow", "h", "three")]), "not a GELU onnxruntime fuses"),
+    Row("tanh-other-number", [N("h", "MatMul", "x", "w"), N("h3", "Pow", "h", "three"), N("a", "Mul", "h3", "r"),
+                              N("b", "Add", "h", "a"), N("kb", "Mul", "K", "b"), N("t", "Tanh", "kb"),
+                              N("s", "Add", "one", "t"), N("q", "Mul", "half", "h"), N("y", "Mul", "q", "s")],
+        "not a GELU onnxruntime fuses"),
     Row("inner-value-read", [*_gelu(N("t", "Div", "h", "c")), N("z", "Add", "y", "e")], "other readers",
         outputs=("z",)),
     Row("not-x-inside", [N("h", "MatMul", "x", "w"), N("g", "Tanh", "h"), N("t", "Div", "g", "c"),
@@ -112,7 +123,10 @@ def test_gelu_gradient_equals_the_node_by_node_one_and_torch(row: Row) -> None:
         x = torch.tensor(X, dtype=torch.float64, requires_grad=True)
         w = torch.tensor(W, dtype=torch.float64, requires_grad=True)
         h = x @ w
-        y = h * (torch.erf(h / float(SQRT2)) + 1) * 0.5
+        if row.tanh:
+            y = 0.5 * h * (1 + torch.tanh(float(CONSTS["K"]) * (h + float(CONSTS["A"]) * h ** 3)))
+        else:
+            y = h * (torch.erf(h / float(SQRT2)) + 1) * 0.5
         y.backward(torch.tensor(SEED, dtype=torch.float64))
         np.testing.assert_allclose(fused["x"], x.grad.numpy(), rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(fused["w"], w.grad.numpy(), rtol=1e-5, atol=1e-5)
@@ -120,7 +134,8 @@ def test_gelu_gradient_equals_the_node_by_node_one_and_torch(row: Row) -> None:
 
 def test_the_forward_keeps_onnxruntimes_gelu_kernel(tmp_path: object) -> None:
     """The gradient reads x alone (not x / sqrt(2), erf, x^3 or tanh), so onnxruntime's optimizer still fuses the
-    forward's nodes into one Gelu (FastGelu); node by node it cannot."""
+    forward's nodes into one Gelu (FastGelu); node by node it cannot. (y is read by a Relu: onnxruntime does not fuse
+    a tanh GELU whose y is a graph output.)"""
     def gelus(model: onnx.ModelProto) -> int:
         opts = ort.SessionOptions()
         path = f"{tmp_path}/opt.onnx"
@@ -130,8 +145,9 @@ def test_the_forward_keeps_onnxruntimes_gelu_kernel(tmp_path: object) -> None:
 
     for row in ROWS:
         if row.why is None:
-            fused, _, _ = _grads(row)
-            apart, _, _ = _grads(row, fused=False)
+            read = Row(row.id, [*row.nodes, N("z", "Relu", "y")], None, ("z",), row.tanh)
+            fused, _, _ = _grads(read)
+            apart, _, _ = _grads(read, fused=False)
             assert (gelus(fused), gelus(apart)) == (1, 0), row.id
 
 
