@@ -809,6 +809,85 @@ def _unsqueeze(em: Emitter, inputs: Inputs, attrs: dict[str, Any]) -> ir.Value |
 
 
 def _sum(em: Emitter, inputs: Inputs, attrs: dict[str, Any]) -> ir.Value | None:
+    """Sum of pieces placed into zeros that tile an axis -> their Concat: ScatterND(zeros (m, ...), rows, u_i) over
+    disjoint runs of rows covering 0..m-1 (a split with Gathers), each Transposed alike (Gathers along another
+    axis), or zero Pads of pieces along one axis among other terms (a split with Slices: rotary embeddings' halves)"""
+    if len(inputs) < 2:
+        return None
+    return _sum_scattered(em, inputs) or _sum_transposed(em, inputs) or _sum_padded(em, inputs)
+
+
+def _sum_transposed(em: Emitter, inputs: Inputs) -> ir.Value | None:
+    """Sum(Transpose(s_i, p)) -> Transpose(Concat(u_i), p), the s_i ScatterND pieces that ``_sum_scattered`` joins"""
+    nodes = [_producer(v, "Transpose") for v in inputs]
+    if any(n is None for n in nodes):
+        return None
+    perms = {tuple(_node_attr(n, "perm") or ()) for n in nodes}  # type: ignore[arg-type]
+    if len(perms) != 1 or not next(iter(perms)):
+        return None
+    joined = _sum_scattered(em, [n.inputs[0] for n in nodes])  # type: ignore[union-attr]
+    return None if joined is None else em.Transpose(joined, perm=list(next(iter(perms))))
+
+
+def _sum_padded(em: Emitter, inputs: Inputs) -> ir.Value | None:
+    """Sum(..., Pad(u_i) ...) where zero Pads along one axis place the u_i side by side over the whole axis ->
+    Sum(..., Concat(u_i)) (the Concat alone when nothing else is summed)"""
+    pieces: dict[int, list[tuple[int, int, Any, ir.Value]]] = {}  # axis -> (begin, end pad, size, u) per piece
+    for k, v in enumerate(inputs):
+        placed = _zero_padded(em, v)
+        if placed is not None:
+            pieces.setdefault(placed[0], []).append((*placed[1:], k))  # type: ignore[arg-type]
+    for axis, found in sorted(pieces.items()):
+        if len(found) < 2:
+            continue
+        found.sort(key=lambda t: t[0])
+        start, ok = 0, all(type(size) is int for _, _, size, _ in found)
+        full = {begin + size + end for begin, end, size, _ in found} if ok else set()
+        for begin, _, size, _ in found:
+            ok = ok and begin == start
+            start += size
+        if not ok or len(full) != 1 or start not in full:
+            continue
+        used = {k for *_, k in found}
+        parts = [_producer(inputs[k], "Pad").inputs[0] for *_, k in found]  # type: ignore[union-attr]
+        joined = em.Concat(*parts, axis=axis)
+        rest = [v for k, v in enumerate(inputs) if k not in used]
+        return joined if not rest else em.Sum(*rest, joined)
+    return None
+
+
+def _zero_padded(em: Emitter, v: ir.Value | None) -> tuple[int, int, int, Any] | None:
+    """(axis, begin, end, u's size there) when v is a new Pad of u with zeros along one axis (u's other dims known
+    alike to v's), else None."""
+    node = _producer(v, "Pad")
+    if node is None or _node_attr(node, "mode", "constant") not in ("constant", b"constant") or v is None:
+        return None
+    u = node.inputs[0]
+    if em.opset >= 11:
+        if len(node.inputs) > 3 and node.inputs[3] is not None:  # axes (opset 18)
+            return None
+        value = None if len(node.inputs) < 3 or node.inputs[2] is None else const_array(node.inputs[2])
+        if len(node.inputs) > 2 and node.inputs[2] is not None and (value is None or np.any(value != 0)):
+            return None
+        pads = const_array(node.inputs[1]) if len(node.inputs) > 1 else None
+    else:
+        if float(_node_attr(node, "value", 0.0)) != 0.0:
+            return None
+        pads = np.asarray(_node_attr(node, "pads"))
+    udims, vdims = None if u is None else _dims(u), _dims(v)
+    if pads is None or udims is None or vdims is None or pads.size != 2 * len(udims) or len(vdims) != len(udims):
+        return None
+    rank = len(udims)
+    moved = [a for a in range(rank) if pads[a] or pads[a + rank]]
+    if len(moved) != 1 or np.any(pads < 0):
+        return None
+    axis = moved[0]
+    if not all(_same_dim(udims[a], vdims[a]) for a in range(rank) if a != axis):
+        return None
+    return axis, int(pads[axis]), int(pads[axis + rank]), udims[axis]
+
+
+def _sum_scattered(em: Emitter, inputs: Inputs) -> ir.Value | None:
     """Sum of ScatterND(zeros (m, ...), rows, u_i) over disjoint runs of rows covering 0..m-1 -> Concat(u_i)"""
     if len(inputs) < 2:
         return None

@@ -67,6 +67,17 @@ CHAINS = Graph(
 )
 BIAS = Graph([N("h", "MatMul", "x", "w"), N("z", "Add", "h", "b"), N("y", "Relu", "z")],
              inputs={"x": _u(8, 5)}, inits={"w": _u(5, 7), "b": _u(7)})
+# a split with Slices (rotary embeddings' halves: the first half negated and moved) and one with Gathers along
+# an inner axis (BLOOM's fused q/k/v): the gradient's pieces are placed into zeros and summed
+HALVES = Graph([N("a", "Slice", "x", "s0", "s1", "ax"), N("b", "Slice", "x", "s1", "s2", "ax"), N("na", "Neg", "a"),
+                N("r", "Concat", "b", "na", axis=1), N("xc", "Mul", "x", "w"), N("y", "Add", "xc", "r")],
+               inputs={"x": _u(3, 8)}, inits={"w": _u(8)},
+               consts={"s0": np.array([0]), "s1": np.array([4]), "s2": np.array([8]), "ax": np.array([1])})
+INNER = Graph([N("p", "MatMul", "x", "w"), N("r", "Reshape", "p", "shape3"), N("q", "Gather", "r", "i0", axis=1),
+               N("k", "Gather", "r", "i1", axis=1), N("v", "Gather", "r", "i2", axis=1), N("qk", "Mul", "q", "k"),
+               N("y", "Add", "qk", "v")],
+              inputs={"x": _u(4, 5)}, inits={"w": _u(5, 6)},
+              consts={"shape3": np.array([4, 3, 2]), "i0": np.array(0), "i1": np.array(1), "i2": np.array(2)})
 # the power rule's x^(e-1) for constant exponents: RMSNorm's square (x^1), gelu_new's cube (x^2), x^0 (x^-1)
 POWERS = Graph([N("s", "Pow", "x", "two"), N("c", "Pow", "x", "three"), N("z", "Pow", "x", "zero"),
                 N("sc", "Add", "s", "c"), N("scz", "Add", "sc", "z"), N("y", "Mul", "scz", "w")],
@@ -79,7 +90,9 @@ POWERS = Graph([N("s", "Pow", "x", "two"), N("c", "Pow", "x", "three"), N("z", "
     (CHAINS, ["y"], ["x", "w"]),
     (BIAS, ["y"], ["x", "w", "b"]),
     (POWERS, ["y"], ["x", "w"]),
-], ids=["qkv", "chains", "bias", "powers"])
+    (HALVES, ["y"], ["x", "w"]),
+    (INNER, ["y"], ["x", "w"]),
+], ids=["qkv", "chains", "bias", "powers", "halves", "inner-axis-gathers"])
 def test_clean_up_keeps_values_and_shrinks_the_graph(g: Graph, ys: list[str], xs: list[str]) -> None:
     with plain():
         before, expected = _grads(g, ys, xs)
@@ -96,6 +109,15 @@ def test_powers_of_constant_exponents_are_products() -> None:
     model, _ = _grads(POWERS, ["y"], ["x"])
     ops = _ops(model)
     assert ops["Pow"] == 0 and ops["Reciprocal"] == 1, ops
+
+
+@pytest.mark.parametrize(("g", "gone"), [(HALVES, "Pad"), (INNER, "ScatterND")], ids=["halves", "inner-axis-gathers"])
+def test_pieces_placed_into_zeros_are_concatenated(g: Graph, gone: str) -> None:
+    """The gradient of a split is its pieces' Concat, not a sum of zero-padded (or scattered, then transposed)
+    copies: a Llama layer's rotary halves gave four Pads, a BLOOM layer's q/k/v three ScatterNDs and Transposes."""
+    model, _ = _grads(g, ["y"], ["x"])
+    ops = _ops(model)
+    assert ops[gone] == 0 and ops["Concat"] >= 1, ops
 
 
 def test_gather_split_gradient_is_a_concat() -> None:
