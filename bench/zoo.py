@@ -105,9 +105,13 @@ def _hf(model_class: str, config_class: str, **config: Any) -> Callable[[], tupl
         _torchvision()  # transformers' image utilities import torchvision
         import transformers
 
+        from bench.models import _randomize
+
         cfg = getattr(transformers, config_class)(**config)
         cfg._attn_implementation = "eager"  # as TorchScript can export every attention (grouped-query SDPA: not)
-        return _last_hidden(getattr(transformers, model_class)(cfg)), torch.randn(8, 128, 256)
+        module = _last_hidden(getattr(transformers, model_class)(cfg))
+        _randomize(module, 7)  # a fresh model's unit LayerNorm scales make the final norm's sum constant
+        return module, torch.randn(8, 128, 256)
 
     return make
 
