@@ -582,10 +582,21 @@ class Emitter:
 
     def scatter_add_rows(self, updates: ir.Value, index: ir.Value, rows: int | ir.Value, row_dims: Dims) -> ir.Value:
         """out[index[n]] += updates[n] into zeros of shape (rows, *row_dims): updates (N, *row_dims), index (N,)
-        in [0, rows). ScatterND with reduction 'add' (opset 16), else a one-hot MatMul (exact, memory O(N x rows))."""
+        in [0, rows). From opset 16 ScatterND with reduction 'add' where the index is a constant without repeats,
+        else ScatterElements with reduction 'add' along the rows (onnxruntime's ScatterND races on repeated
+        rows: see workarounds.py); before, a one-hot MatMul (exact, memory O(N x rows))."""
         if self.opset >= 16:
             zeros = self.zeros(self.cat_ints(self._as_vector(rows), row_dims), like=updates)
-            return self.ScatterND(zeros, self.unsqueeze(index, [1]), updates, reduction="add")
+            if workarounds.scatter_nd_is_safe(self.constant_value(index)):
+                return self.ScatterND(zeros, self.unsqueeze(index, [1]), updates, reduction="add")
+            if isinstance(row_dims, list):
+                column: ir.Value = self.ints([-1] + [1] * len(row_dims))
+            elif row_dims.shape is not None and isinstance(row_dims.shape[0], int):
+                column = self.ints([-1] + [1] * int(row_dims.shape[0]))  # type: ignore[arg-type]
+            else:  # as many 1s as row_dims has entries
+                column = self.cat_ints([-1], self.Add(self.Mul(row_dims, self.ints([0])), self.ints([1])))
+            spread = self.Expand(self.Reshape(index, column), self.shape_of(updates))
+            return self.ScatterElements(zeros, spread, updates, axis=0, reduction="add")
         hot = self._one_hot(index, 1, rows, updates)
         out = self.MatMul(self.Transpose(hot, perm=[1, 0]), self.Reshape(updates, self.ints([0, -1])))
         return self.Reshape(out, self.cat_ints(self._as_vector(rows), row_dims))  # no -1: updates may be empty

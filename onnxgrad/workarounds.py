@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
+import numpy as np
 import onnx_ir as ir
 
 # ----------------------------------------------------------------------------------------------------------
@@ -45,6 +46,24 @@ def read_through_output_identities(graph: ir.Graph, live: Iterable[ir.Node], kee
         for i, v in enumerate(node.inputs):
             if v is not None and v in alias:
                 node.replace_input_with(i, alias[v])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# onnxruntime 1.31, CPU: ScatterND with reduction='add' races on repeated indices.
+#
+# Its kernel adds the update slices in parallel (intra-op threads > 1), so two slices bound for the same row may
+# lose one another: 1,024 rows of 256 added into row 0 of a (2, 256) table came out 70% off at 2 threads, and
+# differently each run (exact at 1 thread; ScatterElements with reduction='add' is exact at any count). An
+# embedding's gradient is that scatter wherever a token repeats (BERT's token-type table: 15-33% off). The
+# rows' scatter (``Emitter.scatter_add_rows``) therefore writes ScatterND only where its indices are
+# constants without repeats (a split into q, k and v), and ScatterElements along the rows otherwise (its
+# indices spread over the update's shape: int64 memory of the update's element count). The graph that found
+# it: tests/test_rules.py (test_repeated_rows_accumulate_at_every_thread_count).
+
+
+def scatter_nd_is_safe(indices: object) -> bool:
+    """Whether onnxruntime's ScatterND may add at these row indices: a constant (numpy array) without repeats."""
+    return isinstance(indices, np.ndarray) and np.unique(indices.reshape(-1)).size == indices.size
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -96,3 +96,31 @@ def test_shapes_flow_through_an_experimental_op_onnx_removed(first: str) -> None
 
     report = check_model(model, ["y"], ["x", "w", "b"], {"x": rng.uniform(0, 255, (1, 3, 10, 10)).astype(np.float32)})
     assert report.ok and all(r.status == "ok" for r in report.rows), [(r.x, r.status) for r in report.rows]
+
+
+@pytest.mark.parametrize(("op", "opset"), [("Gather", 17), ("GatherND", 17)])
+def test_repeated_rows_accumulate_at_every_thread_count(op: str, opset: int) -> None:
+    """An embedding's gradient adds the rows of every repeated token: onnxruntime's ScatterND with reduction 'add'
+    races on repeated indices at 2 threads (1,024 rows into row 0 of a (2, 256) table: 70% off, differently each
+    run), so onnxgrad scatters run-time indices with ScatterElements (workarounds.py)."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(3)
+    table = rng.standard_normal((2, 256)).astype(np.float32)
+    ids = np.zeros((8, 128) if op == "Gather" else (8, 128, 1), np.int64)
+    ids[0, :3] = 1
+    node = oh.make_node(op, ["table", "ids"], ["y"])
+    graph = oh.make_graph([node], "g", [oh.make_tensor_value_info("ids", onnx.TensorProto.INT64, list(ids.shape))],
+                          [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [8, 128, 256])],
+                          initializer=[onnx.numpy_helper.from_array(table, "table")])
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", opset)], ir_version=8)
+    aug = onnxgrad.add_gradients(model, ["y"], ["table"], grad_ys=[onnxgrad.NEW_INPUT])
+    seed = rng.standard_normal((8, 128, 256)).astype(np.float32)
+    want = np.zeros((2, 256))
+    np.add.at(want, ids.reshape(-1), seed.reshape(-1, 256).astype(np.float64))
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 2
+    sess = ort.InferenceSession(aug.model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    for _ in range(5):
+        (got,) = sess.run([aug.gradients["table"]], {"ids": ids, aug.new_inputs[0]: seed})
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3)

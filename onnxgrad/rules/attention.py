@@ -232,8 +232,8 @@ def rotary_embedding(em: Emitter, node: ir.Node, dy: Grads) -> Out:
     axes = em.ints([2])
     d_cos = em.ReduceSum(em.Add(em.Mul(g1, x1), em.Mul(g2, x2)), axes, keepdims=0)
     d_sin = em.ReduceSum(em.Sub(em.Mul(g2, x1), em.Mul(g1, x2)), axes, keepdims=0)
-    if pos is not None:
-        idx = em.Unsqueeze(pos, em.ints([-1]))
-        d_cos = em.ScatterND(em.zeros_like(cos), idx, d_cos, reduction="add")
-        d_sin = em.ScatterND(em.zeros_like(sin), idx, d_sin, reduction="add")
+    if pos is not None:  # (B, S, D/2) added into rows pos of the (positions, D/2) caches
+        idx, rows, width = em.Reshape(pos, em.ints([-1])), em.dim(cos, 0), em.dims(cos, [1])
+        d_cos = em.scatter_add_rows(em.Reshape(d_cos, em.cat_ints([-1], width)), idx, rows, width)
+        d_sin = em.scatter_add_rows(em.Reshape(d_sin, em.cat_ints([-1], width)), idx, rows, width)
     return [dx, d_cos, d_sin][: len(node.inputs)]
