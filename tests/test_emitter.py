@@ -149,8 +149,13 @@ FORMS = [
     *(Form(f"scatter-add-unique-{o}", o, {"x": X, "i": IDX[:, :1], "u": UPD[:, :1]},
            lambda em, v: em.scatter_add(v["x"], v["i"], v["u"], 1, unique=True), _scatter_add, op)
       for o, op in ((9, "Scatter"), (11, "ScatterElements"))),
+    # run-time rows: ScatterElements from opset 16 (onnxruntime's threaded ScatterND loses repeated rows' additions)
     *(Form(f"scatter-add-rows-{o}", o, {"u": RUPD, "i": ROWS}, _rows, _rows_add, op)
-      for o, op in ((13, "MatMul"), (16, "ScatterND"))),
+      for o, op in ((13, "MatMul"), (16, "ScatterElements"))),
+    # constant rows without repeats: ScatterND (the clean-up joins such pieces into a Concat)
+    Form("scatter-add-rows-distinct-constant-16", 16, {"u": RUPD[:3]},
+         lambda em, v: em.scatter_add_rows(v["u"], em.ints([2, 0, 1]), 3, em.dims(v["u"], [1])),
+         lambda f: [f["u"][[1, 2, 0]]], "ScatterND"),
     *(Form(f"gather-elements-{o}", o, {"x": X, "i": IDX},
            lambda em, v: em.gather_elements(v["x"], v["i"], 1),
            lambda f: [np.take_along_axis(f["x"], f["i"], 1)], op)
