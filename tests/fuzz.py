@@ -25,7 +25,10 @@ from onnxgrad.runtime import run, session
 Shape = tuple[int, ...]
 UNARY = ["Tanh", "Sigmoid", "Neg", "Relu", "Abs", "Sin", "Cos", "Identity", "ExpT", "LogP", "SqrtP", "IntPath"]
 BINARY = ["Add", "Sub", "Mul", "Max", "Min", "DivP", "WhereGt"]
-OTHER = ["MatMul", "ReduceSum", "ReduceMean", "Softmax", "Transpose", "Reshape", "Concat"]
+OTHER = ["MatMul", "ReduceSum", "ReduceMean", "Softmax", "Transpose", "Reshape", "Concat", "HalfSwap", "GatherSplit"]
+# HalfSwap: Concat(-x[h:], x[:h]) along an axis of even size (rotary embeddings' rotate_half: its gradient sums
+# zero-padded halves); GatherSplit: x[..., 0, ...] * x[..., 1, ...] + x[..., 2, ...] by Gathers of constant indices
+# along an axis (a fused q/k/v split: scattered pieces, transposed back where the axis is not the first)
 # If: sin(a * b) or tanh(a) + b; Loop: k trips of tanh(h * b); LoopList: the same, each h appended to a sequence
 # (SequenceEmpty, SequenceInsert; opset 13+), stacked and summed after; LoopCat: the same, each h concatenated onto a
 # tensor that starts as a (a carry that grows: torch.cat in a scripted loop), summed after; Scan over axis 0
@@ -147,6 +150,22 @@ def graph_specs(draw: st.DrawFn, max_nodes: int = 8) -> GraphSpec:
             spec.nodes.append((op, (a,), {"shape": [-1]}))
             shapes.append((int(np.prod(sa)),))
             continue
+        if op == "HalfSwap":
+            even = [i for i, d in enumerate(sa) if d % 2 == 0]
+            if not even:
+                continue
+            spec.nodes.append((op, (a,), {"axis": draw(st.sampled_from(even)), "half": 0}))
+            spec.nodes[-1][2]["half"] = sa[spec.nodes[-1][2]["axis"]] // 2
+            shapes.append(sa)
+            continue
+        if op == "GatherSplit":
+            wide = [i for i, d in enumerate(sa) if d >= 2]
+            if not wide:
+                continue
+            axis = draw(st.sampled_from(wide))
+            spec.nodes.append((op, (a,), {"axis": axis, "pieces": min(sa[axis], 3)}))
+            shapes.append(tuple(d for i, d in enumerate(sa) if i != axis))
+            continue
         if op == "Concat":
             if rank < 1:
                 continue
@@ -235,6 +254,26 @@ def to_onnx(spec: GraphSpec) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
             nodes.append(oh.make_node(op, [ins[0], const(attrs["shape"], np.int64)], [out]))
         elif op == "Concat":
             nodes.append(oh.make_node(op, ins, [out], axis=attrs["axis"]))
+        elif op == "HalfSwap":
+            ax, h = attrs["axis"], attrs["half"]
+            first, second, neg = tmp(), tmp(), tmp()
+            for part, (b, e) in ((first, (0, h)), (second, (h, 2 * h))):
+                if spec.opset >= 10:
+                    nodes.append(oh.make_node("Slice", [ins[0], const([b], np.int64), const([e], np.int64),
+                                                        const([ax], np.int64)], [part]))
+                else:  # pragma: no cover (the fuzz opsets start at 11)
+                    nodes.append(oh.make_node("Slice", ins, [part], starts=[b], ends=[e], axes=[ax]))
+            nodes += [oh.make_node("Neg", [second], [neg]), oh.make_node("Concat", [neg, first], [out], axis=ax)]
+        elif op == "GatherSplit":
+            ax, n = attrs["axis"], attrs["pieces"]
+            pieces = [tmp() for _ in range(n)]
+            for i, piece in enumerate(pieces):
+                nodes.append(oh.make_node("Gather", [ins[0], const(i, np.int64)], [piece], axis=ax))
+            if n == 2:
+                nodes.append(oh.make_node("Mul", pieces, [out]))
+            else:
+                prod = tmp()
+                nodes += [oh.make_node("Mul", pieces[:2], [prod]), oh.make_node("Add", [prod, pieces[2]], [out])]
         elif op in CONTROL:
             nodes += _control_nodes(op, ins, out, {**attrs, "opset": spec.opset}, const)
         else:  # pragma: no cover
@@ -399,6 +438,12 @@ def torch_eval(spec: GraphSpec, feeds: dict[str, np.ndarray], weights: list[np.n
             out = xs[0].reshape(-1)
         elif op == "Concat":
             out = torch.cat([xs[0], xs[1]], dim=0)
+        elif op == "HalfSwap":
+            first, second = torch.split(xs[0], attrs["half"], dim=attrs["axis"])
+            out = torch.cat([-second, first], dim=attrs["axis"])
+        elif op == "GatherSplit":
+            pieces = [torch.select(xs[0], attrs["axis"], i) for i in range(attrs["pieces"])]
+            out = pieces[0] * pieces[1] + (pieces[2] if len(pieces) == 3 else 0)
         elif op in CONTROL:
             out = _torch_control(op, xs, attrs)
         else:  # pragma: no cover
