@@ -178,3 +178,22 @@ def test_gelu_numbers_that_are_differentiated_keep_their_gradients() -> None:
     (h * (torch.erf(h / t["c"]) + t["one"]) * t["half"]).backward(torch.tensor(SEED, dtype=torch.float64))
     for k in names:
         np.testing.assert_allclose(got[aug.gradients[k]], t[k].grad.numpy(), rtol=1e-4, atol=1e-4, err_msg=k)
+
+
+@pytest.mark.parametrize("row", [r for r in ROWS if r.why is None], ids=lambda r: r.id)
+def test_gelu_fusion_differentiates_again(row: Row) -> None:
+    """The fused gradient is ordinary ops: its own gradient (the Hessian times ones, order 2) is torch's in
+    float64."""
+    torch = pytest.importorskip("torch")
+    g = _graph(row)
+    aug = onnxgrad.add_gradients(build(g), ["y"], ["x"], order=2)
+    got = run(aug.model, {**g.feeds, "gradients_order2/x_v": np.ones_like(X)}, ["gradients_order2/x_grad"])
+    x = torch.tensor(X, dtype=torch.float64, requires_grad=True)
+    h = x @ torch.tensor(W, dtype=torch.float64)
+    if row.tanh:
+        y = 0.5 * h * (1 + torch.tanh(float(CONSTS["K"]) * (h + float(CONSTS["A"]) * h ** 3)))
+    else:
+        y = h * (torch.erf(h / float(SQRT2)) + 1) * 0.5
+    (dx,) = torch.autograd.grad(y.sum(), x, create_graph=True)
+    (hv,) = torch.autograd.grad(dx.sum(), x)
+    np.testing.assert_allclose(got["gradients_order2/x_grad"], hv.numpy(), rtol=1e-4, atol=1e-4)
