@@ -589,14 +589,10 @@ class Emitter:
             zeros = self.zeros(self.cat_ints(self._as_vector(rows), row_dims), like=updates)
             if workarounds.scatter_nd_is_safe(self.constant_value(index)):
                 return self.ScatterND(zeros, self.unsqueeze(index, [1]), updates, reduction="add")
-            if isinstance(row_dims, list):
-                column: ir.Value = self.ints([-1] + [1] * len(row_dims))
-            elif row_dims.shape is not None and isinstance(row_dims.shape[0], int):
-                column = self.ints([-1] + [1] * int(row_dims.shape[0]))  # type: ignore[arg-type]
-            else:  # as many 1s as row_dims has entries
-                column = self.cat_ints([-1], self.Add(self.Mul(row_dims, self.ints([0])), self.ints([1])))
-            spread = self.Expand(self.Reshape(index, column), self.shape_of(updates))
-            return self.ScatterElements(zeros, spread, updates, axis=0, reduction="add")
+            flat = self.Flatten(updates, axis=1)  # (N, row size): the index spread along each row
+            spread = self.Expand(self.unsqueeze(index, [1]), self.shape_of(flat))
+            summed = self.ScatterElements(self.Flatten(zeros, axis=1), spread, flat, axis=0, reduction="add")
+            return self.Reshape(summed, self.cat_ints(self._as_vector(rows), row_dims))
         hot = self._one_hot(index, 1, rows, updates)
         out = self.MatMul(self.Transpose(hot, perm=[1, 0]), self.Reshape(updates, self.ints([0, -1])))
         return self.Reshape(out, self.cat_ints(self._as_vector(rows), row_dims))  # no -1: updates may be empty

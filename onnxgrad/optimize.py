@@ -823,16 +823,17 @@ def _sum_transposed(em: Emitter, inputs: Inputs) -> ir.Value | None:
     if any(n is None for n in nodes):
         return None
     perms = {tuple(_node_attr(n, "perm") or ()) for n in nodes}  # type: ignore[arg-type]
-    if len(perms) != 1 or not next(iter(perms)):
+    perm = next(iter(perms))
+    if len(perms) != 1 or not perm:
         return None
     joined = _sum_scattered(em, [n.inputs[0] for n in nodes])  # type: ignore[union-attr]
-    return None if joined is None else em.Transpose(joined, perm=list(next(iter(perms))))
+    return None if joined is None else em.Transpose(joined, perm=list(perm))
 
 
 def _sum_padded(em: Emitter, inputs: Inputs) -> ir.Value | None:
     """Sum(..., Pad(u_i) ...) where zero Pads along one axis place the u_i side by side over the whole axis ->
     Sum(..., Concat(u_i)) (the Concat alone when nothing else is summed)"""
-    pieces: dict[int, list[tuple[int, int, Any, ir.Value]]] = {}  # axis -> (begin, end pad, size, u) per piece
+    pieces: dict[int, list[tuple[int, int, Any, int]]] = {}  # axis -> (begin, end pad, size, input's index) each
     for k, v in enumerate(inputs):
         placed = _zero_padded(em, v)
         if placed is not None:
